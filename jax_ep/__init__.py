@@ -1,0 +1,43 @@
+"""jax_ep: DeepEP-class expert-parallel dispatch / combine for JAX.
+
+Public API (DESIGN.md §2). Every op is called inside `jax.shard_map` on local
+shards, works under `jax.jit`, and is differentiable.
+"""
+
+from ._backend import BACKENDS, default_backend, set_default_backend
+from ._handles import DispatchHandle, LowLatencyHandle
+from ._ops import (
+    combine,
+    dispatch,
+    get_dispatch_layout,
+    low_latency_combine,
+    low_latency_dispatch,
+)
+from ._runtime import initialize, is_initialized, shutdown
+from ._version import __version__
+
+
+def build_info() -> dict:
+    """What this install holds: {"cuda": bool, "nvshmem": bool, "cuda_archs": [...], ...}."""
+    from . import _ffi
+
+    return _ffi.build_info()
+
+
+__all__ = [
+    "BACKENDS",
+    "DispatchHandle",
+    "LowLatencyHandle",
+    "__version__",
+    "build_info",
+    "combine",
+    "default_backend",
+    "dispatch",
+    "get_dispatch_layout",
+    "initialize",
+    "is_initialized",
+    "low_latency_combine",
+    "low_latency_dispatch",
+    "set_default_backend",
+    "shutdown",
+]

@@ -1,0 +1,310 @@
+"""The pure-JAX backend: capacity-padded `lax.all_to_all` plus index arithmetic.
+
+Runs everywhere (it is what CPU runs) and is the baseline every benchmark
+reports. Every function here is called inside `shard_map` on local shards and
+implements DESIGN.md §2 exactly; argument checking lives in `_checks`.
+
+Data paths are written as gathers with precomputed indices (never scatters
+with colliding indices), so results are bitwise deterministic, and no Python
+loop runs over tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from ._handles import DispatchHandle, LowLatencyHandle
+
+# Above this many ranks the rank-ordered sums run as a loop instead of unrolled.
+_UNROLL_RANKS = 32
+
+
+def _valid_ids(topk_idx, num_experts):
+    """Ids in [0, E) stay, everything else becomes -1; also count bad ids."""
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    invalid = jnp.sum((~valid) & (topk_idx != -1), dtype=jnp.int32)
+    return jnp.where(valid, topk_idx, -1), invalid
+
+
+def _bincount(ids, length):
+    """Counts of ids in [0, length); -1 entries are ignored."""
+    ids = jnp.where(ids >= 0, ids, length).reshape(-1)
+    return jnp.bincount(ids, length=length + 1)[:length].astype(jnp.int32)
+
+
+def _token_in_rank(idx, num_ranks, experts_per_rank):
+    dest = jnp.where(idx >= 0, idx // experts_per_rank, -1)
+    return jnp.any(dest[:, :, None] == jnp.arange(num_ranks)[None, None, :], axis=1)
+
+
+def get_dispatch_layout(topk_idx, *, num_experts, num_ranks):
+    idx, _ = _valid_ids(topk_idx, num_experts)
+    is_token_in_rank = _token_in_rank(idx, num_ranks, num_experts // num_ranks)
+    num_tokens_per_rank = jnp.sum(is_token_in_rank, axis=0, dtype=jnp.int32)
+    num_tokens_per_expert = _bincount(idx, num_experts)
+    return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
+
+
+def _exclusive_cumsum(a, axis=0):
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def _rank_ordered_sum(num_ranks, term):
+    """sum_r term(r) in float32, accumulated in rank order (bitwise stable)."""
+    if num_ranks <= _UNROLL_RANKS:
+        acc = term(0)
+        for r in range(1, num_ranks):
+            acc = acc + term(r)
+        return acc
+    return lax.fori_loop(1, num_ranks, lambda r, acc: acc + term(r), term(0))
+
+
+# --------------------------------------------------------------------------
+# Normal mode: dispatch / combine
+# --------------------------------------------------------------------------
+
+
+def make_dispatch_handle(topk_idx, *, num_experts, axis_name, capacity):
+    """Layout + count exchange: everything except moving the rows."""
+    num_ranks = lax.axis_size(axis_name)
+    me = lax.axis_index(axis_name)
+    idx, num_invalid = _valid_ids(topk_idx, num_experts)
+    is_in = _token_in_rank(idx, num_ranks, num_experts // num_ranks)  # [T, R]
+    sent = jnp.sum(is_in, axis=0, dtype=jnp.int32)  # [R]
+    rank_counts = lax.all_gather(sent, axis_name)  # [R src, R dst]
+    my_offset = _exclusive_cumsum(rank_counts, axis=0)[me]  # my first row on each r
+    slot = jnp.cumsum(is_in, axis=0, dtype=jnp.int32) - 1  # [T, R]
+    kept = is_in & (my_offset[None, :] + slot < capacity)
+    token_slot = jnp.where(kept, slot, -1)
+
+    total = jnp.sum(rank_counts[:, me])
+    num_recv = jnp.minimum(total, capacity).astype(jnp.int32)
+    return DispatchHandle(
+        num_recv_tokens=num_recv,
+        num_recv_tokens_per_expert=jnp.zeros((num_experts // num_ranks,), jnp.int32),
+        num_dropped_tokens=(total - num_recv).astype(jnp.int32),
+        num_invalid_experts=num_invalid,
+        token_slot=token_slot,
+        rank_counts=rank_counts,
+        num_experts=num_experts,
+        capacity=capacity,
+        axis_name=axis_name,
+    )
+
+
+def _receive_rows(handle):
+    """For each output row: (flat index into the [R * T] receive buffer, valid)."""
+    me = lax.axis_index(handle.axis_name)
+    num_tokens = handle.num_tokens
+    counts_in = handle.rank_counts[:, me]
+    starts = _exclusive_cumsum(counts_in)
+    rows = jnp.arange(handle.capacity, dtype=jnp.int32)
+    src = jnp.searchsorted(starts, rows, side="right").astype(jnp.int32) - 1
+    flat = src * num_tokens + (rows - starts[src])
+    return flat, rows < handle.num_recv_tokens
+
+
+def _send_token_index(handle):
+    """[R, T] local token index for slot j towards rank r; T marks empty slots."""
+    num_tokens, num_ranks = handle.token_slot.shape
+    ranks = jnp.broadcast_to(jnp.arange(num_ranks)[None, :], handle.token_slot.shape)
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens)[:, None], handle.token_slot.shape)
+    slot = jnp.where(handle.token_slot >= 0, handle.token_slot, num_tokens)
+    return (
+        jnp.full((num_ranks, num_tokens), num_tokens, jnp.int32)
+        .at[ranks, slot]
+        .set(tokens, mode="drop", unique_indices=True)
+    )
+
+
+def dispatch_rows(parts, handle):
+    """Move per-token arrays [T, ...] to the receivers' [capacity, ...] rows."""
+    send_index = _send_token_index(handle)
+    flat, valid = _receive_rows(handle)
+    out = []
+    for part in parts:
+        send = jnp.take(part, send_index, axis=0, mode="fill", fill_value=0)
+        recv = lax.all_to_all(send, handle.axis_name, 0, 0, tiled=True)  # [R src, T, ...]
+        recv = recv.reshape((-1,) + part.shape[1:])
+        rows = jnp.take(recv, jnp.where(valid, flat, recv.shape[0]), axis=0,
+                        mode="fill", fill_value=0)
+        out.append(rows)
+    return out
+
+
+def combine_rows(parts, handle):
+    """Sum each token's rows [capacity, ...] back over ranks, in rank order."""
+    me = lax.axis_index(handle.axis_name)
+    num_tokens, num_ranks = handle.token_slot.shape
+    counts_in = handle.rank_counts[:, me]
+    starts = _exclusive_cumsum(counts_in)
+    j = jnp.arange(num_tokens, dtype=jnp.int32)
+    rows = starts[:, None] + j[None, :]  # [R src, T]
+    valid = (j[None, :] < counts_in[:, None]) & (rows < handle.capacity)
+    back_index = jnp.where(valid, rows, handle.capacity).reshape(-1)
+
+    slot = handle.token_slot
+    out = []
+    for part in parts:
+        back = jnp.take(part, back_index, axis=0, mode="fill", fill_value=0)
+        mine = lax.all_to_all(back, handle.axis_name, 0, 0, tiled=True)
+        mine = mine.reshape((num_ranks, num_tokens) + part.shape[1:])
+
+        def term(r, mine=mine):
+            s = lax.dynamic_index_in_dim(slot, r, axis=1, keepdims=False)
+            rows_r = lax.dynamic_index_in_dim(mine, r, axis=0, keepdims=False)
+            picked = jnp.take(rows_r, jnp.where(s >= 0, s, num_tokens), axis=0,
+                              mode="fill", fill_value=0)
+            return picked.astype(jnp.float32)
+
+        out.append(_rank_ordered_sum(num_ranks, term).astype(part.dtype))
+    return out
+
+
+def dispatch(x_parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity):
+    handle = make_dispatch_handle(topk_idx, num_experts=num_experts,
+                                  axis_name=axis_name, capacity=capacity)
+    idx, _ = _valid_ids(topk_idx, num_experts)
+    *recv_parts, recv_idx, recv_w = dispatch_rows(
+        list(x_parts) + [idx, topk_weights], handle)
+    me = lax.axis_index(axis_name)
+    local_experts = num_experts // lax.axis_size(axis_name)
+    local = recv_idx - me * local_experts
+    filled = (jnp.arange(capacity) < handle.num_recv_tokens)[:, None]
+    is_local = filled & (recv_idx >= 0) & (local >= 0) & (local < local_experts)
+    recv_idx = jnp.where(is_local, local, -1).astype(jnp.int32)
+    recv_w = jnp.where(is_local, recv_w, 0).astype(jnp.float32)
+    handle = dataclasses.replace(
+        handle, num_recv_tokens_per_expert=_bincount(recv_idx, local_experts))
+    return recv_parts, recv_idx, recv_w, handle
+
+
+# --------------------------------------------------------------------------
+# Low-latency mode
+# --------------------------------------------------------------------------
+
+
+def fp8_quantize(x):
+    """Per-row, per-128-channel e4m3 cast: returns (q [..., H], scales [..., H/128])."""
+    blocks = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 128, 128))
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    scale = jnp.maximum(amax, 1e-4) / 448.0
+    q = jnp.clip(blocks / scale[..., None], -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return q.reshape(x.shape), scale
+
+
+def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_rank):
+    """Rows of every (token, expert) pair, from an exchange of per-expert counts."""
+    num_ranks = lax.axis_size(axis_name)
+    me = lax.axis_index(axis_name)
+    local_experts = num_experts // num_ranks
+    rows_per_expert = num_ranks * max_tokens_per_rank
+    idx, num_invalid = _valid_ids(topk_idx, num_experts)
+
+    # has[t, e]: token t goes to expert e (once, however often e is listed).
+    has = jnp.any(idx[:, :, None] == jnp.arange(num_experts)[None, None, :], axis=1)
+    counts = lax.all_gather(jnp.sum(has, axis=0, dtype=jnp.int32), axis_name)  # [R, E]
+    before_me = _exclusive_cumsum(counts, axis=0)[me]  # [E]
+    position = before_me[None, :] + jnp.cumsum(has, axis=0, dtype=jnp.int32) - 1  # [T, E]
+    safe_idx = jnp.maximum(idx, 0)
+    within = jnp.take_along_axis(position, safe_idx, axis=1)
+    slot = jnp.where(idx >= 0, (safe_idx % local_experts) * rows_per_expert + within, -1)
+    owner = jnp.where(idx >= 0, idx // local_experts, -1)
+
+    # The receiver's view: every source's rows for the experts that live here.
+    all_slot = lax.all_gather(slot, axis_name)  # [R, T, K]
+    all_owner = lax.all_gather(owner, axis_name)
+    recv_row = jnp.where(all_owner == me, all_slot, -1)
+
+    totals = jnp.sum(counts, axis=0, dtype=jnp.int32)
+    recv_count = lax.dynamic_slice_in_dim(totals, me * local_experts, local_experts)
+    return LowLatencyHandle(
+        recv_count=recv_count,
+        num_invalid_experts=num_invalid,
+        owner=owner.astype(jnp.int32),
+        slot=slot.astype(jnp.int32),
+        recv_row=recv_row.astype(jnp.int32),
+        num_experts=num_experts,
+        max_tokens_per_rank=max_tokens_per_rank,
+        axis_name=axis_name,
+    )
+
+
+def _first_occurrence(rows):
+    """[..., K] bool: row is valid and no earlier k names the same row."""
+    k = rows.shape[-1]
+    same = rows[..., :, None] == rows[..., None, :]  # [..., K, K']
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # k' < k
+    return (rows >= 0) & ~jnp.any(same & earlier, axis=-1)
+
+
+def low_latency_dispatch_rows(parts, handle, row_weights=None):
+    """[T, ...] per token -> [L, R * M, ...] per local expert slot.
+
+    With `row_weights` [T, K], each received row is scaled by the sum of the
+    weights of the k that name its expert (the transpose of a weighted combine).
+    """
+    num_ranks, num_tokens, _ = handle.recv_row.shape
+    local_experts = handle.num_experts // num_ranks
+    rows = local_experts * num_ranks * handle.max_tokens_per_rank
+    first = _first_occurrence(handle.recv_row)
+    target = jnp.where(first, handle.recv_row, rows)
+    source = jnp.broadcast_to(
+        jnp.arange(num_ranks * num_tokens, dtype=jnp.int32).reshape(num_ranks, num_tokens, 1),
+        target.shape)
+    flat_src = jnp.full((rows,), num_ranks * num_tokens, jnp.int32).at[target].set(
+        source, mode="drop", unique_indices=True)
+
+    row_scale = None
+    if row_weights is not None:
+        w = lax.all_gather(row_weights.astype(jnp.float32), handle.axis_name)  # [R, T, K]
+        same = handle.recv_row[..., :, None] == handle.recv_row[..., None, :]
+        w_sum = jnp.sum(jnp.where(same, w[..., None, :], 0.0), axis=-1)
+        row_scale = jnp.zeros((rows,), jnp.float32).at[target].set(
+            w_sum, mode="drop", unique_indices=True)
+
+    out = []
+    for part in parts:
+        gathered = lax.all_gather(part, handle.axis_name)  # [R, T, ...]
+        gathered = gathered.reshape((num_ranks * num_tokens,) + part.shape[1:])
+        got = jnp.take(gathered, flat_src, axis=0, mode="fill", fill_value=0)
+        if row_scale is not None:
+            scale = row_scale.reshape((rows,) + (1,) * (part.ndim - 1))
+            got = (got.astype(jnp.float32) * scale).astype(part.dtype)
+        out.append(got.reshape((local_experts, num_ranks * handle.max_tokens_per_rank)
+                               + part.shape[1:]))
+    return out
+
+
+def low_latency_gather_rows(y, handle):
+    """[L, R * M, H] expert outputs -> [T, K, H]: each (t, k)'s row, 0 if invalid."""
+    num_ranks, num_tokens, k = handle.recv_row.shape
+    flat = y.reshape((-1,) + y.shape[2:])
+    back = jnp.take(flat, jnp.where(handle.recv_row >= 0, handle.recv_row, flat.shape[0]),
+                    axis=0, mode="fill", fill_value=0)  # [R src, T, K, H]
+    mine = lax.all_to_all(back, handle.axis_name, 0, 0, tiled=True)  # [R owner, T, K, H]
+    owner = jnp.maximum(handle.owner, 0)[None, :, :, None]
+    picked = jnp.take_along_axis(mine, owner, axis=0)[0]
+    return jnp.where((handle.owner >= 0)[:, :, None], picked, 0)
+
+
+def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
+                         use_fp8):
+    handle = make_low_latency_handle(topk_idx, num_experts=num_experts, axis_name=axis_name,
+                                     max_tokens_per_rank=max_tokens_per_rank)
+    parts = list(fp8_quantize(x)) if use_fp8 else [x]
+    recv = low_latency_dispatch_rows(parts, handle)
+    return recv, handle.recv_count, handle
+
+
+def low_latency_combine(y, topk_weights, handle):
+    """sum_k w[t, k] * y[row of (t, k)], float32, in k order."""
+    rows = low_latency_gather_rows(y, handle).astype(jnp.float32)
+    w = topk_weights.astype(jnp.float32)
+    acc = w[:, 0, None] * rows[:, 0]
+    for k in range(1, w.shape[1]):
+        acc = acc + w[:, k, None] * rows[:, k]
+    return acc.astype(y.dtype)
