@@ -195,7 +195,7 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
       topk_idx: int [T, K] global expert ids (-1 = none; bad ids are counted).
       max_tokens_per_rank: M, static; every local expert gets R * M rows.
       use_fp8: cast to float8_e4m3fn with one float32 scale per 128 channels
-        (scale = max(amax, 1e-4) / 448). Not differentiable.
+        (scale = max(amax, 1e-4) * float32(1/448), q = x / scale). Not differentiable.
 
     Returns:
       recv_x [L, R * M, H] (or the pair (e4m3 [L, R*M, H], scales

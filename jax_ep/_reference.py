@@ -191,7 +191,7 @@ def fp8_quantize(x):
     """Per-row, per-128-channel e4m3 cast: returns (q [..., H], scales [..., H/128])."""
     blocks = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 128, 128))
     amax = jnp.max(jnp.abs(blocks), axis=-1)
-    scale = jnp.maximum(amax, 1e-4) / 448.0
+    scale = jnp.maximum(amax, 1e-4) * jnp.float32(1.0 / 448.0)
     q = jnp.clip(blocks / scale[..., None], -448.0, 448.0).astype(jnp.float8_e4m3fn)
     return q.reshape(x.shape), scale
 
