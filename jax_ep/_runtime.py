@@ -44,7 +44,7 @@ def initialize(mesh=None, axis_name=None, *, backend="auto"):
         from . import _ffi
 
         if _ffi.cuda_available():
-            _ffi.register_targets()
+            _ffi.ensure_cuda_targets_registered()
         elif backend == "cuda":
             from . import _cuda
 
