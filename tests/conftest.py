@@ -12,4 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from jax_ep.testing import external_launch  # noqa: E402
+
+# Under a scheduler (pytest once per process) the job decides the device count.
+if not external_launch():
+    jax.config.update("jax_num_cpu_devices", 8)

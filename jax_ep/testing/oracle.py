@@ -1,0 +1,661 @@
+"""An independent numpy oracle for the jax_ep contract (DESIGN.md §2).
+
+Everything here is written from the contract, not from the library: pure
+numpy + ml_dtypes, no jax, no import of the rest of jax_ep.  Each function
+takes the inputs of *all* ranks (Python lists indexed by rank) and returns the
+expected outputs of all ranks (lists indexed by rank), so a test can compare
+any backend against it, in one process or spread over many.
+
+Notation: R ranks, T tokens per rank, H hidden, K top-k, E experts,
+L = E // R local experts; expert ``e`` lives on rank ``e // L``.  An id is
+valid iff ``0 <= id < E``; ``-1`` means "no expert"; any other id is invalid:
+it is treated as ``-1`` and counted (``num_invalid_experts``, per sending
+rank).
+
+Conventions the oracle fixes (the contract leaves them to the implementer):
+
+* Sums accumulate in float32 starting from ``0.0`` and add the terms in the
+  order stated in each docstring; the result is then cast to the output dtype
+  (round to nearest even).  ``0.0 + (-0.0) == +0.0``, so a single ``-0.0``
+  term comes out as ``+0.0``.
+* Terms of invalid / ``-1`` ids are skipped, not multiplied by zero.
+* Products ``w * y`` are rounded to float32 before they are added (no fused
+  multiply-add); GPU kernels that fuse may differ in the last bit.
+* ``num_recv_tokens_per_expert`` counts k entries: a token that lists the
+  same expert twice counts twice there (it is still sent once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "FP8_BLOCK",
+    "FP8_MAX",
+    "FP8_MIN_AMAX",
+    "get_dispatch_layout",
+    "dispatch",
+    "combine",
+    "dispatch_weights_grad",
+    "fp8_quantize",
+    "fp8_dequantize",
+    "low_latency_dispatch",
+    "low_latency_combine",
+    "low_latency_dispatch_grad_x",
+    "low_latency_combine_grad_y",
+    "low_latency_combine_grad_w",
+    "count_invalid",
+    "make_rank_inputs",
+    "make_inputs",
+]
+
+FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_BLOCK = 128          # channels per FP8 scale
+FP8_MAX = 448.0          # largest finite float8_e4m3fn
+FP8_MIN_AMAX = 1e-4      # amax floor, so an all-zero block gets a finite scale
+
+_F32 = np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+def _num_local_experts(num_experts: int, num_ranks: int) -> int:
+    if num_ranks <= 0:
+        raise ValueError(f"num_ranks must be positive, got {num_ranks}")
+    if num_experts <= 0 or num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be a positive multiple of the "
+            f"number of ranks ({num_ranks})")
+    return num_experts // num_ranks
+
+
+def _clean_ids(topk_idx, num_experts: int):
+    """Returns (ids with every non-valid entry set to -1 [int64], valid mask,
+    number of invalid entries)."""
+    idx = np.asarray(topk_idx)
+    if idx.ndim != 2:
+        raise ValueError(f"topk_idx must be [T, K], got shape {idx.shape}")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"topk_idx must be integer, got {idx.dtype}")
+    idx = idx.astype(np.int64)
+    valid = (idx >= 0) & (idx < num_experts)
+    n_invalid = int(np.count_nonzero(~valid & (idx != -1)))
+    return np.where(valid, idx, -1), valid, n_invalid
+
+
+def count_invalid(topk_idx, num_experts: int) -> int:
+    """Number of ids in ``topk_idx`` outside ``[-1, num_experts)``."""
+    return _clean_ids(topk_idx, num_experts)[2]
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2
+
+
+def _check_fp8_pair(q, s):
+    q = np.asarray(q)
+    s = np.asarray(s)
+    if q.dtype != FP8_DTYPE:
+        raise TypeError(f"FP8 payload must be float8_e4m3fn, got {q.dtype}")
+    if q.shape[-1] % FP8_BLOCK or s.shape != q.shape[:-1] + (q.shape[-1] // FP8_BLOCK,):
+        raise ValueError(
+            f"FP8 scales shape {s.shape} does not match payload {q.shape}")
+    return q, s.astype(np.float32)
+
+
+@dataclass
+class _Ids:
+    """The routing inputs of all ranks, cleaned and checked."""
+    ids: list           # per source rank: int64 [T, K], non-valid -> -1
+    valid: list         # per source rank: bool [T, K]
+    owner: list         # per source rank: int64 [T, K], owning rank or -1
+    n_invalid: list     # per source rank: int
+    R: int
+    T: int
+    K: int
+    E: int
+    L: int
+
+
+def _prepare_ids(topk_idxs: Sequence[Any], num_experts: int) -> _Ids:
+    R = len(topk_idxs)
+    L = _num_local_experts(num_experts, R)
+    ids, valid, owner, n_inv = [], [], [], []
+    shape = None
+    for s, t_idx in enumerate(topk_idxs):
+        clean, ok, n = _clean_ids(t_idx, num_experts)
+        if shape is None:
+            shape = clean.shape
+        elif clean.shape != shape:
+            raise ValueError(
+                f"rank {s}: topk_idx shape {clean.shape} != rank 0's {shape}")
+        ids.append(clean)
+        valid.append(ok)
+        owner.append(np.where(ok, clean // L, -1))
+        n_inv.append(n)
+    T, K = shape
+    return _Ids(ids, valid, owner, n_inv, R, T, K, num_experts, L)
+
+
+# --------------------------------------------------------------------------
+# layout
+# --------------------------------------------------------------------------
+
+def get_dispatch_layout(topk_idx, num_experts: int, num_ranks: int):
+    """One rank's layout.
+
+    Returns ``(num_tokens_per_rank int32[R], num_tokens_per_expert int32[E],
+    is_token_in_rank bool[T, R])``.  A token counts once per rank however
+    many of its experts live there; ``num_tokens_per_expert`` counts (t, k)
+    pairs (a duplicated expert counts twice).  Invalid ids are ignored.
+    """
+    L = _num_local_experts(num_experts, num_ranks)
+    ids, valid, _ = _clean_ids(topk_idx, num_experts)
+    T = ids.shape[0]
+    owner = np.where(valid, ids // L, -1)
+    is_token_in_rank = np.zeros((T, num_ranks), dtype=bool)
+    for r in range(num_ranks):
+        is_token_in_rank[:, r] = np.any(owner == r, axis=1)
+    num_tokens_per_rank = is_token_in_rank.sum(axis=0).astype(np.int32)
+    num_tokens_per_expert = np.bincount(
+        ids[valid], minlength=num_experts).astype(np.int32)
+    return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
+
+
+# --------------------------------------------------------------------------
+# normal mode
+# --------------------------------------------------------------------------
+
+@dataclass
+class _NormalLayout:
+    ids: _Ids
+    capacity: int
+    recv_src: list      # per receiver: int64 [n_kept], source rank of each row
+    recv_tok: list      # per receiver: int64 [n_kept], source token of each row
+    dropped: list       # per receiver: int
+    send_rows: list     # per source: int32 [T, R], row on each receiver or -1
+
+
+def _normal_layout(topk_idxs, num_experts: int, capacity) -> _NormalLayout:
+    I = _prepare_ids(topk_idxs, num_experts)
+    R, T = I.R, I.T
+    if capacity is None:
+        capacity = R * T
+    capacity = int(capacity)
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    in_rank = []
+    for s in range(R):
+        m = np.zeros((T, R), dtype=bool)
+        for r in range(R):
+            m[:, r] = np.any(I.owner[s] == r, axis=1)
+        in_rank.append(m)
+
+    send_rows = [np.full((T, R), -1, dtype=np.int32) for _ in range(R)]
+    recv_src, recv_tok, dropped = [], [], []
+    for r in range(R):
+        # rows on receiver r: by source rank ascending, then token ascending
+        srcs, toks = [], []
+        for s in range(R):
+            t = np.nonzero(in_rank[s][:, r])[0]
+            srcs.append(np.full(t.shape, s, dtype=np.int64))
+            toks.append(t.astype(np.int64))
+        src = np.concatenate(srcs)
+        tok = np.concatenate(toks)
+        kept = min(len(src), capacity)
+        dropped.append(len(src) - kept)
+        src, tok = src[:kept], tok[:kept]
+        for row in range(kept):
+            send_rows[src[row]][tok[row], r] = row
+        recv_src.append(src)
+        recv_tok.append(tok)
+    return _NormalLayout(I, capacity, recv_src, recv_tok, dropped, send_rows)
+
+
+def _stack_x(xs, T: int):
+    """Stacks per-rank [T, H] arrays (or FP8 pairs) into [R, T, H]."""
+    if all(_is_pair(x) for x in xs):
+        qs, ss = zip(*(_check_fp8_pair(*x) for x in xs))
+        q = np.stack(qs)
+        s = np.stack(ss)
+        if q.shape[1] != T:
+            raise ValueError(f"x has {q.shape[1]} tokens, topk_idx has {T}")
+        return (q, s)
+    if any(_is_pair(x) for x in xs):
+        raise ValueError("either every rank passes an FP8 pair or none does")
+    arrs = [np.asarray(x) for x in xs]
+    x = np.stack(arrs)
+    if x.ndim != 3 or x.shape[1] != T:
+        raise ValueError(f"x must be [T={T}, H] per rank, got {arrs[0].shape}")
+    if x.dtype not in (np.dtype(np.float32), np.dtype(np.float16),
+                       np.dtype(ml_dtypes.bfloat16)):
+        raise TypeError(f"x dtype must be float32/float16/bfloat16, got {x.dtype}")
+    return x
+
+
+def dispatch(xs, topk_idxs, topk_weights, num_experts: int, capacity=None):
+    """Expected normal-mode dispatch of every rank.
+
+    ``xs[r]`` is ``[T, H]`` (float32 / bfloat16 / float16) or an FP8 pair
+    ``(x_e4m3 [T, H], scales float32 [T, H // 128])``.  ``capacity`` defaults
+    to ``R * T``.
+
+    Receiver ``r`` gets one row per (source token, destination rank) pair:
+    token ``t`` of source ``s`` goes to ``r`` once if any of its valid experts
+    lives on ``r``.  Rows are ordered by source rank, then source token; the
+    first ``capacity`` are kept, the rest dropped.
+
+    Returns a list (per rank) of dicts:
+
+    * ``recv_x`` ``[capacity, H]`` (or FP8 pair), zero past the kept rows;
+    * ``recv_topk_idx`` int32 ``[capacity, K]``: local id ``id - r * L`` where
+      the source's id is valid and lives on ``r``, else -1;
+    * ``recv_topk_weights`` float32 ``[capacity, K]``: source weight where
+      ``recv_topk_idx != -1``, else 0;
+    * ``num_recv_tokens`` (int, kept rows), ``num_recv_tokens_per_expert``
+      int32 ``[L]`` (k entries per local id over kept rows),
+      ``num_dropped_tokens`` (rows dropped at this receiver),
+      ``num_invalid_experts`` (invalid ids in this rank's own ``topk_idx``);
+    * ``send_rows`` int32 ``[T, R]``: for this rank as a sender, the row of
+      its token ``t`` on destination ``r``, or -1 if not sent or dropped.
+    """
+    lay = _normal_layout(topk_idxs, num_experts, capacity)
+    I = lay.ids
+    R, T, K, L, cap = I.R, I.T, I.K, I.L, lay.capacity
+    if len(xs) != R or len(topk_weights) != R:
+        raise ValueError("xs, topk_idxs and topk_weights need one entry per rank")
+    x_all = _stack_x(xs, T)
+    w_all = np.stack([np.asarray(w, dtype=np.float32) for w in topk_weights])
+    if w_all.shape != (R, T, K):
+        raise ValueError(f"topk_weights must be [T={T}, K={K}] per rank")
+
+    out = []
+    for r in range(R):
+        src, tok = lay.recv_src[r], lay.recv_tok[r]
+        n = len(src)
+        if isinstance(x_all, tuple):
+            q_all, s_all = x_all
+            q = np.zeros((cap, q_all.shape[2]), dtype=FP8_DTYPE)
+            sc = np.zeros((cap, s_all.shape[2]), dtype=np.float32)
+            q[:n] = q_all[src, tok]
+            sc[:n] = s_all[src, tok]
+            recv_x = (q, sc)
+        else:
+            recv_x = np.zeros((cap, x_all.shape[2]), dtype=x_all.dtype)
+            recv_x[:n] = x_all[src, tok]
+
+        recv_idx = np.full((cap, K), -1, dtype=np.int32)
+        recv_w = np.zeros((cap, K), dtype=np.float32)
+        for row in range(n):
+            s, t = src[row], tok[row]
+            here = I.owner[s][t] == r
+            recv_idx[row] = np.where(here, I.ids[s][t] - r * L, -1)
+            recv_w[row] = np.where(here, w_all[s, t], np.float32(0))
+        per_expert = np.bincount(recv_idx[:n][recv_idx[:n] >= 0],
+                                 minlength=L).astype(np.int32)
+        out.append(dict(
+            recv_x=recv_x,
+            recv_topk_idx=recv_idx,
+            recv_topk_weights=recv_w,
+            num_recv_tokens=n,
+            num_recv_tokens_per_expert=per_expert,
+            num_dropped_tokens=lay.dropped[r],
+            num_invalid_experts=I.n_invalid[r],
+            send_rows=lay.send_rows[r].copy(),
+        ))
+    return out
+
+
+def combine(ys, topk_idxs, num_experts: int, capacity=None):
+    """Expected normal-mode combine.
+
+    ``ys[r]`` is ``[capacity, H]``.  ``out[s][t]`` = the sum over destination
+    ranks ``r`` in ascending order that kept token ``t`` of source ``s`` of
+    ``ys[r][row of t on r]``, accumulated in float32 from 0.0 and cast to
+    ``ys``' dtype.  Tokens sent nowhere (or dropped everywhere) get zeros.
+    This is also the transpose of dispatch in ``x``.
+    """
+    lay = _normal_layout(topk_idxs, num_experts, capacity)
+    R, T = lay.ids.R, lay.ids.T
+    if len(ys) != R:
+        raise ValueError("ys needs one entry per rank")
+    ys = [np.asarray(y) for y in ys]
+    dtype = ys[0].dtype
+    H = ys[0].shape[-1]
+    for r, y in enumerate(ys):
+        if y.shape != (lay.capacity, H) or y.dtype != dtype:
+            raise ValueError(
+                f"rank {r}: y is {y.shape} {y.dtype}, expected "
+                f"({lay.capacity}, {H}) {dtype}")
+    acc = np.zeros((R, T, H), dtype=np.float32)
+    for r in range(R):   # rank order: the accumulation order of the contract
+        src, tok = lay.recv_src[r], lay.recv_tok[r]
+        # (src, tok) pairs are distinct within one receiver
+        acc[src, tok] = acc[src, tok] + ys[r][:len(src)].astype(np.float32)
+    return [acc[s].astype(dtype) for s in range(R)]
+
+
+def dispatch_weights_grad(ct_recv_ws, topk_idxs, num_experts: int,
+                          capacity=None):
+    """Transpose of dispatch's map ``topk_weights -> recv_topk_weights``.
+
+    ``dw[s][t, k] = ct_recv_ws[r][row of t on r, k]`` where ``r`` owns the
+    valid expert ``topk_idx[s][t, k]`` and kept the token; else 0.
+    Returns float32 ``[T, K]`` per rank.
+    """
+    lay = _normal_layout(topk_idxs, num_experts, capacity)
+    I = lay.ids
+    cts = [np.asarray(c, dtype=np.float32) for c in ct_recv_ws]
+    out = []
+    for s in range(I.R):
+        dw = np.zeros((I.T, I.K), dtype=np.float32)
+        for t in range(I.T):
+            for k in range(I.K):
+                r = I.owner[s][t, k]
+                if r < 0:
+                    continue
+                row = lay.send_rows[s][t, r]
+                if row >= 0:
+                    dw[t, k] = cts[r][row, k]
+        out.append(dw)
+    return out
+
+
+# --------------------------------------------------------------------------
+# FP8
+# --------------------------------------------------------------------------
+
+def fp8_quantize(x):
+    """Per-row, per-128-channel block FP8 (e4m3fn) quantization.
+
+    ``amax = max |x|`` over the block in float32;
+    ``scale = max(amax, 1e-4) * float32(1 / 448)`` (float32; a multiply by
+    the rounded reciprocal, which is what compilers make of a division by a
+    constant, so kernels and XLA agree bit for bit);
+    ``q = float8_e4m3fn(clip(x / scale, -448, 448))``, rounding to nearest
+    even.  Returns ``(q [..., H], scale float32 [..., H // 128])`` and
+    ``x ≈ q * scale``.
+    """
+    xf = np.asarray(x).astype(np.float32)
+    H = xf.shape[-1]
+    if H % FP8_BLOCK:
+        raise ValueError(f"hidden size {H} is not a multiple of {FP8_BLOCK}")
+    blocks = xf.reshape(xf.shape[:-1] + (H // FP8_BLOCK, FP8_BLOCK))
+    amax = np.max(np.abs(blocks), axis=-1)
+    scale = (np.maximum(amax, np.float32(FP8_MIN_AMAX)) *
+             np.float32(1.0 / FP8_MAX)).astype(np.float32)
+    scaled = blocks / scale[..., None]
+    q = np.clip(scaled, np.float32(-FP8_MAX), np.float32(FP8_MAX))
+    q = q.astype(FP8_DTYPE).reshape(xf.shape)
+    return q, scale
+
+
+def fp8_dequantize(q, scales):
+    """``q * scale`` per 128-channel block, in float32."""
+    q, s = _check_fp8_pair(q, scales)
+    H = q.shape[-1]
+    blocks = q.astype(np.float32).reshape(q.shape[:-1] + (H // FP8_BLOCK, FP8_BLOCK))
+    return (blocks * s[..., None]).reshape(q.shape)
+
+
+# --------------------------------------------------------------------------
+# low-latency mode
+# --------------------------------------------------------------------------
+
+@dataclass
+class _LLLayout:
+    ids: _Ids
+    M: int
+    rows: dict          # global expert e -> (src int64[n], tok int64[n])
+    slots: list         # per source rank: int32 [T, K]
+
+
+def _ll_layout(topk_idxs, num_experts: int, max_tokens_per_rank: int) -> _LLLayout:
+    I = _prepare_ids(topk_idxs, num_experts)
+    M = int(max_tokens_per_rank)
+    if I.T > M:
+        raise ValueError(f"{I.T} tokens per rank exceed max_tokens_per_rank={M}")
+    slots = [np.full((I.T, I.K), -1, dtype=np.int32) for _ in range(I.R)]
+    rows = {}
+    for e in range(I.E):
+        srcs, toks = [], []
+        base = 0
+        for s in range(I.R):
+            hit = I.ids[s] == e                     # [T, K]
+            t = np.nonzero(np.any(hit, axis=1))[0]  # one slot per token
+            row_of_tok = np.full(I.T, -1, dtype=np.int64)
+            row_of_tok[t] = base + np.arange(len(t))
+            slots[s] = np.where(hit, row_of_tok[:, None], slots[s]).astype(np.int32)
+            base += len(t)
+            srcs.append(np.full(t.shape, s, dtype=np.int64))
+            toks.append(t.astype(np.int64))
+        rows[e] = (np.concatenate(srcs), np.concatenate(toks))
+    return _LLLayout(I, M, rows, slots)
+
+
+def low_latency_dispatch(xs, topk_idxs, num_experts: int,
+                         max_tokens_per_rank: int, use_fp8: bool = False):
+    """Expected low-latency dispatch of every rank.
+
+    For receiver ``r`` and local expert ``l`` (global ``e = r * L + l``) the
+    rows are the (source ``s``, token ``t``) pairs with some valid
+    ``topk_idx[s][t, k] == e`` (a token listing ``e`` twice still takes one
+    slot), ordered by (s, t), packed from row 0.
+
+    Returns a list (per rank) of dicts: ``recv_x`` ``[L, R * M, H]`` in x's
+    dtype (zero past the count), or with ``use_fp8`` the pair
+    ``(q [L, R*M, H], scales [L, R*M, H // 128])`` = ``fp8_quantize`` of the
+    source row (padding: q = 0, scale = 0); ``recv_count`` int32 ``[L]``;
+    ``num_invalid_experts`` (this rank's invalid ids); ``slots`` int32
+    ``[T, K]`` (this rank as a sender: the row of ``(t, topk_idx[t, k])``
+    among that expert's ``R * M`` rows on its owner, -1 if not valid).
+    """
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
+    I, M = lay.ids, lay.M
+    R, L = I.R, I.L
+    if len(xs) != R:
+        raise ValueError("xs needs one entry per rank")
+    x_all = _stack_x(xs, I.T)
+    if isinstance(x_all, tuple):
+        raise TypeError("low-latency dispatch takes unquantized x; "
+                        "pass use_fp8=True to quantize")
+    H = x_all.shape[2]
+    if use_fp8:
+        q_all, s_all = fp8_quantize(x_all)
+    out = []
+    for r in range(R):
+        count = np.zeros(L, dtype=np.int32)
+        if use_fp8:
+            q = np.zeros((L, R * M, H), dtype=FP8_DTYPE)
+            sc = np.zeros((L, R * M, H // FP8_BLOCK), dtype=np.float32)
+        else:
+            recv = np.zeros((L, R * M, H), dtype=x_all.dtype)
+        for l in range(L):
+            src, tok = lay.rows[r * L + l]
+            n = len(src)
+            count[l] = n
+            if use_fp8:
+                q[l, :n] = q_all[src, tok]
+                sc[l, :n] = s_all[src, tok]
+            else:
+                recv[l, :n] = x_all[src, tok]
+        out.append(dict(
+            recv_x=(q, sc) if use_fp8 else recv,
+            recv_count=count,
+            num_invalid_experts=I.n_invalid[r],
+            slots=lay.slots[r].copy(),
+        ))
+    return out
+
+
+def _stack_ll(arrs, L: int, R: int, M: int, what: str):
+    arrs = [np.asarray(a) for a in arrs]
+    if len(arrs) != R:
+        raise ValueError(f"{what} needs one entry per rank")
+    dtype = arrs[0].dtype
+    for r, a in enumerate(arrs):
+        if a.ndim != 3 or a.shape[:2] != (L, R * M) or a.dtype != dtype:
+            raise ValueError(f"rank {r}: {what} is {a.shape} {a.dtype}, "
+                             f"expected [{L}, {R * M}, H] {dtype}")
+    return np.stack(arrs), dtype
+
+
+def low_latency_combine(ys, topk_idxs, topk_weights, num_experts: int,
+                        max_tokens_per_rank: int):
+    """Expected low-latency combine.
+
+    ``ys[r]`` is ``[L, R * M, H]``.  ``out[s][t]`` = sum over k = 0..K-1 in
+    order, for valid ids only, of ``float32(w[s][t, k]) *
+    float32(ys[owner][local expert, slot of (t, k)])``, accumulated in float32
+    from 0.0 and cast to ``ys``' dtype.  A duplicated expert contributes once
+    per k entry.
+    """
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
+    I, M = lay.ids, lay.M
+    y_all, dtype = _stack_ll(ys, I.L, I.R, M, "ys")
+    H = y_all.shape[3]
+    out = []
+    for s in range(I.R):
+        w = np.asarray(topk_weights[s], dtype=np.float32)
+        acc = np.zeros((I.T, H), dtype=np.float32)
+        for k in range(I.K):
+            t = np.nonzero(I.valid[s][:, k])[0]
+            e = I.ids[s][t, k]
+            vals = y_all[e // I.L, e % I.L, lay.slots[s][t, k]].astype(np.float32)
+            acc[t] = acc[t] + w[t, k][:, None] * vals
+        out.append(acc.astype(dtype))
+    return out
+
+
+def low_latency_dispatch_grad_x(cts, topk_idxs, num_experts: int,
+                                max_tokens_per_rank: int):
+    """Transpose of low-latency dispatch in ``x``.
+
+    ``cts[r]`` is ``[L, R * M, H]``.  ``dx[s][t]`` = sum over the *distinct*
+    valid experts of token ``t``, in k order of first occurrence, of
+    ``cts[owner][l, slot]``; float32 accumulation from 0.0, cast to the
+    cotangent dtype.
+    """
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
+    I, M = lay.ids, lay.M
+    c_all, dtype = _stack_ll(cts, I.L, I.R, M, "cts")
+    H = c_all.shape[3]
+    out = []
+    for s in range(I.R):
+        ids = I.ids[s]
+        acc = np.zeros((I.T, H), dtype=np.float32)
+        for k in range(I.K):
+            first = I.valid[s][:, k].copy()
+            for j in range(k):
+                first &= ids[:, j] != ids[:, k]
+            t = np.nonzero(first)[0]
+            e = ids[t, k]
+            vals = c_all[e // I.L, e % I.L, lay.slots[s][t, k]].astype(np.float32)
+            acc[t] = acc[t] + vals
+        out.append(acc.astype(dtype))
+    return out
+
+
+def low_latency_combine_grad_y(ct_outs, topk_idxs, topk_weights,
+                               num_experts: int, max_tokens_per_rank: int):
+    """Transpose of low-latency combine in ``y``.
+
+    ``dy[r][l, slot of (s, t)] = (sum over k with topk_idx[s][t, k] == e of
+    w[s][t, k], float32 in k order from 0.0) * ct_out[s][t]``, rounded to
+    the cotangent dtype; zero in rows no token uses.  Shape ``[L, R*M, H]``.
+    """
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
+    I, M = lay.ids, lay.M
+    R, L = I.R, I.L
+    cts = [np.asarray(c) for c in ct_outs]
+    dtype = cts[0].dtype
+    H = cts[0].shape[-1]
+    ws = [np.asarray(w, dtype=np.float32) for w in topk_weights]
+    out = [np.zeros((L, R * M, H), dtype=np.float32) for _ in range(R)]
+    for e, (src, tok) in lay.rows.items():
+        r, l = divmod(e, L)
+        for row, (s, t) in enumerate(zip(src, tok)):
+            wsum = np.float32(0)
+            for k in range(I.K):
+                if I.ids[s][t, k] == e:
+                    wsum = np.float32(wsum + ws[s][t, k])
+            out[r][l, row] = wsum * cts[s][t].astype(np.float32)
+    return [o.astype(dtype) for o in out]
+
+
+def low_latency_combine_grad_w(ct_outs, ys, topk_idxs, num_experts: int,
+                               max_tokens_per_rank: int):
+    """Transpose of low-latency combine in ``topk_weights``.
+
+    ``dw[s][t, k] = dot(ct_out[s][t], ys[owner][l, slot of (t, k)])`` in
+    float32; 0 for non-valid ids.  Returns float32 ``[T, K]`` per rank.
+    """
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
+    I, M = lay.ids, lay.M
+    y_all, _ = _stack_ll(ys, I.L, I.R, M, "ys")
+    out = []
+    for s in range(I.R):
+        ct = np.asarray(ct_outs[s]).astype(np.float32)
+        dw = np.zeros((I.T, I.K), dtype=np.float32)
+        for t in range(I.T):
+            for k in range(I.K):
+                if I.valid[s][t, k]:
+                    e = I.ids[s][t, k]
+                    y = y_all[e // I.L, e % I.L, lay.slots[s][t, k]]
+                    dw[t, k] = np.dot(ct[t], y.astype(np.float32))
+        out.append(dw)
+    return out
+
+
+# --------------------------------------------------------------------------
+# deterministic test inputs
+# --------------------------------------------------------------------------
+
+def make_rank_inputs(seed: int, rank: int, num_tokens: int, hidden: int,
+                     num_experts: int, top_k: int, *, dtype=np.float32,
+                     none_prob: float = 0.0, invalid_prob: float = 0.0,
+                     duplicate_prob: float = 0.0):
+    """One rank's ``(x [T, H], topk_idx int32 [T, K], topk_weights f32 [T, K])``.
+
+    Deterministic in ``(seed, rank)`` alone, so every process can regenerate
+    any rank's inputs (GPU tests, which cannot use XLA collectives, check
+    against the oracle this way).  Experts of a token are distinct unless
+    ``duplicate_prob`` > 0; then each k > 0 entry repeats entry k - 1 with
+    that probability.  ``none_prob`` entries become -1 and ``invalid_prob``
+    entries become out-of-range ids (``E + j`` or ``-2 - j``).  ``x`` is
+    standard normal rounded to ``dtype``; weights are uniform in [0.1, 1).
+    """
+    if top_k > num_experts:
+        raise ValueError("top_k > num_experts")
+    rng = np.random.default_rng([int(seed), int(rank)])
+    x = rng.standard_normal((num_tokens, hidden), dtype=np.float32).astype(dtype)
+    idx = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
+    idx = idx.astype(np.int32)
+    if duplicate_prob > 0 and top_k > 1:
+        dup = rng.random((num_tokens, top_k)) < duplicate_prob
+        for k in range(1, top_k):
+            idx[:, k] = np.where(dup[:, k], idx[:, k - 1], idx[:, k])
+    if none_prob > 0:
+        idx = np.where(rng.random(idx.shape) < none_prob, -1, idx).astype(np.int32)
+    if invalid_prob > 0:
+        bad = rng.integers(0, 1000, idx.shape)
+        bad = np.where(bad % 2 == 0, num_experts + bad // 2, -2 - bad // 2)
+        idx = np.where(rng.random(idx.shape) < invalid_prob, bad, idx).astype(np.int32)
+    w = rng.uniform(0.1, 1.0, (num_tokens, top_k)).astype(np.float32)
+    return x, idx, w
+
+
+def make_inputs(seed: int, num_ranks: int, num_tokens: int, hidden: int,
+                num_experts: int, top_k: int, **kw):
+    """``make_rank_inputs`` for every rank: ``(xs, topk_idxs, topk_weights)``
+    as lists indexed by rank."""
+    per = [make_rank_inputs(seed, r, num_tokens, hidden, num_experts, top_k, **kw)
+           for r in range(num_ranks)]
+    xs, idxs, ws = (list(z) for z in zip(*per))
+    return xs, idxs, ws
