@@ -3,7 +3,9 @@
 "auto" defers the choice to lowering with `lax.platform_dependent`, so one
 traced program runs the CUDA kernels on NVIDIA GPUs and the reference backend
 everywhere else. Ops the CUDA build does not (yet) provide always take the
-reference path under "auto"; asking for them with "cuda" is an error.
+reference path under "auto"; asking for them with "cuda" is an error. Ops that
+talk to peers (dispatch, combine) take the CUDA path under "auto" only once
+`initialize` has set up GPU buffers.
 """
 
 from __future__ import annotations
@@ -31,27 +33,25 @@ def _validate(name):
     return name
 
 
-def _cuda_ops():
-    from . import _cuda  # imported lazily: pulls in the extension module
-
-    return _cuda.SUPPORTED_OPS if _cuda.available() else frozenset()
-
-
 def resolve(backend, op):
-    """The concrete choice for `op`: "reference", "cuda" or "auto" (both built)."""
+    """The concrete choice for `op`: "reference", "cuda", or "auto" (decided at lowering)."""
     name = _validate(backend if backend is not None else _default)
     if name == "reference":
         return "reference"
-    supported = op in _cuda_ops()
-    if name == "cuda":
-        if not supported:
-            from . import _cuda
+    from . import _cuda  # imported lazily: pulls in the extension module
 
+    why = _cuda.why_unavailable(op)
+    if name == "cuda":
+        if why is not None:
             raise NotImplementedError(
-                f"jax_ep.{op}: backend='cuda' is not available: {_cuda.why_unavailable(op)} "
+                f"jax_ep.{op}: backend='cuda' is not available: {why} "
                 f"Use backend='reference' or 'auto'.")
         return "cuda"
-    return "auto" if supported else "reference"
+    if why is not None:
+        return "reference"
+    # Peer-talking ops are only ready once initialize() mapped GPU buffers, so the
+    # platform is known; stateless ops decide per platform when lowered.
+    return "cuda" if _cuda.needs_runtime(op) else "auto"
 
 
 def select(op, backend, reference_fn, cuda_fn):

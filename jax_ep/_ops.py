@@ -70,10 +70,16 @@ def get_dispatch_layout(topk_idx, *, num_experts, num_ranks, backend=None):
 # --------------------------------------------------------------------------
 
 
-def _rows(cfg, op):
-    """Row-moving primitives (dispatch_rows, combine_rows) of the chosen backend."""
-    _backend.resolve(cfg.backend, op)  # raises for an unavailable explicit choice
-    return _reference.dispatch_rows, _reference.combine_rows
+def _dispatch_rows(cfg):
+    """The chosen backend's cached dispatch: ([T, ...] parts, handle) -> [capacity, ...]."""
+    return _backend.select("dispatch", cfg.backend, _reference.dispatch_rows,
+                           _cuda.dispatch_rows)
+
+
+def _combine_rows(cfg):
+    """The chosen backend's combine: ([capacity, ...] parts, handle) -> [T, ...]."""
+    return _backend.select("combine", cfg.backend, _reference.combine_rows,
+                           _cuda.combine_rows)
 
 
 def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None,
@@ -114,9 +120,11 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None
 
 
 def _dispatch_impl(parts, idx, w, cfg):
-    _backend.resolve(cfg.backend, "dispatch")
-    return _reference.dispatch(parts, idx, w, num_experts=cfg.num_experts,
-                               axis_name=cfg.axis_name, capacity=cfg.size)
+    kw = dict(num_experts=cfg.num_experts, axis_name=cfg.axis_name, capacity=cfg.size)
+    fn = _backend.select("dispatch", cfg.backend,
+                         functools.partial(_reference.dispatch, **kw),
+                         functools.partial(_cuda.dispatch, **kw))
+    return fn(list(parts), idx, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -133,9 +141,8 @@ def _dispatch_fwd(parts, idx, w, cfg):
 def _dispatch_bwd(cfg, residuals, cotangents):
     handle, recv_idx = residuals
     ct_parts, _, ct_w, _ = cotangents
-    _, combine_rows = _rows(cfg, "combine")
     ct_w = jnp.where(recv_idx >= 0, ct_w, 0).astype(jnp.float32)
-    *dx, dw = combine_rows(list(ct_parts) + [ct_w], handle)
+    *dx, dw = _combine_rows(cfg)(list(ct_parts) + [ct_w], handle)
     return tuple(dx), None, dw
 
 
@@ -165,8 +172,7 @@ def combine(y, handle, *, backend=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _combine(y, handle, cfg):
-    _, combine_rows = _rows(cfg, "combine")
-    return combine_rows([y], handle)[0]
+    return _combine_rows(cfg)([y], handle)[0]
 
 
 def _combine_fwd(y, handle, cfg):
@@ -174,8 +180,7 @@ def _combine_fwd(y, handle, cfg):
 
 
 def _combine_bwd(cfg, handle, ct):
-    dispatch_rows, _ = _rows(cfg, "dispatch")
-    return dispatch_rows([ct], handle)[0], None
+    return _dispatch_rows(cfg)([ct], handle)[0], None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
@@ -239,7 +244,7 @@ def _first_expert_weights(handle):
     """1.0 on the first k naming each expert of a token, 0 elsewhere."""
     rows = handle.num_ranks * handle.max_tokens_per_rank * (handle.num_experts // handle.num_ranks)
     key = jnp.where(handle.owner >= 0, handle.owner * rows + handle.slot, -1)
-    return _reference._first_occurrence(key).astype(jnp.float32)
+    return _reference.first_occurrence(key).astype(jnp.float32)
 
 
 def _ll_dispatch_bwd(cfg, handle, cotangents):

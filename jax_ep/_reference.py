@@ -11,45 +11,23 @@ loop runs over tokens.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from jax import lax
 
-from ._handles import DispatchHandle, LowLatencyHandle
+from ._handles import LowLatencyHandle
+from ._routing import (bincount, exclusive_cumsum, handle_from_counts, localize, route,
+                       token_in_rank, valid_ids)
 
 # Above this many ranks the rank-ordered sums run as a loop instead of unrolled.
 _UNROLL_RANKS = 32
 
 
-def _valid_ids(topk_idx, num_experts):
-    """Ids in [0, E) stay, everything else becomes -1; also count bad ids."""
-    valid = (topk_idx >= 0) & (topk_idx < num_experts)
-    invalid = jnp.sum((~valid) & (topk_idx != -1), dtype=jnp.int32)
-    return jnp.where(valid, topk_idx, -1), invalid
-
-
-def _bincount(ids, length):
-    """Counts of ids in [0, length); -1 entries are ignored."""
-    ids = jnp.where(ids >= 0, ids, length).reshape(-1)
-    return jnp.bincount(ids, length=length + 1)[:length].astype(jnp.int32)
-
-
-def _token_in_rank(idx, num_ranks, experts_per_rank):
-    dest = jnp.where(idx >= 0, idx // experts_per_rank, -1)
-    return jnp.any(dest[:, :, None] == jnp.arange(num_ranks)[None, None, :], axis=1)
-
-
 def get_dispatch_layout(topk_idx, *, num_experts, num_ranks):
-    idx, _ = _valid_ids(topk_idx, num_experts)
-    is_token_in_rank = _token_in_rank(idx, num_ranks, num_experts // num_ranks)
+    idx, _ = valid_ids(topk_idx, num_experts)
+    is_token_in_rank = token_in_rank(idx, num_ranks, num_experts // num_ranks)
     num_tokens_per_rank = jnp.sum(is_token_in_rank, axis=0, dtype=jnp.int32)
-    num_tokens_per_expert = _bincount(idx, num_experts)
+    num_tokens_per_expert = bincount(idx, num_experts)
     return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
-
-
-def _exclusive_cumsum(a, axis=0):
-    return jnp.cumsum(a, axis=axis) - a
 
 
 def _rank_ordered_sum(num_ranks, term):
@@ -68,31 +46,12 @@ def _rank_ordered_sum(num_ranks, term):
 
 
 def make_dispatch_handle(topk_idx, *, num_experts, axis_name, capacity):
-    """Layout + count exchange: everything except moving the rows."""
-    num_ranks = lax.axis_size(axis_name)
-    me = lax.axis_index(axis_name)
-    idx, num_invalid = _valid_ids(topk_idx, num_experts)
-    is_in = _token_in_rank(idx, num_ranks, num_experts // num_ranks)  # [T, R]
-    sent = jnp.sum(is_in, axis=0, dtype=jnp.int32)  # [R]
-    rank_counts = lax.all_gather(sent, axis_name)  # [R src, R dst]
-    my_offset = _exclusive_cumsum(rank_counts, axis=0)[me]  # my first row on each r
-    slot = jnp.cumsum(is_in, axis=0, dtype=jnp.int32) - 1  # [T, R]
-    kept = is_in & (my_offset[None, :] + slot < capacity)
-    token_slot = jnp.where(kept, slot, -1)
-
-    total = jnp.sum(rank_counts[:, me])
-    num_recv = jnp.minimum(total, capacity).astype(jnp.int32)
-    return DispatchHandle(
-        num_recv_tokens=num_recv,
-        num_recv_tokens_per_expert=jnp.zeros((num_experts // num_ranks,), jnp.int32),
-        num_dropped_tokens=(total - num_recv).astype(jnp.int32),
-        num_invalid_experts=num_invalid,
-        token_slot=token_slot,
-        rank_counts=rank_counts,
-        num_experts=num_experts,
-        capacity=capacity,
-        axis_name=axis_name,
-    )
+    """Routing + count exchange (an all_gather): everything but moving rows."""
+    routing = route(topk_idx, num_experts, lax.axis_size(axis_name))
+    rank_counts = lax.all_gather(routing.sent, axis_name)  # [R src, R dst]
+    handle = handle_from_counts(routing, rank_counts, num_experts=num_experts,
+                                axis_name=axis_name, capacity=capacity)
+    return routing, handle
 
 
 def _receive_rows(handle):
@@ -100,7 +59,7 @@ def _receive_rows(handle):
     me = lax.axis_index(handle.axis_name)
     num_tokens = handle.num_tokens
     counts_in = handle.rank_counts[:, me]
-    starts = _exclusive_cumsum(counts_in)
+    starts = exclusive_cumsum(counts_in)
     rows = jnp.arange(handle.capacity, dtype=jnp.int32)
     src = jnp.searchsorted(starts, rows, side="right").astype(jnp.int32) - 1
     flat = src * num_tokens + (rows - starts[src])
@@ -140,7 +99,7 @@ def combine_rows(parts, handle):
     me = lax.axis_index(handle.axis_name)
     num_tokens, num_ranks = handle.token_slot.shape
     counts_in = handle.rank_counts[:, me]
-    starts = _exclusive_cumsum(counts_in)
+    starts = exclusive_cumsum(counts_in)
     j = jnp.arange(num_tokens, dtype=jnp.int32)
     rows = starts[:, None] + j[None, :]  # [R src, T]
     valid = (j[None, :] < counts_in[:, None]) & (rows < handle.capacity)
@@ -165,20 +124,11 @@ def combine_rows(parts, handle):
 
 
 def dispatch(x_parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity):
-    handle = make_dispatch_handle(topk_idx, num_experts=num_experts,
-                                  axis_name=axis_name, capacity=capacity)
-    idx, _ = _valid_ids(topk_idx, num_experts)
+    routing, handle = make_dispatch_handle(topk_idx, num_experts=num_experts,
+                                           axis_name=axis_name, capacity=capacity)
     *recv_parts, recv_idx, recv_w = dispatch_rows(
-        list(x_parts) + [idx, topk_weights], handle)
-    me = lax.axis_index(axis_name)
-    local_experts = num_experts // lax.axis_size(axis_name)
-    local = recv_idx - me * local_experts
-    filled = (jnp.arange(capacity) < handle.num_recv_tokens)[:, None]
-    is_local = filled & (recv_idx >= 0) & (local >= 0) & (local < local_experts)
-    recv_idx = jnp.where(is_local, local, -1).astype(jnp.int32)
-    recv_w = jnp.where(is_local, recv_w, 0).astype(jnp.float32)
-    handle = dataclasses.replace(
-        handle, num_recv_tokens_per_expert=_bincount(recv_idx, local_experts))
+        list(x_parts) + [routing.idx, topk_weights], handle)
+    recv_idx, recv_w, handle = localize(recv_idx, recv_w, handle)
     return recv_parts, recv_idx, recv_w, handle
 
 
@@ -202,12 +152,12 @@ def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_
     me = lax.axis_index(axis_name)
     local_experts = num_experts // num_ranks
     rows_per_expert = num_ranks * max_tokens_per_rank
-    idx, num_invalid = _valid_ids(topk_idx, num_experts)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
 
     # has[t, e]: token t goes to expert e (once, however often e is listed).
     has = jnp.any(idx[:, :, None] == jnp.arange(num_experts)[None, None, :], axis=1)
     counts = lax.all_gather(jnp.sum(has, axis=0, dtype=jnp.int32), axis_name)  # [R, E]
-    before_me = _exclusive_cumsum(counts, axis=0)[me]  # [E]
+    before_me = exclusive_cumsum(counts, axis=0)[me]  # [E]
     position = before_me[None, :] + jnp.cumsum(has, axis=0, dtype=jnp.int32) - 1  # [T, E]
     safe_idx = jnp.maximum(idx, 0)
     within = jnp.take_along_axis(position, safe_idx, axis=1)
@@ -233,7 +183,7 @@ def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_
     )
 
 
-def _first_occurrence(rows):
+def first_occurrence(rows):
     """[..., K] bool: row is valid and no earlier k names the same row."""
     k = rows.shape[-1]
     same = rows[..., :, None] == rows[..., None, :]  # [..., K, K']
@@ -250,7 +200,7 @@ def low_latency_dispatch_rows(parts, handle, row_weights=None):
     num_ranks, num_tokens, _ = handle.recv_row.shape
     local_experts = handle.num_experts // num_ranks
     rows = local_experts * num_ranks * handle.max_tokens_per_rank
-    first = _first_occurrence(handle.recv_row)
+    first = first_occurrence(handle.recv_row)
     target = jnp.where(first, handle.recv_row, rows)
     source = jnp.broadcast_to(
         jnp.arange(num_ranks * num_tokens, dtype=jnp.int32).reshape(num_ranks, num_tokens, 1),

@@ -214,34 +214,5 @@ def shutdown_distributed(timeout: float | None = None) -> bool:
     return True
 
 
-def _client():
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
-    if client is None:
-        raise RuntimeError("jax.distributed is not initialised in this process")
-    return client
-
-
-def barrier(name: str, timeout: float = 60.0, process_ids=None) -> None:
-    """Waits until every process (or ``process_ids``) reaches barrier ``name``;
-    raises after ``timeout`` seconds.  A no-op in a single-process run."""
-    from jax._src import distributed as jax_distributed
-
-    if jax_distributed.global_state.client is None:
-        return
-    ms = int(timeout * 1000)
-    if process_ids is None:
-        _client().wait_at_barrier(name, ms)
-    else:
-        _client().wait_at_barrier(name, ms, list(process_ids))
-
-
-def kv_set_bytes(key: str, value: bytes, allow_overwrite: bool = False) -> None:
-    """Stores ``value`` under ``key`` in the coordination service's KV store."""
-    _client().key_value_set_bytes(key, bytes(value), allow_overwrite)
-
-
-def kv_get_bytes(key: str, timeout: float = 60.0) -> bytes:
-    """Waits (at most ``timeout`` seconds) for ``key`` and returns its bytes."""
-    return _client().blocking_key_value_get_bytes(key, int(timeout * 1000))
+# The KV store adapter lives in the package proper (initialize uses it too).
+from jax_ep._kvstore import barrier, kv_get_bytes, kv_set_bytes  # noqa: E402,F401

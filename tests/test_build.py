@@ -1,0 +1,71 @@
+"""The compiled extensions load and build_info() describes this build consistently.
+
+Set JAX_EP_EXPECT_CUDA=1 (or 0) to also assert how the build was made, e.g.
+on a CI job that must (or must not) have compiled the CUDA ops.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jax_ep import _ffi
+
+
+def test_cpu_extension_imports():
+    from jax_ep import _jax_ep_cpu
+
+    facts = _jax_ep_cpu.build_info()
+    assert isinstance(facts["compiler"], str) and facts["compiler"]
+    # Handlers must be built with the FFI headers of the oldest jaxlib we
+    # support (0.11.2 ships API 0.4); newer headers are refused at run time.
+    assert facts["ffi_api_version"] == (0, 4)
+
+
+def test_build_info_keys_and_types():
+    info = _ffi.build_info()
+    assert isinstance(info["cuda"], bool)
+    assert isinstance(info["nvshmem"], bool)
+    assert isinstance(info["cuda_archs"], list)
+    assert all(isinstance(a, str) for a in info["cuda_archs"])
+    assert isinstance(info["version"], str)
+    assert isinstance(info["ffi_targets"], list)
+    assert all(isinstance(t, str) for t in info["ffi_targets"])
+
+
+def test_version_matches_package():
+    import jax_ep
+
+    assert _ffi.build_info()["version"] == jax_ep.__version__
+    assert _ffi.build_info()["version"] == _ffi.build_info()["version"].strip()
+
+
+def test_cuda_flag_is_consistent():
+    info = _ffi.build_info()
+    module_present = importlib.util.find_spec("jax_ep._jax_ep_cuda") is not None
+    assert info["cuda"] == module_present == info["cuda_built"] == _ffi.cuda_available()
+    if info["cuda"]:
+        assert info["cuda_archs"], "a CUDA build must report its architectures"
+        assert "jax_ep_get_dispatch_layout" in info["ffi_targets"]
+    else:
+        assert info["cuda_archs"] == [] and info["ffi_targets"] == []
+    assert info["nvshmem"] is False
+
+
+@pytest.mark.skipif("JAX_EP_EXPECT_CUDA" not in os.environ, reason="JAX_EP_EXPECT_CUDA not set")
+def test_cuda_matches_expectation():
+    assert _ffi.build_info()["cuda"] == (os.environ["JAX_EP_EXPECT_CUDA"] == "1")
+
+
+def test_import_registers_nothing():
+    # Registration must happen on first use, not at `import jax_ep`.
+    code = (
+        "import jax_ep, jax_ep._ffi as f\n"
+        "assert f._registered_targets == (), f._registered_targets\n"
+        "if f.cuda_available():\n"
+        "    f.ensure_cuda_targets_registered(); f.ensure_cuda_targets_registered()\n"
+        "    assert 'jax_ep_get_dispatch_layout' in f._registered_targets\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
