@@ -1,0 +1,8 @@
+// Declarations of every XLA FFI handler symbol in ffi/handlers/*.cc, so the
+// nanobind module (ffi/bindings/cuda_module.cc) can hand them to Python.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+
+// jax_ep_get_dispatch_layout (ffi/handlers/layout.cc)
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpGetDispatchLayout);

@@ -1,0 +1,843 @@
+// Intranode dispatch / combine over peer pointers (NVLink UVA peers in one
+// process, or CUDA IPC mappings of other processes' buffers, possibly on the
+// same GPU under MPS). Pure copies plus an fp32 rank-ordered sum: bitwise
+// deterministic.
+//
+// BUFFERS. Every rank owns one comm buffer (cudaMalloc, zeroed once, mapped
+// into every peer at initialize): a 64 KiB signal area, then the data area.
+//   signal +0      u64 epoch           ops this rank has started (owner only)
+//          +8      u32 send counter    last-block counter of the send kernels
+//          +256    u64 barrier[64]     barrier[s] = last epoch rank s reached
+//          +768    u64 data[64]        data[s]    = last epoch rank s finished sending
+//          +2048   i32 counts[2][64][64]  counts[e & 1][s][r] = C[s][r] of epoch e
+//   data   dispatch: per payload p a [capacity, row_bytes_p] sub-area (each
+//            starting on a 256-byte boundary); the row of (source s, j-th
+//            token of s for me) is offset(s, me) + j, offset = exclusive
+//            column prefix of C, so senders write rows straight into place.
+//          combine: [R][T][hidden bytes]; rank r writes its rows for my
+//            tokens at [r][j], j = my token's slot on r.
+// Peers only ever write into the receiver's buffer; the owner reads it.
+//
+// PROTOCOL. Every op is notify/barrier -> send -> recv, three kernels on XLA's
+// stream, no host synchronisation (so they can live in a CUDA graph).
+//  1. notify (1 block): e = ++epoch. Dispatch first writes its `sent` row into
+//     counts[e & 1][me][*] of every peer. Then every rank release-stores e
+//     into barrier[me] of every peer and waits until its own barrier[s] >= e
+//     for all s (>=: a fast peer can already be in op e+1). Dispatch then
+//     copies the count matrix C out of counts[e & 1] into rank_counts.
+//     Because each rank finished op e-1 (stream order) before it announced e,
+//     after the barrier nobody reads a data area of op e-1 any more: ONE data
+//     area serves all ops. The counts are double-buffered by epoch parity: a
+//     peer at op e+1 may write counts before I read those of e, but it cannot
+//     reach e+2 before I announce e+1.
+//  2. send (num_blocks blocks): rows are copied straight into the peers' data
+//     areas with 16-byte vector loads/stores (4- or 1-byte when rows or
+//     pointers are not aligned). The last block to finish (atomic counter,
+//     __threadfence_system before it) release-stores data[me] = e into every
+//     peer.
+//  3. recv: every block waits for data[s] >= e of all senders (acquire), then
+//     dispatch copies rows [0, num_recv) of its data area into the XLA outputs
+//     and zeroes the rest; combine sums, per token and in rank order, the rows
+//     its peers sent back, in fp32.
+// Every spin-wait reads %globaltimer; past the timeout it writes a
+// TimeoutRecord into host-mapped memory and traps, and a host watchdog
+// (ffi/runtime/comm_context.cc) reports which rank waited for what.
+#include "ffi/kernels/intranode.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;
+constexpr int kMaxRanks = kIntranodeMaxRanks;
+constexpr int kMaxParts = kIntranodeMaxParts;
+constexpr int kMaxTokensPerChunk = 32;  // combine receive: tokens whose routes sit in shared memory
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxHidden = kIntranodeMaxHidden;
+
+// ------------------------------------------------------------ memory model
+
+__device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint64_t* EpochPtr(uint8_t* base) {
+  return reinterpret_cast<uint64_t*>(base + kSignalEpochOffset);
+}
+__device__ __forceinline__ unsigned int* SendCounterPtr(uint8_t* base) {
+  return reinterpret_cast<unsigned int*>(base + kSignalSendCounterOffset);
+}
+__device__ __forceinline__ uint64_t* BarrierFlags(uint8_t* base) {
+  return reinterpret_cast<uint64_t*>(base + kSignalBarrierFlagsOffset);
+}
+__device__ __forceinline__ uint64_t* DataFlags(uint8_t* base) {
+  return reinterpret_cast<uint64_t*>(base + kSignalDataFlagsOffset);
+}
+__device__ __forceinline__ int32_t* CountMatrix(uint8_t* base, uint64_t epoch) {
+  return reinterpret_cast<int32_t*>(base + kSignalCountsOffset) +
+         (epoch & 1) * kMaxRanks * kMaxRanks;
+}
+__device__ __forceinline__ uint8_t* DataArea(uint8_t* base) { return base + kIntranodeSignalBytes; }
+
+// The epoch of the op in flight, set by its notify kernel (an earlier kernel
+// on the same stream).
+__device__ __forceinline__ uint64_t CurrentEpoch(const IntranodeComm& c) {
+  return *reinterpret_cast<volatile uint64_t*>(EpochPtr(c.local_base));
+}
+
+// ------------------------------------------------------------ timeouts
+
+__device__ __noinline__ void RecordTimeoutAndTrap(TimeoutRecord* rec, int32_t rank, int32_t op,
+                                                  int32_t what, int32_t peer, uint64_t timeout_ns,
+                                                  uint64_t epoch, uint64_t seen) {
+  if (rec != nullptr && atomicCAS_system(&rec->state, 0, 1) == 0) {
+    volatile TimeoutRecord* v = rec;
+    v->rank = rank;
+    v->op = op;
+    v->what = what;
+    v->peer = peer;
+    v->timeout_ns = timeout_ns;
+    v->epoch = epoch;
+    v->seen = seen;
+    __threadfence_system();
+    atomicExch_system(&rec->state, 2);
+    __threadfence_system();
+  }
+  __trap();
+}
+
+// Spins until *flag >= target (acquire, system scope) or the timeout passes.
+__device__ __forceinline__ void WaitAtLeast(const IntranodeComm& c, const uint64_t* flag,
+                                            uint64_t target, int32_t op, int32_t what,
+                                            int32_t peer) {
+  uint64_t seen = LoadAcquireSys(flag);
+  if (seen >= target) return;
+  const uint64_t start = GlobalTimerNs();
+  for (uint32_t spins = 0;; ++spins) {
+    if (spins >= 64) __nanosleep(128);  // leave issue slots to co-resident copy kernels
+    seen = LoadAcquireSys(flag);
+    if (seen >= target) return;
+    if (GlobalTimerNs() - start > c.timeout_ns) {
+      RecordTimeoutAndTrap(c.timeout_record, c.rank, op, what, peer, c.timeout_ns, target, seen);
+    }
+  }
+}
+
+// Threads [0, R) of the block each wait for one sender's data flag.
+__device__ __forceinline__ void WaitForAllSenders(const IntranodeComm& c, int32_t op) {
+  if (static_cast<int>(threadIdx.x) < c.num_ranks) {
+    const uint64_t e = CurrentEpoch(c);
+    WaitAtLeast(c, DataFlags(c.local_base) + threadIdx.x, e, op, kWaitData,
+                static_cast<int32_t>(threadIdx.x));
+  }
+  __syncthreads();
+}
+
+// Send kernels end here: the last block of the grid to finish publishes
+// data[me] = epoch in every peer, after all blocks' stores are visible.
+__device__ __forceinline__ void SignalDataWhenGridDone(const IntranodeComm& c) {
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int prev = atomicAdd(SendCounterPtr(c.local_base), 1u);
+    s_last = prev == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence_system();
+  const uint64_t e = CurrentEpoch(c);
+  if (static_cast<int>(threadIdx.x) < c.num_ranks) {
+    StoreReleaseSys(DataFlags(c.peer_bases[threadIdx.x]) + c.rank, e);
+  }
+  // The next op's send kernel runs after this grid (stream order).
+  if (threadIdx.x == 0) atomicExch(SendCounterPtr(c.local_base), 0u);
+}
+
+// ------------------------------------------------------------ notify / barrier
+
+// sent != nullptr: count exchange (dispatch), else a plain barrier.
+__global__ void __launch_bounds__(kThreads)
+    NotifyKernel(IntranodeComm c, const int32_t* sent, int32_t* rank_counts, int32_t op) {
+  const int R = c.num_ranks;
+  const int me = c.rank;
+  const int tid = threadIdx.x;
+  const uint64_t e = CurrentEpoch(c) + 1;
+  __syncthreads();  // everyone has read the old epoch
+  if (tid == 0) *reinterpret_cast<volatile uint64_t*>(EpochPtr(c.local_base)) = e;
+
+  if (sent != nullptr) {
+    for (int i = tid; i < R * R; i += blockDim.x) {
+      const int r = i / R;
+      const int k = i - r * R;
+      CountMatrix(c.peer_bases[r], e)[me * kMaxRanks + k] = sent[k];
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (tid < R) {
+    StoreReleaseSys(BarrierFlags(c.peer_bases[tid]) + me, e);
+    WaitAtLeast(c, BarrierFlags(c.local_base) + tid, e, op,
+                sent != nullptr ? kWaitCounts : kWaitBarrier, tid);
+  }
+  __syncthreads();
+  if (sent != nullptr) {
+    const volatile int32_t* counts = CountMatrix(c.local_base, e);
+    for (int i = tid; i < R * R; i += blockDim.x) {
+      const int s = i / R;
+      rank_counts[i] = counts[s * kMaxRanks + (i - s * R)];
+    }
+  }
+}
+
+// ------------------------------------------------------------ copy helpers
+
+template <int kBytes>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using Type = uint4;
+};
+template <>
+struct VecOf<4> {
+  using Type = unsigned int;
+};
+template <>
+struct VecOf<2> {
+  using Type = unsigned short;
+};
+template <>
+struct VecOf<1> {
+  using Type = unsigned char;
+};
+
+// Grid-strided copy of n vectors; src is read-only for the whole kernel.
+template <typename V>
+__device__ __forceinline__ void GridCopy(const V* __restrict__ src, V* __restrict__ dst, int64_t n,
+                                         int64_t gtid, int64_t stride) {
+  for (int64_t base = gtid; base < n; base += stride * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      v[u] = i < n ? __ldg(src + i) : V{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n) dst[i] = v[u];
+    }
+  }
+}
+
+// Grid-strided copy of the first n_valid vectors (written by peers: read
+// through L2 only) and zero fill up to n_total.
+template <typename V>
+__device__ __forceinline__ void GridCopyThenZero(const V* __restrict__ src, V* __restrict__ dst,
+                                                 int64_t n_valid, int64_t n_total, int64_t gtid,
+                                                 int64_t stride) {
+  for (int64_t base = gtid; base < n_total; base += stride * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      v[u] = i < n_valid ? __ldcg(src + i) : V{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n_total) dst[i] = v[u];
+    }
+  }
+}
+
+// One warp copies a row of n vectors to every destination in the list: each
+// chunk of the source is loaded once and stored n_dest times.
+template <typename V>
+__device__ __forceinline__ void WarpScatterRow(const V* __restrict__ src, int64_t n,
+                                               uint8_t* const* peer_data, const int32_t* dest_rank,
+                                               const int64_t* dest_row, int n_dest,
+                                               uint64_t area_offset, int64_t row_bytes, int lane) {
+  for (int64_t base = 0; base < n; base += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      v[u] = i < n ? __ldg(src + i) : V{};
+    }
+    for (int k = 0; k < n_dest; ++k) {
+      V* dst = reinterpret_cast<V*>(peer_data[dest_rank[k]] + area_offset +
+                                    dest_row[k] * row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        if (i < n) dst[i] = v[u];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------ dispatch
+
+struct PartDesc {
+  const uint8_t* src;    // [T, row_bytes]
+  uint8_t* dst;          // [capacity, row_bytes]
+  int64_t row_bytes;
+  uint64_t area_offset;  // of the sub-area inside the data area
+  int32_t send_vec;      // 16, 4 or 1: access width for the src rows
+  int32_t recv_vec;      // 16, 4 or 1: access width for the dst rows
+};
+
+struct DispatchKernelArgs {
+  const int32_t* slot;         // [T, R]
+  const int32_t* rank_counts;  // [R, R]
+  int64_t num_tokens;
+  int64_t capacity;
+  int32_t num_parts;
+  PartDesc parts[kMaxParts];
+};
+
+// Kernel parameters indexed with a run-time index would be copied to local
+// memory; copy the part table to shared memory with constant indices instead.
+__device__ __forceinline__ void LoadParts(const DispatchKernelArgs& a, PartDesc* s_parts) {
+#pragma unroll
+  for (int p = 0; p < kMaxParts; ++p) {
+    if (static_cast<int>(threadIdx.x) == p && p < a.num_parts) s_parts[p] = a.parts[p];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    DispatchSendKernel(IntranodeComm c, DispatchKernelArgs a) {
+  __shared__ uint8_t* s_peer_data[kMaxRanks];
+  __shared__ int64_t s_first_row[kMaxRanks];  // my first row on rank r
+  __shared__ PartDesc s_parts[kMaxParts];
+  __shared__ int32_t s_dest_rank[kWarps][kMaxRanks];
+  __shared__ int64_t s_dest_row[kWarps][kMaxRanks];
+
+  const int R = c.num_ranks;
+  const int me = c.rank;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  for (int r = tid; r < R; r += blockDim.x) {
+    s_peer_data[r] = DataArea(c.peer_bases[r]);
+    int64_t first = 0;
+    for (int s = 0; s < me; ++s) first += max(a.rank_counts[s * R + r], 0);
+    s_first_row[r] = first;
+  }
+  LoadParts(a, s_parts);
+  __syncthreads();
+
+  const int64_t T = a.num_tokens;
+  const int64_t capacity = a.capacity;
+  const int num_parts = a.num_parts;
+  const unsigned below = (1u << lane) - 1u;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < T;
+       t += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int32_t* slot_row = a.slot + t * R;
+    int64_t row_lo = -1, row_hi = -1;
+    if (lane < R) {
+      const int32_t s = slot_row[lane];
+      if (s >= 0 && s_first_row[lane] + s < capacity) row_lo = s_first_row[lane] + s;
+    }
+    if (lane + 32 < R) {
+      const int32_t s = slot_row[lane + 32];
+      if (s >= 0 && s_first_row[lane + 32] + s < capacity) row_hi = s_first_row[lane + 32] + s;
+    }
+    const unsigned lo = __ballot_sync(kFullMask, row_lo >= 0);
+    const unsigned hi = __ballot_sync(kFullMask, row_hi >= 0);
+    const int n_lo = __popc(lo);
+    const int n_dest = n_lo + __popc(hi);
+    if (n_dest == 0) continue;
+    if (row_lo >= 0) {
+      const int k = __popc(lo & below);
+      s_dest_rank[warp][k] = lane;
+      s_dest_row[warp][k] = row_lo;
+    }
+    if (row_hi >= 0) {
+      const int k = n_lo + __popc(hi & below);
+      s_dest_rank[warp][k] = lane + 32;
+      s_dest_row[warp][k] = row_hi;
+    }
+    __syncwarp();
+    for (int p = 0; p < num_parts; ++p) {
+      const PartDesc& part = s_parts[p];
+      const int64_t rb = part.row_bytes;
+      const uint8_t* src = part.src + t * rb;
+      if (part.send_vec == 16) {
+        WarpScatterRow(reinterpret_cast<const uint4*>(src), rb / 16, s_peer_data,
+                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, rb, lane);
+      } else if (part.send_vec == 4) {
+        WarpScatterRow(reinterpret_cast<const unsigned int*>(src), rb / 4, s_peer_data,
+                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, rb, lane);
+      } else {
+        WarpScatterRow(reinterpret_cast<const unsigned char*>(src), rb, s_peer_data,
+                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, rb, lane);
+      }
+    }
+    __syncwarp();  // the destination list is rewritten for the next token
+  }
+  SignalDataWhenGridDone(c);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    DispatchRecvKernel(IntranodeComm c, DispatchKernelArgs a, int32_t op) {
+  __shared__ PartDesc s_parts[kMaxParts];
+  __shared__ int64_t s_num_recv;
+  const int R = c.num_ranks;
+  const int me = c.rank;
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int s = 0; s < R; ++s) total += max(a.rank_counts[s * R + me], 0);
+    s_num_recv = min(total, a.capacity);
+  }
+  LoadParts(a, s_parts);
+  WaitForAllSenders(c, op);  // ends with __syncthreads
+
+  const uint8_t* data = DataArea(c.local_base);
+  const int64_t num_recv = s_num_recv;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int p = 0; p < a.num_parts; ++p) {
+    const PartDesc& part = s_parts[p];
+    const uint8_t* src = data + part.area_offset;
+    const int64_t valid = num_recv * part.row_bytes;
+    const int64_t total = a.capacity * part.row_bytes;
+    if (part.recv_vec == 16) {
+      GridCopyThenZero(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(part.dst),
+                       valid / 16, total / 16, gtid, stride);
+    } else if (part.recv_vec == 4) {
+      GridCopyThenZero(reinterpret_cast<const unsigned int*>(src),
+                       reinterpret_cast<unsigned int*>(part.dst), valid / 4, total / 4, gtid,
+                       stride);
+    } else {
+      GridCopyThenZero(src, part.dst, valid, total, gtid, stride);
+    }
+  }
+}
+
+// ------------------------------------------------------------ combine
+
+struct CombineKernelArgs {
+  const uint8_t* y;            // [capacity, row_bytes]
+  const int32_t* token_slot;   // [T, R]
+  const int32_t* rank_counts;  // [R, R]
+  uint8_t* out;                // [T, row_bytes]
+  int64_t num_tokens;
+  int64_t capacity;
+  int64_t hidden;
+  int64_t row_bytes;
+  int32_t send_vec;            // 16, 4 or 1
+  int32_t tokens_per_chunk;    // 1 .. kMaxTokensPerChunk
+};
+
+// Row i < num_recv of y came from source s with begin[s] <= i < begin[s+1]
+// (begin = exclusive prefix of C[:, me]) as s's (i - begin[s])-th token for
+// me: the rows for one source are contiguous on both sides, so the send is R
+// flat copies into area[me] of each source.
+__global__ void __launch_bounds__(kThreads) CombineSendKernel(IntranodeComm c, CombineKernelArgs a) {
+  __shared__ int64_t s_begin[kMaxRanks + 1];
+  __shared__ uint8_t* s_dst[kMaxRanks];
+  const int R = c.num_ranks;
+  const int me = c.rank;
+  const int64_t T = a.num_tokens;
+  const int64_t rb = a.row_bytes;
+  if (threadIdx.x == 0) {
+    int64_t acc = 0;
+    for (int s = 0; s < R; ++s) {
+      s_begin[s] = acc;
+      // A source sends each token at most once: clamp so that bad counts
+      // cannot make us write past its [me] slice.
+      acc += min(static_cast<int64_t>(max(a.rank_counts[s * R + me], 0)), T);
+    }
+    s_begin[R] = acc;
+  }
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    s_dst[s] = DataArea(c.peer_bases[s]) + static_cast<uint64_t>(me) * T * rb;
+  }
+  __syncthreads();
+
+  const int64_t num_recv = min(s_begin[R], a.capacity);
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int s = 0; s < R; ++s) {
+    const int64_t begin = s_begin[s];
+    const int64_t end = min(s_begin[s + 1], num_recv);
+    if (end <= begin) continue;
+    const uint8_t* src = a.y + begin * rb;
+    const int64_t bytes = (end - begin) * rb;
+    if (a.send_vec == 16) {
+      GridCopy(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(s_dst[s]), bytes / 16,
+               gtid, stride);
+    } else if (a.send_vec == 4) {
+      GridCopy(reinterpret_cast<const unsigned int*>(src),
+               reinterpret_cast<unsigned int*>(s_dst[s]), bytes / 4, gtid, stride);
+    } else {
+      GridCopy(src, s_dst[s], bytes, gtid, stride);
+    }
+  }
+  SignalDataWhenGridDone(c);
+}
+
+struct Bf16Elem {
+  using Raw = unsigned short;
+  __device__ __forceinline__ static float ToFloat(Raw r) {
+    return __uint_as_float(static_cast<unsigned int>(r) << 16);
+  }
+  __device__ __forceinline__ static Raw FromFloat(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+
+struct F16Elem {
+  using Raw = unsigned short;
+  __device__ __forceinline__ static float ToFloat(Raw r) { return __half2float(__ushort_as_half(r)); }
+  __device__ __forceinline__ static Raw FromFloat(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+};
+
+struct F32Elem {
+  using Raw = unsigned int;
+  __device__ __forceinline__ static float ToFloat(Raw r) { return __uint_as_float(r); }
+  __device__ __forceinline__ static Raw FromFloat(float f) { return __float_as_uint(f); }
+};
+
+// float8_e4m3fn: exact widening; narrowing rounds to nearest even and, like
+// ml_dtypes / numpy, turns out-of-range values into NaN (no saturation).
+struct F8E4M3Elem {
+  using Raw = unsigned char;
+  __device__ __forceinline__ static float ToFloat(Raw r) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(r, __NV_E4M3)));
+  }
+  __device__ __forceinline__ static Raw FromFloat(float f) {
+    return __nv_cvt_float_to_fp8(f, __NV_NOSAT, __NV_E4M3);
+  }
+};
+
+// out[t] = sum over r in 0..R-1 of (slot[t, r] >= 0 ? area[r][slot] : 0) in
+// fp32. The accumulator starts at -0.0f and every absent rank adds +0.0f, so
+// the result is bitwise the reference's acc = term(0); acc += term(r): adding
+// +0.0f only matters for a -0.0f sum, so one add per gap is enough.
+template <typename Elem, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    CombineRecvKernel(IntranodeComm c, CombineKernelArgs a) {
+  using Raw = typename Elem::Raw;
+  using V = typename VecOf<kVec * sizeof(Raw)>::Type;
+  static_assert(sizeof(V) == kVec * sizeof(Raw), "vector width");
+
+  __shared__ int32_t s_count[kMaxTokensPerChunk];
+  __shared__ int32_t s_rank[kMaxTokensPerChunk][kMaxRanks];
+  __shared__ int32_t s_slot[kMaxTokensPerChunk][kMaxRanks];
+
+  WaitForAllSenders(c, kOpCombine);
+
+  const int R = c.num_ranks;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const unsigned below = (1u << lane) - 1u;
+  const int64_t T = a.num_tokens;
+  const int64_t rb = a.row_bytes;
+  // The launcher keeps hidden <= kMaxHidden, so a chunk's items fit in int.
+  const int vecs_per_token = static_cast<int>(a.hidden / kVec);
+  const int G = a.tokens_per_chunk;
+  const int64_t num_chunks = (T + G - 1) / G;
+  const uint8_t* area = DataArea(c.local_base);
+
+  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
+    const int64_t t0 = chunk * G;
+    const int n_tok = static_cast<int>(min(static_cast<int64_t>(G), T - t0));
+    // Routes of the chunk's tokens: the ranks holding a row of t, in order.
+    for (int g = warp; g < n_tok; g += kWarps) {
+      const int32_t* slot_row = a.token_slot + (t0 + g) * R;
+      const int32_t s_lo = lane < R ? slot_row[lane] : -1;
+      const int32_t s_hi = lane + 32 < R ? slot_row[lane + 32] : -1;
+      const bool v_lo = s_lo >= 0 && s_lo < T;
+      const bool v_hi = s_hi >= 0 && s_hi < T;
+      const unsigned lo = __ballot_sync(kFullMask, v_lo);
+      const unsigned hi = __ballot_sync(kFullMask, v_hi);
+      const int n_lo = __popc(lo);
+      if (v_lo) {
+        const int k = __popc(lo & below);
+        s_rank[g][k] = lane;
+        s_slot[g][k] = s_lo;
+      }
+      if (v_hi) {
+        const int k = n_lo + __popc(hi & below);
+        s_rank[g][k] = lane + 32;
+        s_slot[g][k] = s_hi;
+      }
+      if (lane == 0) s_count[g] = n_lo + __popc(hi);
+    }
+    __syncthreads();
+
+    const int items = n_tok * vecs_per_token;
+    for (int item = tid; item < items; item += blockDim.x) {
+      const int g = item / vecs_per_token;
+      const int cv = item - g * vecs_per_token;
+      const int64_t byte_in_row = static_cast<int64_t>(cv) * static_cast<int64_t>(sizeof(V));
+      float acc[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = -0.0f;
+      int prev = -1;
+      const int n = s_count[g];
+      for (int k0 = 0; k0 < n; k0 += kUnroll) {
+        V v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int k = k0 + u;
+          if (k < n) {
+            const int64_t row = static_cast<int64_t>(s_rank[g][k]) * T + s_slot[g][k];
+            v[u] = __ldcg(reinterpret_cast<const V*>(area + row * rb + byte_in_row));
+          } else {
+            v[u] = V{};
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int k = k0 + u;
+          if (k < n) {
+            const int r = s_rank[g][k];
+            if (r != prev + 1) {
+#pragma unroll
+              for (int i = 0; i < kVec; ++i) acc[i] += 0.0f;
+            }
+            prev = r;
+            Raw raw[kVec];
+            memcpy(raw, &v[u], sizeof(V));
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) acc[i] += Elem::ToFloat(raw[i]);
+          }
+        }
+      }
+      if (prev != R - 1) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] += 0.0f;
+      }
+      Raw res[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) res[i] = Elem::FromFloat(acc[i]);
+      V packed;
+      memcpy(&packed, res, sizeof(V));
+      *reinterpret_cast<V*>(a.out + (t0 + g) * rb + byte_in_row) = packed;
+    }
+    __syncthreads();  // the next chunk rewrites the routes
+  }
+}
+
+// ------------------------------------------------------------ host helpers
+
+int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Widest access (16, 4 or 1 bytes) that rows of row_bytes starting at ptr allow.
+int32_t AccessWidth(int64_t row_bytes, const void* ptr) {
+  const auto p = reinterpret_cast<uintptr_t>(ptr);
+  if (row_bytes % 16 == 0 && p % 16 == 0) return 16;
+  if (row_bytes % 4 == 0 && p % 4 == 0) return 4;
+  return 1;
+}
+
+int GridSize(const IntranodeComm& comm, int64_t work_items, int64_t items_per_block) {
+  const int64_t want = (work_items + items_per_block - 1) / items_per_block;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, comm.num_blocks)));
+}
+
+bool ValidComm(const IntranodeComm& comm) {
+  return comm.peer_bases != nullptr && comm.local_base != nullptr && comm.num_ranks >= 1 &&
+         comm.num_ranks <= kMaxRanks && comm.rank >= 0 && comm.rank < comm.num_ranks &&
+         comm.num_blocks >= 1;
+}
+
+// Tokens per combine-receive chunk: at least ~2 vectors per thread, and the
+// count that wastes the fewest thread slots in the chunk's last round.
+int TokensPerChunk(int64_t vecs_per_token) {
+  if (vecs_per_token <= 0) return kMaxTokensPerChunk;
+  const int64_t g_min = std::min<int64_t>(
+      kMaxTokensPerChunk, std::max<int64_t>(1, (2 * kThreads + vecs_per_token - 1) / vecs_per_token));
+  int best = static_cast<int>(g_min);
+  double best_waste = 2.0;
+  for (int64_t g = g_min; g <= std::min<int64_t>(kMaxTokensPerChunk, 4 * g_min); ++g) {
+    const int64_t items = g * vecs_per_token;
+    const int64_t slots = RoundUp(items, kThreads);
+    const double waste = static_cast<double>(slots - items) / static_cast<double>(slots);
+    if (waste < best_waste - 1e-9) {
+      best_waste = waste;
+      best = static_cast<int>(g);
+    }
+  }
+  return best;
+}
+
+template <typename Elem>
+void LaunchCombineRecv(const IntranodeComm& comm, const CombineKernelArgs& k, bool vectorized,
+                       int blocks, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(typename Elem::Raw);
+  if (vectorized) {
+    CombineRecvKernel<Elem, kVec><<<blocks, kThreads, 0, stream>>>(comm, k);
+  } else {
+    CombineRecvKernel<Elem, 1><<<blocks, kThreads, 0, stream>>>(comm, k);
+  }
+}
+
+}  // namespace
+
+size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts) {
+  size_t total = 0;
+  for (int p = 0; p < num_parts; ++p) {
+    total += static_cast<size_t>(
+        RoundUp(capacity * row_bytes[p], static_cast<int64_t>(kIntranodePartAlign)));
+  }
+  return total;
+}
+
+size_t IntranodeCombineDataBytes(int64_t num_ranks, int64_t num_tokens, int64_t row_bytes) {
+  return static_cast<size_t>(num_ranks) * static_cast<size_t>(num_tokens) *
+         static_cast<size_t>(row_bytes);
+}
+
+int CombineDtypeBytes(CombineDtype dtype) {
+  switch (dtype) {
+    case CombineDtype::kBF16:
+    case CombineDtype::kF16:
+      return 2;
+    case CombineDtype::kF32:
+      return 4;
+    case CombineDtype::kF8E4M3FN:
+      return 1;
+  }
+  return 0;
+}
+
+cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
+                                    cudaStream_t stream) {
+  if (!ValidComm(comm) || args.num_parts < 0 || args.num_parts > kMaxParts ||
+      args.num_tokens < 0 || args.capacity < 0 || args.rank_counts == nullptr ||
+      (args.num_tokens > 0 && args.slot == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  DispatchKernelArgs k{};
+  k.slot = args.slot;
+  k.rank_counts = args.rank_counts;
+  k.num_tokens = args.num_tokens;
+  k.capacity = args.capacity;
+  uint64_t offset = 0;
+  int64_t recv_bytes = 0;
+  for (int p = 0; p < args.num_parts; ++p) {
+    const IntranodePart& in = args.parts[p];
+    if (in.row_bytes < 0) return cudaErrorInvalidValue;
+    if (in.row_bytes == 0) continue;  // nothing to move (pointers may be null)
+    if ((args.num_tokens > 0 && in.src == nullptr) || (args.capacity > 0 && in.dst == nullptr)) {
+      return cudaErrorInvalidValue;
+    }
+    PartDesc& d = k.parts[k.num_parts++];
+    d.src = static_cast<const uint8_t*>(in.src);
+    d.dst = static_cast<uint8_t*>(in.dst);
+    d.row_bytes = in.row_bytes;
+    d.area_offset = offset;
+    d.send_vec = AccessWidth(in.row_bytes, in.src);
+    d.recv_vec = AccessWidth(in.row_bytes, in.dst);
+    offset += static_cast<uint64_t>(
+        RoundUp(args.capacity * in.row_bytes, static_cast<int64_t>(kIntranodePartAlign)));
+    recv_bytes += args.capacity * in.row_bytes;
+  }
+  if (offset > comm.data_bytes) return cudaErrorInvalidValue;
+
+  const int32_t op = args.sent != nullptr ? kOpDispatch : kOpCachedDispatch;
+  NotifyKernel<<<1, kThreads, 0, stream>>>(comm, args.sent, args.rank_counts, op);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  DispatchSendKernel<<<GridSize(comm, args.num_tokens, kWarps), kThreads, 0, stream>>>(comm, k);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  const int recv_blocks = GridSize(comm, recv_bytes / 16, static_cast<int64_t>(kThreads) * kUnroll);
+  DispatchRecvKernel<<<recv_blocks, kThreads, 0, stream>>>(comm, k, op);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchIntranodeCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
+                                   cudaStream_t stream) {
+  const int elem_bytes = CombineDtypeBytes(args.dtype);
+  if (!ValidComm(comm) || elem_bytes == 0 || args.num_tokens < 0 || args.capacity < 0 ||
+      args.hidden < 0 || args.hidden > kMaxHidden || args.rank_counts == nullptr ||
+      (args.num_tokens > 0 && args.token_slot == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t rb = args.hidden * elem_bytes;
+  if (IntranodeCombineDataBytes(comm.num_ranks, args.num_tokens, rb) > comm.data_bytes) {
+    return cudaErrorInvalidValue;
+  }
+  const bool has_rows = rb > 0;
+  if (has_rows && ((args.capacity > 0 && args.y == nullptr) ||
+                   (args.num_tokens > 0 && args.out == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  CombineKernelArgs k{};
+  k.y = static_cast<const uint8_t*>(args.y);
+  k.token_slot = args.token_slot;
+  k.rank_counts = args.rank_counts;
+  k.out = static_cast<uint8_t*>(args.out);
+  k.num_tokens = args.num_tokens;
+  k.capacity = args.capacity;
+  k.hidden = args.hidden;
+  k.row_bytes = rb;
+  k.send_vec = AccessWidth(rb, args.y);
+  const bool vectorized = AccessWidth(rb, args.out) == 16;
+  const int64_t vec = vectorized ? 16 / elem_bytes : 1;
+  k.tokens_per_chunk = TokensPerChunk(args.hidden / vec);
+
+  NotifyKernel<<<1, kThreads, 0, stream>>>(comm, nullptr, nullptr, kOpCombine);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  // With no rows the send still runs: it publishes the data flags.
+  const int send_blocks =
+      GridSize(comm, has_rows ? args.capacity * rb / 16 : 0, static_cast<int64_t>(kThreads) * kUnroll);
+  CombineSendKernel<<<send_blocks, kThreads, 0, stream>>>(comm, k);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  const int recv_blocks =
+      has_rows ? GridSize(comm, args.num_tokens, k.tokens_per_chunk) : 1;
+  if (!has_rows) k.num_tokens = 0;  // wait for the peers, touch nothing
+  switch (args.dtype) {
+    case CombineDtype::kBF16:
+      LaunchCombineRecv<Bf16Elem>(comm, k, vectorized, recv_blocks, stream);
+      break;
+    case CombineDtype::kF16:
+      LaunchCombineRecv<F16Elem>(comm, k, vectorized, recv_blocks, stream);
+      break;
+    case CombineDtype::kF32:
+      LaunchCombineRecv<F32Elem>(comm, k, vectorized, recv_blocks, stream);
+      break;
+    case CombineDtype::kF8E4M3FN:
+      LaunchCombineRecv<F8E4M3Elem>(comm, k, vectorized, recv_blocks, stream);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,124 @@
+// Intranode (NVLink / same-GPU CUDA IPC) dispatch and combine: interface for
+// host code. Plain C++ types only; the FFI handlers (ffi/handlers/intranode.cc)
+// fill these structs from XLA buffers, the runtime (ffi/runtime/comm_context.*)
+// owns the buffers the kernels communicate through. The buffer layout and the
+// synchronisation protocol are described at the top of intranode.cu.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace jax_ep {
+
+// Largest EP group the intranode kernels support (flags and the count matrix
+// in the signal area are sized for it; warps handle 64 ranks with 2 ballots).
+inline constexpr int kIntranodeMaxRanks = 64;
+// Most payload arrays one dispatch moves (x, scales, topk ids, weights, ...).
+inline constexpr int kIntranodeMaxParts = 8;
+// Most elements per combine row (hidden).
+inline constexpr int64_t kIntranodeMaxHidden = int64_t{1} << 24;
+// Every rank's comm buffer = signal area (this many bytes) + data area.
+inline constexpr size_t kIntranodeSignalBytes = 64 * 1024;
+// Each payload's sub-area in the data area starts at a multiple of this.
+inline constexpr size_t kIntranodePartAlign = 256;
+
+// Byte offsets inside the signal area (see intranode.cu).
+inline constexpr size_t kSignalEpochOffset = 0;         // uint64: ops started (owner only)
+inline constexpr size_t kSignalSendCounterOffset = 8;   // uint32: last-block counter (owner only)
+inline constexpr size_t kSignalBarrierFlagsOffset = 256;  // uint64[kIntranodeMaxRanks]
+inline constexpr size_t kSignalDataFlagsOffset = 768;     // uint64[kIntranodeMaxRanks]
+inline constexpr size_t kSignalCountsOffset = 2048;  // int32[2][kIntranodeMaxRanks][kIntranodeMaxRanks]
+static_assert(kSignalCountsOffset + 2 * kIntranodeMaxRanks * kIntranodeMaxRanks * 4 <=
+                  kIntranodeSignalBytes,
+              "signal area too small");
+
+// Which op / which wait timed out (TimeoutRecord fields).
+enum IntranodeOp : int32_t {
+  kOpDispatch = 0,
+  kOpCachedDispatch = 1,
+  kOpCombine = 2,
+};
+enum IntranodeWait : int32_t {
+  kWaitBarrier = 0,
+  kWaitCounts = 1,
+  kWaitData = 2,
+};
+
+// Written by the first spin-wait that times out, in host-mapped pinned
+// memory, right before the kernel traps. state: 0 = none, 1 = being
+// written, 2 = complete (the host reads the other fields only then).
+struct TimeoutRecord {
+  int32_t state;
+  int32_t rank;
+  int32_t op;      // IntranodeOp
+  int32_t what;    // IntranodeWait
+  int32_t peer;    // the rank waited on
+  int32_t reserved;
+  uint64_t timeout_ns;
+  uint64_t epoch;  // the op's sequence number on this rank
+  uint64_t seen;   // the flag value last seen
+};
+
+// What a kernel needs to know about its rank's communicator.
+struct IntranodeComm {
+  uint8_t* const* peer_bases;  // device array [num_ranks]: comm buffer base of every rank (self too)
+  uint8_t* local_base;         // this rank's comm buffer (== peer_bases[rank])
+  size_t data_bytes;           // size of the data area behind the signal area
+  int32_t rank;
+  int32_t num_ranks;           // 1 .. kIntranodeMaxRanks
+  TimeoutRecord* timeout_record;  // device-visible pointer to host-mapped memory
+  uint64_t timeout_ns;         // spin-wait limit
+  int32_t num_blocks;          // grid size of the data kernels (>= 1)
+};
+
+// One payload array of a dispatch: [T, ...] rows -> [capacity, ...] rows.
+struct IntranodePart {
+  const void* src;    // [num_tokens, row_bytes] on this rank
+  void* dst;          // [capacity, row_bytes] on this rank (the XLA result)
+  int64_t row_bytes;  // any value >= 0; 16-byte copies when aligned
+};
+
+struct IntranodeDispatchArgs {
+  const int32_t* slot;   // [T, R]: position of token t among my tokens to rank r, or -1
+  const int32_t* sent;   // [R]: my tokens per destination; nullptr = cached dispatch
+  int32_t* rank_counts;  // [R, R]: written (from all ranks' `sent`) unless cached, else read
+  int64_t num_tokens;    // T >= 0
+  int64_t capacity;      // receive rows >= 0
+  int32_t num_parts;     // 0 .. kIntranodeMaxParts
+  IntranodePart parts[kIntranodeMaxParts];
+};
+
+enum class CombineDtype : int32_t { kBF16 = 0, kF16 = 1, kF32 = 2, kF8E4M3FN = 3 };
+
+struct IntranodeCombineArgs {
+  const void* y;               // [capacity, hidden] rows this rank received in dispatch
+  const int32_t* token_slot;   // [T, R]: post-drop slot of my token t on rank r, or -1
+  const int32_t* rank_counts;  // [R, R] count matrix of the matching dispatch
+  void* out;                   // [T, hidden]
+  int64_t num_tokens;          // T
+  int64_t capacity;
+  int64_t hidden;
+  CombineDtype dtype;
+};
+
+// Data-area bytes one dispatch needs: sum over parts of
+// round_up(capacity * row_bytes[p], kIntranodePartAlign).
+size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts);
+// Data-area bytes one combine needs: num_ranks * num_tokens * row_bytes.
+size_t IntranodeCombineDataBytes(int64_t num_ranks, int64_t num_tokens, int64_t row_bytes);
+// Element size of a combine dtype in bytes.
+int CombineDtypeBytes(CombineDtype dtype);
+
+// Enqueue notify (count exchange, or a plain barrier when args.sent is
+// nullptr), send and receive kernels on `stream`; no host synchronisation.
+// Returns cudaErrorInvalidValue for parameters outside the limits above (the
+// handlers check them first with better messages), else the launch status.
+cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
+                                    cudaStream_t stream);
+// Enqueue barrier, send and receive-and-reduce kernels on `stream`.
+cudaError_t LaunchIntranodeCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
+                                   cudaStream_t stream);
+
+}  // namespace jax_ep

@@ -1,0 +1,532 @@
+// Runtime state of the intranode communicator (see comm_context.h and the
+// protocol comment at the top of ffi/kernels/intranode.cu).
+#include "ffi/runtime/comm_context.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#include <cuda_runtime.h>
+
+namespace jax_ep {
+
+struct CommContext {
+  int device = -1;
+  uint8_t* buffer = nullptr;  // signal area + data area
+  size_t data_bytes = 0;
+  int num_sms = 0;
+  TimeoutRecord* record_host = nullptr;    // cudaHostAlloc(mapped)
+  TimeoutRecord* record_device = nullptr;  // its device-visible address
+  bool reported = false;                   // timeout already printed (registry mutex)
+
+  bool connected = false;
+  int rank = -1;
+  int num_ranks = 0;
+  int group = 0;
+  int ranks_on_device = 1;  // ranks (self included) whose buffers live on this GPU
+  std::vector<uint8_t*> peers;      // comm buffer base of every rank
+  std::vector<bool> peer_is_ipc;    // opened with cudaIpcOpenMemHandle: close at teardown
+  uint8_t** peers_device = nullptr;  // device copy of `peers`
+};
+
+namespace {
+
+constexpr double kDefaultTimeoutSeconds = 60.0;
+constexpr int kMaxNumBlocks = 1 << 16;
+constexpr int kMinAutoBlocks = 8;
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
+
+struct Registry {
+  std::mutex mu;  // contexts, error, CommContext::reported
+  std::map<int, std::shared_ptr<CommContext>> contexts;
+  std::string error;
+  std::atomic<bool> has_error{false};
+
+  std::atomic<double> timeout_s{kDefaultTimeoutSeconds};
+  std::atomic<int> num_blocks{0};
+
+  std::mutex watchdog_mu;  // watchdog, stop
+  std::condition_variable watchdog_cv;
+  std::thread* watchdog = nullptr;
+  bool stop = false;
+};
+
+// Never destroyed: the watchdog thread may outlive static destruction.
+Registry& Reg() {
+  static Registry* registry = new Registry();
+  return *registry;
+}
+
+std::string CudaMessage(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+[[noreturn]] void Fail(int device, const std::string& what, cudaError_t err) {
+  cudaGetLastError();  // clear a non-sticky error so later calls are not confused
+  throw std::runtime_error("jax_ep: " + what + " on CUDA device " + std::to_string(device) +
+                           " failed (" + CudaMessage(err) + ")");
+}
+
+void Check(cudaError_t err, int device, const std::string& what) {
+  if (err != cudaSuccess) Fail(device, what, err);
+}
+
+// Makes `device` current; restores the previous device on scope exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    Check(cudaSetDevice(device), device, "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+const char* OpName(int32_t op) {
+  switch (op) {
+    case kOpDispatch:
+      return "dispatch";
+    case kOpCachedDispatch:
+      return "cached dispatch";
+    case kOpCombine:
+      return "combine";
+  }
+  return "an unknown op";
+}
+
+const char* WaitName(int32_t what) {
+  switch (what) {
+    case kWaitBarrier:
+      return "the barrier";
+    case kWaitCounts:
+      return "the token counts";
+    case kWaitData:
+      return "the data";
+  }
+  return "an unknown signal";
+}
+
+std::string FormatTimeout(const CommContext& ctx, const TimeoutRecord& rec) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "jax_ep: rank %d of EP group %d timed out after %.1f s in %s waiting for %s from "
+                "rank %d (did every rank call the same jax_ep ops in the same order?) "
+                "[CUDA device %d, op #%llu on this rank]",
+                rec.rank, ctx.group, static_cast<double>(rec.timeout_ns) * 1e-9, OpName(rec.op),
+                WaitName(rec.what), rec.peer, ctx.device,
+                static_cast<unsigned long long>(rec.epoch));
+  return buf;
+}
+
+// Reads every context's host-mapped timeout record; prints and keeps the
+// first message. Caller holds reg.mu. No CUDA calls.
+void PollTimeoutsLocked(Registry& reg) {
+  for (auto& entry : reg.contexts) {
+    CommContext& ctx = *entry.second;
+    if (ctx.reported || ctx.record_host == nullptr) continue;
+    const volatile TimeoutRecord* v = ctx.record_host;
+    if (v->state != 2) continue;
+    std::atomic_thread_fence(std::memory_order_acquire);
+    TimeoutRecord rec{};
+    rec.state = v->state;
+    rec.rank = v->rank;
+    rec.op = v->op;
+    rec.what = v->what;
+    rec.peer = v->peer;
+    rec.timeout_ns = v->timeout_ns;
+    rec.epoch = v->epoch;
+    rec.seen = v->seen;
+    ctx.reported = true;
+    const std::string message = FormatTimeout(ctx, rec);
+    std::fprintf(stderr, "%s\n", message.c_str());
+    std::fflush(stderr);
+    if (reg.error.empty()) {
+      reg.error = message;
+      reg.has_error.store(true);
+    }
+  }
+}
+
+void WatchdogLoop() {
+  Registry& reg = Reg();
+  std::unique_lock<std::mutex> lock(reg.watchdog_mu);
+  while (!reg.stop) {
+    reg.watchdog_cv.wait_for(lock, kWatchdogPeriod, [&] { return reg.stop; });
+    if (reg.stop) break;
+    lock.unlock();
+    {
+      std::lock_guard<std::mutex> guard(reg.mu);
+      PollTimeoutsLocked(reg);
+    }
+    lock.lock();
+  }
+}
+
+void StartWatchdog() {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.watchdog_mu);
+  if (reg.watchdog != nullptr) return;
+  reg.stop = false;
+  reg.watchdog = new std::thread(WatchdogLoop);
+}
+
+void StopWatchdog() {
+  Registry& reg = Reg();
+  std::thread* thread = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(reg.watchdog_mu);
+    thread = reg.watchdog;
+    reg.watchdog = nullptr;
+    reg.stop = true;
+  }
+  reg.watchdog_cv.notify_all();
+  if (thread != nullptr) {
+    thread->join();
+    delete thread;
+  }
+}
+
+// At process exit (before the CUDA runtime's own teardown, which was
+// registered earlier): report a last timeout and stop the watchdog, which
+// reads host-mapped memory the runtime is about to release. No CUDA calls.
+void AtExit() {
+  Registry& reg = Reg();
+  {
+    std::lock_guard<std::mutex> guard(reg.mu);
+    PollTimeoutsLocked(reg);
+  }
+  StopWatchdog();
+}
+
+void RegisterAtExitOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] { std::atexit(AtExit); });
+}
+
+// Releases everything a context holds; ignores errors (the device may be in
+// an error state after a trapped kernel).
+void FreeContext(CommContext& ctx) {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+  if (cudaSetDevice(ctx.device) == cudaSuccess) {
+    cudaDeviceSynchronize();  // no kernel of ours may still use the buffers
+    for (size_t r = 0; r < ctx.peers.size(); ++r) {
+      if (ctx.peer_is_ipc[r] && ctx.peers[r] != nullptr) cudaIpcCloseMemHandle(ctx.peers[r]);
+    }
+    if (ctx.peers_device != nullptr) cudaFree(ctx.peers_device);
+    if (ctx.buffer != nullptr) cudaFree(ctx.buffer);
+  }
+  if (ctx.record_host != nullptr) cudaFreeHost(ctx.record_host);
+  ctx.peers.clear();
+  ctx.peer_is_ipc.clear();
+  ctx.peers_device = nullptr;
+  ctx.buffer = nullptr;
+  ctx.record_host = nullptr;
+  ctx.record_device = nullptr;
+  ctx.connected = false;
+  cudaGetLastError();
+  if (previous >= 0) cudaSetDevice(previous);
+}
+
+std::shared_ptr<CommContext> FindOrThrow(int device, const char* caller) {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> guard(reg.mu);
+  auto it = reg.contexts.find(device);
+  if (it == reg.contexts.end()) {
+    throw std::runtime_error(std::string("jax_ep: ") + caller + ": no comm buffer on CUDA device " +
+                             std::to_string(device) + " (call comm_create first)");
+  }
+  return it->second;
+}
+
+int EffectiveNumBlocks(const CommContext& ctx, int option) {
+  if (option > 0) return option;
+  const int sharing = std::max(1, ctx.ranks_on_device);
+  return std::max(kMinAutoBlocks, 2 * std::max(1, ctx.num_sms) / sharing);
+}
+
+}  // namespace
+
+void CommCreate(int device, size_t data_bytes) {
+  Registry& reg = Reg();
+  if (device < 0) throw std::runtime_error("jax_ep: comm_create: device ordinal must be >= 0");
+  {
+    std::lock_guard<std::mutex> guard(reg.mu);
+    if (reg.contexts.count(device) != 0) {
+      throw std::runtime_error("jax_ep: comm_create: CUDA device " + std::to_string(device) +
+                               " already has a comm buffer (call comm_destroy_all first)");
+    }
+  }
+  auto ctx = std::make_shared<CommContext>();
+  ctx->device = device;
+  ctx->data_bytes = data_bytes;
+  const size_t total = kIntranodeSignalBytes + data_bytes;
+  try {
+    DeviceGuard guard(device);
+    Check(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
+          "cudaDeviceGetAttribute(multiProcessorCount)");
+    void* buffer = nullptr;
+    cudaError_t err = cudaMalloc(&buffer, total);
+    if (err != cudaSuccess) {
+      char size[64];
+      std::snprintf(size, sizeof(size), "%.3f GiB", static_cast<double>(total) / (1 << 30));
+      Fail(device, std::string("cudaMalloc of the ") + size + " comm buffer", err);
+    }
+    ctx->buffer = static_cast<uint8_t*>(buffer);
+    cudaStream_t stream = nullptr;
+    Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), device, "cudaStreamCreate");
+    err = cudaMemsetAsync(ctx->buffer, 0, total, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+    Check(err, device, "zeroing the comm buffer");
+
+    void* record = nullptr;
+    Check(cudaHostAlloc(&record, sizeof(TimeoutRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+          device, "cudaHostAlloc(mapped) of the timeout record");
+    std::memset(record, 0, sizeof(TimeoutRecord));
+    ctx->record_host = static_cast<TimeoutRecord*>(record);
+    void* record_device = nullptr;
+    Check(cudaHostGetDevicePointer(&record_device, record, 0), device, "cudaHostGetDevicePointer");
+    ctx->record_device = static_cast<TimeoutRecord*>(record_device);
+  } catch (...) {
+    FreeContext(*ctx);
+    throw;
+  }
+  {
+    std::lock_guard<std::mutex> guard(reg.mu);
+    if (reg.contexts.count(device) != 0) {  // lost a race with another thread
+      FreeContext(*ctx);
+      throw std::runtime_error("jax_ep: comm_create: CUDA device " + std::to_string(device) +
+                               " already has a comm buffer (call comm_destroy_all first)");
+    }
+    reg.contexts[device] = ctx;
+  }
+  RegisterAtExitOnce();  // after the CUDA runtime registered its own exit handler
+  StartWatchdog();
+}
+
+std::string CommIpcHandle(int device) {
+  auto ctx = FindOrThrow(device, "comm_ipc_handle");
+  DeviceGuard guard(device);
+  cudaIpcMemHandle_t handle;
+  Check(cudaIpcGetMemHandle(&handle, ctx->buffer), device, "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+uintptr_t CommLocalPointer(int device) {
+  return reinterpret_cast<uintptr_t>(FindOrThrow(device, "comm_local_pointer")->buffer);
+}
+
+void CommConnect(int device, int rank, int num_ranks, int group,
+                 const std::vector<PeerSpec>& peers) {
+  auto ctx = FindOrThrow(device, "comm_connect");
+  const std::string where = "jax_ep: comm_connect(device " + std::to_string(device) + "): ";
+  if (ctx->connected) throw std::runtime_error(where + "already connected");
+  if (num_ranks < 1 || num_ranks > kIntranodeMaxRanks) {
+    throw std::runtime_error(where + "num_ranks must be in [1, " +
+                             std::to_string(kIntranodeMaxRanks) + "], got " +
+                             std::to_string(num_ranks));
+  }
+  if (rank < 0 || rank >= num_ranks) {
+    throw std::runtime_error(where + "rank " + std::to_string(rank) + " is outside [0, " +
+                             std::to_string(num_ranks) + ")");
+  }
+  if (static_cast<int>(peers.size()) != num_ranks) {
+    throw std::runtime_error(where + "expected " + std::to_string(num_ranks) +
+                             " peer entries, got " + std::to_string(peers.size()));
+  }
+  for (int r = 0; r < num_ranks; ++r) {
+    if ((peers[r].kind == PeerSpec::Kind::kSelf) != (r == rank)) {
+      throw std::runtime_error(where + "peers[" + std::to_string(r) + "] must be " +
+                               (r == rank ? "'self' (it is this rank)" : "'local' or 'ipc'"));
+    }
+  }
+
+  DeviceGuard guard(device);
+  std::vector<uint8_t*> bases(num_ranks, nullptr);
+  std::vector<bool> is_ipc(num_ranks, false);
+  uint8_t** table = nullptr;
+  int on_device = 0;
+  auto device_of = [&](const void* ptr, int r) {
+    cudaPointerAttributes attr{};
+    Check(cudaPointerGetAttributes(&attr, ptr), device,
+          "cudaPointerGetAttributes of peer " + std::to_string(r) + "'s buffer");
+    if (attr.type != cudaMemoryTypeDevice) {
+      throw std::runtime_error(where + "peer " + std::to_string(r) +
+                               "'s pointer is not device memory");
+    }
+    return attr.device;
+  };
+  try {
+    for (int r = 0; r < num_ranks; ++r) {
+      const PeerSpec& spec = peers[r];
+      if (spec.kind == PeerSpec::Kind::kSelf) {
+        bases[r] = ctx->buffer;
+        ++on_device;
+      } else if (spec.kind == PeerSpec::Kind::kLocal) {
+        auto* ptr = reinterpret_cast<uint8_t*>(spec.pointer);
+        if (ptr == nullptr) throw std::runtime_error(where + "peer " + std::to_string(r) + " is null");
+        const int peer_device = device_of(ptr, r);
+        if (peer_device == device) {
+          ++on_device;
+        } else {
+          int can_access = 0;
+          Check(cudaDeviceCanAccessPeer(&can_access, device, peer_device), device,
+                "cudaDeviceCanAccessPeer");
+          if (!can_access) {
+            throw std::runtime_error(where + "CUDA device " + std::to_string(device) +
+                                     " cannot access peer device " + std::to_string(peer_device) +
+                                     " (no NVLink / PCIe peer-to-peer path)");
+          }
+          const cudaError_t err = cudaDeviceEnablePeerAccess(peer_device, 0);
+          if (err == cudaErrorPeerAccessAlreadyEnabled) {
+            cudaGetLastError();
+          } else {
+            Check(err, device, "cudaDeviceEnablePeerAccess(" + std::to_string(peer_device) + ")");
+          }
+        }
+        bases[r] = ptr;
+      } else {
+        cudaIpcMemHandle_t handle;
+        if (spec.ipc_handle.size() != sizeof(handle)) {
+          throw std::runtime_error(where + "peer " + std::to_string(r) + "'s IPC handle has " +
+                                   std::to_string(spec.ipc_handle.size()) + " bytes, expected " +
+                                   std::to_string(sizeof(handle)));
+        }
+        std::memcpy(&handle, spec.ipc_handle.data(), sizeof(handle));
+        void* ptr = nullptr;
+        Check(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), device,
+              "cudaIpcOpenMemHandle of rank " + std::to_string(r) + "'s comm buffer");
+        bases[r] = static_cast<uint8_t*>(ptr);
+        is_ipc[r] = true;
+        if (device_of(ptr, r) == device) ++on_device;
+      }
+    }
+    Check(cudaMalloc(reinterpret_cast<void**>(&table), num_ranks * sizeof(uint8_t*)), device,
+          "cudaMalloc of the peer table");
+    Check(cudaMemcpy(table, bases.data(), num_ranks * sizeof(uint8_t*), cudaMemcpyHostToDevice),
+          device, "copying the peer table");
+  } catch (...) {
+    for (int r = 0; r < num_ranks; ++r) {
+      if (is_ipc[r] && bases[r] != nullptr) cudaIpcCloseMemHandle(bases[r]);
+    }
+    if (table != nullptr) cudaFree(table);
+    cudaGetLastError();
+    throw;
+  }
+
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  ctx->peers = std::move(bases);
+  ctx->peer_is_ipc = std::move(is_ipc);
+  ctx->peers_device = table;
+  ctx->rank = rank;
+  ctx->num_ranks = num_ranks;
+  ctx->group = group;
+  ctx->ranks_on_device = std::max(1, on_device);
+  ctx->connected = true;
+}
+
+void CommSetOptions(double timeout_s, int num_blocks) {
+  if (!(timeout_s > 0.0) || !std::isfinite(timeout_s) || timeout_s > 1e9) {
+    throw std::runtime_error("jax_ep: comm_set_options: timeout_s must be a positive number of "
+                             "seconds, got " + std::to_string(timeout_s));
+  }
+  if (num_blocks < 0 || num_blocks > kMaxNumBlocks) {
+    throw std::runtime_error("jax_ep: comm_set_options: num_blocks must be in [0, " +
+                             std::to_string(kMaxNumBlocks) + "] (0 = automatic), got " +
+                             std::to_string(num_blocks));
+  }
+  Registry& reg = Reg();
+  reg.timeout_s.store(timeout_s);
+  reg.num_blocks.store(num_blocks);
+}
+
+double CommTimeoutSeconds() { return Reg().timeout_s.load(); }
+int CommNumBlocksOption() { return Reg().num_blocks.load(); }
+
+size_t CommDataBytes(int device) { return FindOrThrow(device, "comm_data_bytes")->data_bytes; }
+
+CommInfo CommGetInfo(int device) {
+  auto ctx = FindOrThrow(device, "comm_info");
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> guard(reg.mu);
+  CommInfo info{};
+  info.device = ctx->device;
+  info.rank = ctx->rank;
+  info.num_ranks = ctx->num_ranks;
+  info.group = ctx->group;
+  info.num_sms = ctx->num_sms;
+  info.ranks_on_device = ctx->ranks_on_device;
+  info.num_blocks = EffectiveNumBlocks(*ctx, reg.num_blocks.load());
+  info.connected = ctx->connected;
+  info.data_bytes = ctx->data_bytes;
+  info.signal_bytes = kIntranodeSignalBytes;
+  return info;
+}
+
+void CommDestroyAll() {
+  Registry& reg = Reg();
+  StopWatchdog();
+  std::map<int, std::shared_ptr<CommContext>> taken;
+  {
+    std::lock_guard<std::mutex> guard(reg.mu);
+    PollTimeoutsLocked(reg);  // keep a last-moment timeout message
+    taken.swap(reg.contexts);
+  }
+  for (auto& entry : taken) FreeContext(*entry.second);
+}
+
+std::optional<std::string> LastError() {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> guard(reg.mu);
+  PollTimeoutsLocked(reg);
+  if (reg.error.empty()) return std::nullopt;
+  return reg.error;
+}
+
+bool AcquireIntranodeComm(int device, IntranodeComm* comm, std::shared_ptr<const CommContext>* hold,
+                          std::string* error) {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> guard(reg.mu);
+  PollTimeoutsLocked(reg);
+  if (reg.has_error.load()) {
+    *error = reg.error;
+    return false;
+  }
+  auto it = reg.contexts.find(device);
+  if (it == reg.contexts.end() || !it->second->connected) {
+    *error = "jax_ep: no intranode communicator on CUDA device " + std::to_string(device) +
+             " in this process: call jax_ep.initialize(mesh, axis_name, backend='cuda') before "
+             "running jax_ep CUDA ops on this device";
+    return false;
+  }
+  const CommContext& ctx = *it->second;
+  comm->peer_bases = ctx.peers_device;
+  comm->local_base = ctx.buffer;
+  comm->data_bytes = ctx.data_bytes;
+  comm->rank = ctx.rank;
+  comm->num_ranks = ctx.num_ranks;
+  comm->timeout_record = ctx.record_device;
+  comm->timeout_ns = static_cast<uint64_t>(reg.timeout_s.load() * 1e9);
+  comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load());
+  *hold = it->second;
+  return true;
+}
+
+}  // namespace jax_ep
