@@ -1,4 +1,4 @@
-"""pytest setup: 8 virtual CPU devices for every in-process test.
+"""pytest setup: 8 virtual CPU devices for every in-process CPU test.
 
 Must run before any JAX backend starts, so it lives in conftest.py. Tests that
 need processes use jax_ep.testing.launcher, which sets up its own workers.
@@ -7,7 +7,12 @@ need processes use jax_ep.testing.launcher, which sets up its own workers.
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU suite by default; `JAX_EP_GPU_TESTS=1 python -m pytest tests/gpu` lets JAX
+# pick the GPU (tests/gpu skip cleanly where there is none).
+if os.environ.get("JAX_EP_GPU_TESTS") == "1":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for peers
+else:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402

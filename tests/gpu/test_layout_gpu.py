@@ -1,8 +1,8 @@
 """The CUDA layout kernel against an inline numpy computation, on a real GPU.
 
 Skipped unless JAX's default backend is a GPU and the CUDA ops are built.
-tests/conftest.py defaults JAX_PLATFORMS to cpu, so run these with
-``JAX_PLATFORMS=cuda python -m pytest tests/gpu``.
+tests/conftest.py defaults JAX_PLATFORMS to cpu; run these with
+``JAX_EP_GPU_TESTS=1 python -m pytest tests/gpu``.
 """
 
 import jax

@@ -1,0 +1,193 @@
+"""Benchmark of normal-mode dispatch / combine in DeepEP's setting (DESIGN.md §7).
+
+hidden 7168, top-8 of 256 experts, 4096 tokens per rank; FP8 and BF16 dispatch,
+BF16 combine. Bandwidth uses DeepEP's byte formula: received rows x H x bytes
+per element (FP8: H x (1 + 4/128)). "HBM" counts what the kernels really read
+and write (each row is read and written twice: into the peer's buffer, then
+into the output), compared with a device-to-device copy measured in the same
+run. The reference backend runs in the same process where it can (one rank;
+XLA collectives cannot run between processes sharing one GPU).
+
+    python benchmarks/bench_intranode.py                   # one rank, this GPU
+    python benchmarks/bench_intranode.py --ranks 8         # 8 processes on one GPU (MPS)
+    python benchmarks/bench_intranode.py --all-local-gpus  # one process, every local GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+H, K, E, T = 7168, 8, 256, 4096
+
+
+def _time(fn, *args, iters, warmup=3):
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def copy_bandwidth(iters=20):
+    """Bytes read + written per second by an elementwise device-to-device pass."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((256 << 20) // 2, jnp.bfloat16)  # 256 MiB
+    neg = jax.jit(lambda v: -v)
+    return 2 * a.nbytes / _time(neg, a, iters=iters)
+
+
+def _routing(seed, n, tokens):
+    from jax_ep.testing import oracle
+
+    per = [oracle.make_rank_inputs(seed, r, tokens, 128, E, K) for r in range(n)]
+    return [p[1] for p in per], [p[2] for p in per]
+
+
+def measure(backend, n, mesh, tokens, iters, seed=0):
+    """{op: (seconds, deepep_bytes_of_my_ranks)} for the ranks of this process."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jax_ep
+
+    spec = P("ep")
+    sharding = NamedSharding(mesh, spec)
+    idxs, ws = _routing(seed, n, tokens)
+
+    def put(per_rank):
+        g = np.concatenate(per_rank)
+        return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
+
+    rng = np.random.default_rng(seed)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((n * tokens, H), np.float32),
+                                   jnp.bfloat16), sharding) if jax.process_count() == 1 else \
+        put([rng.standard_normal((tokens, H), np.float32).astype(jnp.bfloat16)
+             for _ in range(n)])
+    idx, w = put(idxs), put(ws)
+
+    def fp8(v):
+        b = v.astype(jnp.float32).reshape(v.shape[0], H // 128, 128)
+        s = jnp.maximum(jnp.max(jnp.abs(b), -1), 1e-4) / 448.0
+        return (b / s[..., None]).astype(jnp.float8_e4m3fn).reshape(v.shape), s
+
+    smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+    dispatch = lambda xx, i, ww: jax_ep.dispatch(xx, i, ww, num_experts=E, axis_name="ep",
+                                                 backend=backend)
+    disp_bf16 = smap(lambda xx, i, ww: dispatch(xx, i, ww)[0])
+    disp_fp8 = smap(lambda q, s, i, ww: dispatch((q, s), i, ww)[0])
+    # The handle leaves shard_map with its scalars as [1] pieces and comes back in.
+    lift = lambda h: jax.tree.map(lambda a: a[None] if a.ndim == 0 else a, h)
+    drop = lambda h: jax.tree.map(lambda a: a[0] if a.shape == (1,) else a, h)
+    with_handle = smap(lambda xx, i, ww: (lambda o: (o[0], lift(o[3])))(dispatch(xx, i, ww)))
+    q, s = smap(fp8)(x)
+    recv, handle = with_handle(x, idx, w)
+    comb = smap(lambda y, h: jax_ep.combine(y, drop(h), backend=backend))
+
+    rows = sum(int(np.asarray(sh.data)[0]) for sh in handle.num_recv_tokens.addressable_shards)
+    out = {
+        "dispatch_bf16": (_time(disp_bf16, x, idx, w, iters=iters), rows * H * 2),
+        "dispatch_fp8": (_time(disp_fp8, q, s, idx, w, iters=iters), rows * H * (1 + 4 / 128)),
+        "combine_bf16": (_time(comb, recv, handle, iters=iters), rows * H * 2),
+    }
+    return out
+
+
+def _init(mesh, tokens):
+    import jax_ep
+
+    jax_ep.initialize(mesh, axis_name="ep", backend="auto", max_tokens_per_rank=tokens,
+                      hidden=H, top_k=K, dtype="bfloat16")
+
+
+def _mesh(devices):
+    import jax
+
+    return jax.sharding.Mesh(np.asarray(devices), ("ep",))
+
+
+def _row(mode, op, n, sec, nbytes, ref_sec, copy_bw):
+    hbm = 4 * nbytes / sec  # written to the peer buffer, then copied out: 2 reads + 2 writes
+    ref = f"{ref_sec * 1e6:9.1f} {ref_sec / sec:6.2f}x" if ref_sec else f"{'n/a':>9} {'':>7}"
+    return (f"| {mode:<14} | {op:<13} | {n:>2} | {sec * 1e6:9.1f} | {nbytes / sec / 1e9:8.1f} | "
+            f"{hbm / 1e9:8.1f} | {100 * hbm / copy_bw:5.1f}% | {ref} |")
+
+
+HEADER = ("| mode           | op            |  R | time (µs) | DeepEP GB/s | HBM GB/s | % copy"
+          " | reference µs / speedup |\n|---|---|---|---|---|---|---|---|")
+
+
+def run_local(devices, mode, iters, tokens):
+    import jax_ep
+
+    mesh = _mesh(devices)
+    copy_bw = copy_bandwidth()
+    ref = measure("reference", len(devices), mesh, tokens, iters)
+    _init(mesh, tokens)
+    cuda = measure("cuda", len(devices), mesh, tokens, iters)
+    jax_ep.shutdown()
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print(HEADER)
+    for op, (sec, nbytes) in cuda.items():
+        print(_row(mode, op, len(devices), sec, nbytes, ref[op][0], copy_bw))
+
+
+def worker(iters="20", tokens=str(T)):
+    """One process of the N-processes-on-one-GPU mode: returns its timings."""
+    import jax
+
+    mesh = _mesh(jax.devices())
+    copy_bw = copy_bandwidth() if jax.process_index() == 0 else 0.0
+    _init(mesh, int(tokens))
+    res = measure("cuda", jax.device_count(), mesh, int(tokens), int(iters))
+    import jax_ep
+    jax_ep.shutdown()
+    return {"copy_bw": copy_bw, "ops": {k: list(v) for k, v in res.items()}}
+
+
+def run_processes(n, iters, tokens):
+    from jax_ep.testing import launch, mps_daemon
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with mps_daemon():
+        results = launch("bench_intranode:worker", n, platform="gpu", timeout=560,
+                         env={"PYTHONPATH": here}, args=(str(iters), str(tokens)))
+    copy_bw = results[0].result["copy_bw"]
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print(HEADER)
+    for op in results[0].result["ops"]:
+        sec = max(r.result["ops"][op][0] for r in results)  # the slowest rank bounds the op
+        nbytes = sum(r.result["ops"][op][1] for r in results)
+        print(_row(f"{n} procs/1 GPU", op, n, sec, nbytes, None, copy_bw))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    p.add_argument("--all-local-gpus", action="store_true")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=T)
+    args = p.parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.ranks > 1:
+        return run_processes(args.ranks, args.iters, args.tokens)
+    import jax
+
+    devices = jax.local_devices() if args.all_local_gpus else jax.local_devices()[:1]
+    run_local(devices, f"{len(devices)} GPU(s)", args.iters, args.tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

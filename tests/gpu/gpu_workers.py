@@ -1,0 +1,196 @@
+"""Checks of the CUDA backend that run in each EP rank's process (or in place for
+one rank). Each process regenerates every rank's inputs from a seed and checks
+its own ranks' outputs against the numpy oracle; no XLA collective runs, since
+processes sharing one GPU cannot use NCCL. Nothing here touches JAX at import.
+"""
+
+import numpy as np
+
+T, H, K, E = 64, 256, 4, 32
+
+
+def _env(capacity_rows=None):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jax_ep
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("ep",))
+    jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=T, hidden=H,
+                      top_k=K, dtype="float32", timeout_s=30)
+    sharding = NamedSharding(mesh, P("ep"))
+    me = jax.process_index()
+    mine = [r for r, d in enumerate(mesh.devices.flat) if d.process_index == me]
+
+    def put(per_rank):
+        g = np.concatenate([np.asarray(a) for a in per_rank])
+        return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
+
+    def local(a):
+        """{rank: numpy shard} for this process's ranks."""
+        rows = a.shape[0] // n
+        return {s.index[0].start // rows: np.asarray(s.data) for s in a.addressable_shards}
+
+    return n, mesh, put, local, mine
+
+
+def _bits(a):
+    return np.ascontiguousarray(np.asarray(a)).view(np.uint8)
+
+
+def _same(got, want, what):
+    if isinstance(want, tuple):
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same(g, w, f"{what}[{i}]")
+        return
+    np.testing.assert_array_equal(_bits(got), _bits(np.asarray(want, dtype=np.asarray(got).dtype)),
+                                  err_msg=what)
+
+
+def dispatch_combine(seed="0"):
+    """Every dtype, overflow, invalid ids, determinism, changing routing, gradients."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    from jax.sharding import PartitionSpec as P
+
+    import jax_ep
+    from jax_ep.testing import oracle
+
+    n, mesh, put, local, mine = _env()
+    spec = P("ep")
+    checked = []
+
+    def run(xs, idxs, ws, capacity):
+        fp8 = isinstance(xs[0], tuple)
+
+        @jax.jit
+        @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+        def f(x, idx, w):
+            rx, ri, rw, h = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
+                                            capacity=capacity, backend="cuda")
+            y = rx[0].astype(jnp.float32) * jnp.repeat(rx[1], 128, 1) if fp8 else rx
+            y = (y.astype(jnp.float32) * 0.5).astype(jnp.bfloat16 if fp8 else rx.dtype)
+            counts = jnp.stack([h.num_recv_tokens, h.num_dropped_tokens, h.num_invalid_experts])
+            return rx, ri, rw, counts[None], h.num_recv_tokens_per_expert[None], \
+                jax_ep.combine(y, h, backend="cuda")
+
+        x_in = (put([a for a, _ in xs]), put([b for _, b in xs])) if fp8 else put(xs)
+        return [local(o) if not isinstance(o, tuple) else tuple(local(p) for p in o)
+                for o in f(x_in, put(idxs), put(ws))]
+
+    def check(xs, idxs, ws, capacity, what):
+        got = run(xs, idxs, ws, capacity)
+        again = run(xs, idxs, ws, capacity)
+        exp = oracle.dispatch(xs, idxs, ws, E, capacity)
+        ys = []
+        for e in exp:
+            rx = e["recv_x"]
+            y = oracle.fp8_dequantize(*rx) if isinstance(rx, tuple) else rx.astype(np.float32)
+            ys.append((y * 0.5).astype(ml_dtypes.bfloat16 if isinstance(rx, tuple) else rx.dtype))
+        exp_comb = oracle.combine(ys, idxs, E, capacity)
+        rx, ri, rw, counts, per_exp, comb = got
+        for r in mine:
+            pick = lambda o: tuple(p[r] for p in o) if isinstance(o, tuple) else o[r]
+            _same(pick(rx), exp[r]["recv_x"], f"{what} recv_x rank {r}")
+            _same(ri[r], exp[r]["recv_topk_idx"], f"{what} recv_topk_idx rank {r}")
+            _same(rw[r], exp[r]["recv_topk_weights"], f"{what} recv_topk_weights rank {r}")
+            want = [exp[r]["num_recv_tokens"], exp[r]["num_dropped_tokens"],
+                    exp[r]["num_invalid_experts"]]
+            assert counts[r][0].tolist() == want, (what, r, counts[r][0], want)
+            _same(per_exp[r][0], exp[r]["num_recv_tokens_per_expert"], f"{what} per-expert {r}")
+            _same(comb[r], exp_comb[r], f"{what} combine rank {r}")
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(again)):
+                _same(a[r], b[r], f"{what} determinism rank {r}")
+        checked.append(what)
+
+    s = int(seed)
+    for name, dtype in [("bf16", ml_dtypes.bfloat16), ("f32", np.float32), ("f16", np.float16)]:
+        xs, idxs, ws = oracle.make_inputs(s, n, T, H, E, K, dtype=dtype, none_prob=0.05)
+        check(xs, idxs, ws, None, name)
+    xs, idxs, ws = oracle.make_inputs(s + 1, n, T, H, E, K, dtype=np.float32)
+    check([oracle.fp8_quantize(x) for x in xs], idxs, ws, None, "fp8 pair")
+    xs, idxs, ws = oracle.make_inputs(s + 2, n, T, H, E, K, dtype=ml_dtypes.bfloat16,
+                                      invalid_prob=0.1, none_prob=0.1, duplicate_prob=0.2)
+    check(xs, idxs, ws, None, "invalid ids")
+    check(xs, idxs, ws, max(1, (n * T) // 3), "overflow")
+    for call in range(3):  # same shapes, new routing: no stale state between calls
+        xs, idxs, ws = oracle.make_inputs(s + 10 + call, n, T, H, E, K, dtype=ml_dtypes.bfloat16,
+                                          none_prob=0.3 * call)
+        check(xs, idxs, ws, None, f"routing {call}")
+
+    # Gradients: dispatch VJP = combine (+ per-k weight gather); combine VJP = cached dispatch.
+    xs, idxs, ws = oracle.make_inputs(s + 20, n, T, H, E, K, dtype=np.float32, none_prob=0.1)
+    cap = max(1, (n * T) // 2)
+    rng = np.random.default_rng(s)
+    ct_x = [rng.standard_normal((cap, H)).astype(np.float32) for _ in range(n)]
+    ct_w = [rng.standard_normal((cap, K)).astype(np.float32) for _ in range(n)]
+    ct_out = [rng.standard_normal((T, H)).astype(np.float32) for _ in range(n)]
+    idx_g = put(idxs)
+
+    def fwd(x, w):
+        @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+        def body(x, idx, w):
+            rx, _, rw, h = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
+                                           capacity=cap, backend="cuda")
+            return rx, rw, jax_ep.combine(rx, h, backend="cuda")
+        return body(x, idx_g, w)
+
+    _, vjp = jax.vjp(fwd, put(xs), put(ws))
+    zero_out = [np.zeros((T, H), np.float32)] * n
+    dx, dw = jax.jit(vjp)((put(ct_x), put(ct_w), put(zero_out)))
+    exp_dx = oracle.combine(ct_x, idxs, E, cap)
+    exp_dw = oracle.dispatch_weights_grad(ct_w, idxs, E, cap)
+    dx2, _ = jax.jit(vjp)((put([np.zeros((cap, H), np.float32)] * n),
+                           put([np.zeros((cap, K), np.float32)] * n), put(ct_out)))
+    exp_dx2 = oracle.combine([e["recv_x"] for e in oracle.dispatch(ct_out, idxs, ws, E, cap)],
+                             idxs, E, cap)
+    dx, dw, dx2 = local(dx), local(dw), local(dx2)
+    for r in mine:
+        _same(dx[r], exp_dx[r], f"grad x rank {r}")
+        _same(dw[r], exp_dw[r], f"grad w rank {r}")
+        _same(dx2[r], exp_dx2[r], f"grad through combine rank {r}")
+    checked.append("gradients")
+    jax_ep.shutdown()
+    return {"ranks": n, "checked": checked}
+
+
+def one_rank_never_calls(skipper="1", wait_s="20"):
+    """Every rank but `skipper` calls dispatch; they must fail with the timeout
+    message (naming the rank and what it waited for) instead of hanging."""
+    import time
+
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    import jax_ep
+    from jax_ep import _ffi
+    from jax_ep.testing import oracle
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("ep",))
+    jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=T, hidden=H,
+                      top_k=K, timeout_s=3)
+    if jax.process_index() == int(skipper):
+        time.sleep(float(wait_s))  # keep the buffers mapped while the others time out
+        return {"skipped": True}
+    xs, idxs, ws = oracle.make_inputs(0, n, T, H, E, K)
+    sharding = jax.NamedSharding(mesh, P("ep"))
+    put = lambda per: jax.make_array_from_callback(
+        (n * T,) + per[0].shape[1:], sharding, lambda i: np.concatenate(per)[i])
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    def f(x, idx, w):
+        return jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep", backend="cuda")[0]
+
+    start = time.time()
+    try:
+        jax.block_until_ready(f(put(xs), put(idxs), put(ws)))
+        raised = None
+    except Exception as err:  # noqa: BLE001 - the XLA error type varies
+        raised = str(err)
+    message = _ffi.cuda_module().last_error()
+    print("jax_ep timeout message:", message, flush=True)
+    return {"raised": raised is not None, "message": message, "seconds": time.time() - start}

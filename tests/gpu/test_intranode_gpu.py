@@ -1,0 +1,65 @@
+"""The CUDA intranode dispatch/combine on a real GPU against the numpy oracle.
+
+One rank in this process, then 2, 4 and 8 ranks as processes sharing the GPU
+under CUDA MPS, then a rank that never calls (the timeout message, not a hang).
+Run with ``JAX_EP_GPU_TESTS=1 python -m pytest tests/gpu``; skipped without a GPU.
+Under a scheduler (pytest once per process) the multi-rank tests run in place.
+"""
+
+import os
+import sys
+
+import jax
+import pytest
+
+from jax_ep import _ffi
+from jax_ep.testing import LaunchError, external_launch, launch, mps_daemon, run_multiprocess
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpu_workers  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
+    pytest.mark.skipif(not _ffi.cuda_available() or not _ffi.intranode_available(),
+                       reason="jax_ep built without the CUDA intranode kernels"),
+]
+GPU_DIR = os.path.dirname(__file__)
+
+
+def test_one_rank_in_process():
+    if external_launch():
+        pytest.skip("in-process single-rank test; the multi-rank tests cover scheduler runs")
+    res = gpu_workers.dispatch_combine("0")
+    assert res["ranks"] == 1 and "gradients" in res["checked"], res
+
+
+@pytest.fixture(scope="module")
+def mps():
+    if external_launch():
+        yield None
+        return
+    with mps_daemon() as d:
+        yield d
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_ranks_as_processes(mps, ranks):
+    results = run_multiprocess("gpu_workers:dispatch_combine", ranks, platform="gpu",
+                               timeout=400, env={"PYTHONPATH": GPU_DIR})
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == ranks and "gradients" in res.result["checked"]
+
+
+def test_rank_that_never_calls_times_out_with_a_message(mps):
+    if external_launch():
+        pytest.skip("needs to control which rank calls; run without a scheduler")
+    try:
+        results = launch("gpu_workers:one_rank_never_calls", 2, platform="gpu", timeout=120,
+                         env={"PYTHONPATH": GPU_DIR})
+    except LaunchError as err:  # the trapped kernel may take the process down
+        results = err.results
+    waiting = results[0]
+    text = waiting.output
+    assert "timed out" in text and "rank 0" in text and "barrier" in text, text[-3000:]
+    assert waiting.elapsed < 100, waiting.elapsed
