@@ -50,8 +50,11 @@ def main(argv=None):
 
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
-    jax_ep.initialize(mesh, axis_name="ep", backend=args.backend)
     E, H, F, V, S = args.experts, args.hidden, args.ffn, args.vocab, args.seq
+    # Sizes the GPU communication buffers (ignored on CPU).
+    jax_ep.initialize(mesh, axis_name="ep", backend=args.backend,
+                      max_tokens_per_rank=args.batch_per_device * S, hidden=H, top_k=args.top_k,
+                      dtype="float32")
     if E % n:
         sys.exit(f"--experts {E} must be a multiple of the device count {n}")
 

@@ -63,3 +63,19 @@ def test_rank_that_never_calls_times_out_with_a_message(mps):
     text = waiting.output
     assert "timed out" in text and "rank 0" in text and "barrier" in text, text[-3000:]
     assert waiting.elapsed < 100, waiting.elapsed
+
+
+def test_moe_example_trains_on_the_cuda_backend():
+    if external_launch():
+        pytest.skip("runs the example as its own process")
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(GPU_DIR))
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "train_moe.py"),
+                           "--backend", "cuda", "--steps", "30"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    first, last = map(float, re.search(r"first loss ([\d.]+)\s+last loss ([\d.]+)",
+                                       proc.stdout).groups())
+    assert last < 0.5 * first, (first, last)
