@@ -10,8 +10,8 @@
 //          +256    u64 barrier[64]     barrier[s] = last epoch rank s reached
 //          +768    u64 data[64]        data[s]    = last epoch rank s finished sending
 //          +2048   i32 counts[2][64][64]  counts[e & 1][s][r] = C[s][r] of epoch e
-//   data   dispatch: per payload p a [capacity, row_bytes_p] sub-area (each
-//            starting on a 256-byte boundary); the row of (source s, j-th
+//   data   dispatch: per payload p a [capacity, row_bytes_p] sub-area at
+//            capacity * sum_{q<p} row_bytes_q; the row of (source s, j-th
 //            token of s for me) is offset(s, me) + j, offset = exclusive
 //            column prefix of C, so senders write rows straight into place.
 //          combine: [R][T][hidden bytes]; rank r writes its rows for my
@@ -651,11 +651,13 @@ __global__ void __launch_bounds__(kThreads)
 
 int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Widest access (16, 4 or 1 bytes) that rows of row_bytes starting at ptr allow.
-int32_t AccessWidth(int64_t row_bytes, const void* ptr) {
-  const auto p = reinterpret_cast<uintptr_t>(ptr);
-  if (row_bytes % 16 == 0 && p % 16 == 0) return 16;
-  if (row_bytes % 4 == 0 && p % 4 == 0) return 4;
+// Widest access (16, 4 or 1 bytes) that rows of row_bytes starting at the
+// addresses ptr and (data area, 64 KiB aligned) + area_offset allow.
+int32_t AccessWidth(int64_t row_bytes, const void* ptr, uint64_t area_offset = 0) {
+  const uint64_t bits = static_cast<uint64_t>(row_bytes) |
+                        static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)) | area_offset;
+  if (bits % 16 == 0) return 16;
+  if (bits % 4 == 0) return 4;
   return 1;
 }
 
@@ -706,8 +708,7 @@ void LaunchCombineRecv(const IntranodeComm& comm, const CombineKernelArgs& k, bo
 size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts) {
   size_t total = 0;
   for (int p = 0; p < num_parts; ++p) {
-    total += static_cast<size_t>(
-        RoundUp(capacity * row_bytes[p], static_cast<int64_t>(kIntranodePartAlign)));
+    total += static_cast<size_t>(capacity) * static_cast<size_t>(row_bytes[p]);
   }
   return total;
 }
@@ -756,10 +757,9 @@ cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDi
     d.dst = static_cast<uint8_t*>(in.dst);
     d.row_bytes = in.row_bytes;
     d.area_offset = offset;
-    d.send_vec = AccessWidth(in.row_bytes, in.src);
-    d.recv_vec = AccessWidth(in.row_bytes, in.dst);
-    offset += static_cast<uint64_t>(
-        RoundUp(args.capacity * in.row_bytes, static_cast<int64_t>(kIntranodePartAlign)));
+    d.send_vec = AccessWidth(in.row_bytes, in.src, offset);
+    d.recv_vec = AccessWidth(in.row_bytes, in.dst, offset);
+    offset += static_cast<uint64_t>(args.capacity) * static_cast<uint64_t>(in.row_bytes);
     recv_bytes += args.capacity * in.row_bytes;
   }
   if (offset > comm.data_bytes) return cudaErrorInvalidValue;

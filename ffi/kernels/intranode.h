@@ -21,8 +21,6 @@ inline constexpr int kIntranodeMaxParts = 8;
 inline constexpr int64_t kIntranodeMaxHidden = int64_t{1} << 24;
 // Every rank's comm buffer = signal area (this many bytes) + data area.
 inline constexpr size_t kIntranodeSignalBytes = 64 * 1024;
-// Each payload's sub-area in the data area starts at a multiple of this.
-inline constexpr size_t kIntranodePartAlign = 256;
 
 // Byte offsets inside the signal area (see intranode.cu).
 inline constexpr size_t kSignalEpochOffset = 0;         // uint64: ops started (owner only)
@@ -77,7 +75,7 @@ struct IntranodeComm {
 struct IntranodePart {
   const void* src;    // [num_tokens, row_bytes] on this rank
   void* dst;          // [capacity, row_bytes] on this rank (the XLA result)
-  int64_t row_bytes;  // any value >= 0; 16-byte copies when aligned
+  int64_t row_bytes;  // any value >= 0; 16-byte copies when rows and pointers allow
 };
 
 struct IntranodeDispatchArgs {
@@ -103,8 +101,8 @@ struct IntranodeCombineArgs {
   CombineDtype dtype;
 };
 
-// Data-area bytes one dispatch needs: sum over parts of
-// round_up(capacity * row_bytes[p], kIntranodePartAlign).
+// Data-area bytes one dispatch needs: capacity * sum of row_bytes (payload
+// p's sub-area starts at capacity * sum_{q<p} row_bytes[q]).
 size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts);
 // Data-area bytes one combine needs: num_ranks * num_tokens * row_bytes.
 size_t IntranodeCombineDataBytes(int64_t num_ranks, int64_t num_tokens, int64_t row_bytes);

@@ -33,6 +33,22 @@ def test_one_rank_in_process():
     assert res["ranks"] == 1 and "gradients" in res["checked"], res
 
 
+def test_moe_example_trains_on_the_cuda_backend():
+    if external_launch():
+        pytest.skip("runs the example as its own process")
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(GPU_DIR))
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "train_moe.py"),
+                           "--backend", "cuda", "--steps", "30"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    first, last = map(float, re.search(r"first loss ([\d.]+)\s+last loss ([\d.]+)",
+                                       proc.stdout).groups())
+    assert last < 0.5 * first, (first, last)
+
+
 @pytest.fixture(scope="module")
 def mps():
     if external_launch():
@@ -64,18 +80,3 @@ def test_rank_that_never_calls_times_out_with_a_message(mps):
     assert "timed out" in text and "rank 0" in text and "barrier" in text, text[-3000:]
     assert waiting.elapsed < 100, waiting.elapsed
 
-
-def test_moe_example_trains_on_the_cuda_backend():
-    if external_launch():
-        pytest.skip("runs the example as its own process")
-    import re
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(GPU_DIR))
-    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "train_moe.py"),
-                           "--backend", "cuda", "--steps", "30"], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    first, last = map(float, re.search(r"first loss ([\d.]+)\s+last loss ([\d.]+)",
-                                       proc.stdout).groups())
-    assert last < 0.5 * first, (first, last)
