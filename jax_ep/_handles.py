@@ -68,7 +68,10 @@ class LowLatencyHandle:
         -1 for an invalid id.
       recv_row: [R, T, K] the same rows seen from the receiver: for source
         rank s, token t and position k, the row when that expert lives on this
-        rank, else -1.
+        rank, else -1 (the reference backend's combine needs it; the CUDA
+        backend leaves it -1, so a low-latency handle is combined by the
+        backend that made it).
+      recv_src: [L, R * M] source of each receive row, s * M + t, or -1.
     """
 
     recv_count: jax.Array
@@ -76,6 +79,7 @@ class LowLatencyHandle:
     owner: jax.Array
     slot: jax.Array
     recv_row: jax.Array
+    recv_src: jax.Array
     num_experts: int = dataclasses.field(metadata=dict(static=True))
     max_tokens_per_rank: int = dataclasses.field(metadata=dict(static=True))
     axis_name: object = dataclasses.field(metadata=dict(static=True))

@@ -222,11 +222,18 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
     return recv_x, recv_count, handle
 
 
+def _ll(cfg, name):
+    """The chosen backend's low-latency primitive `name` (same signature in both)."""
+    op = "low_latency_dispatch" if "dispatch" in name else "low_latency_combine"
+    return _backend.select(op, cfg.backend, getattr(_reference, name),
+                           getattr(_cuda, name, None))
+
+
 def _ll_dispatch_impl(x, idx, cfg):
-    _backend.resolve(cfg.backend, "low_latency_dispatch")
-    recv, count, handle = _reference.low_latency_dispatch(
-        x, idx, num_experts=cfg.num_experts, axis_name=cfg.axis_name,
-        max_tokens_per_rank=cfg.size, use_fp8=cfg.use_fp8)
+    dispatch = functools.partial(
+        _ll(cfg, "low_latency_dispatch"), num_experts=cfg.num_experts,
+        axis_name=cfg.axis_name, max_tokens_per_rank=cfg.size, use_fp8=cfg.use_fp8)
+    recv, count, handle = dispatch(x, idx)
     return tuple(recv), count, handle
 
 
@@ -252,7 +259,7 @@ def _ll_dispatch_bwd(cfg, handle, cotangents):
         raise TypeError("jax_ep.low_latency_dispatch: use_fp8=True is not differentiable "
                         "(the FP8 cast has no useful gradient); dispatch in bf16 for training.")
     ct_recv = cotangents[0][0]
-    dx = _reference.low_latency_combine(ct_recv, _first_expert_weights(handle), handle)
+    dx = _ll(cfg, "low_latency_combine")(ct_recv, _first_expert_weights(handle), handle)
     return dx, None
 
 
@@ -290,8 +297,7 @@ def low_latency_combine(y, topk_idx, topk_weights, handle, *, backend=None):
 
 
 def _ll_combine_impl(y, w, handle, cfg):
-    _backend.resolve(cfg.backend, "low_latency_combine")
-    return _reference.low_latency_combine(y, w, handle)
+    return _ll(cfg, "low_latency_combine")(y, w, handle)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -305,10 +311,10 @@ def _ll_combine_fwd(y, w, handle, cfg):
 
 def _ll_combine_bwd(cfg, residuals, ct):
     y, w, handle = residuals
-    rows = _reference.low_latency_gather_rows(y, handle).astype(jnp.float32)  # [T, K, H]
+    rows = _ll(cfg, "low_latency_gather_rows")(y, handle).astype(jnp.float32)  # [T, K, H]
     dw = jnp.einsum("th,tkh->tk", ct.astype(jnp.float32), rows,
                     precision=jax.lax.Precision.HIGHEST)
-    dy = _reference.low_latency_dispatch_rows([ct], handle, row_weights=w)[0]
+    dy = _ll(cfg, "low_latency_dispatch_rows")([ct], handle, w)[0]
     return dy.astype(y.dtype), dw, None
 
 

@@ -169,6 +169,15 @@ def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_
     all_owner = lax.all_gather(owner, axis_name)
     recv_row = jnp.where(all_owner == me, all_slot, -1)
 
+    # Source (s * M + t) of every receive row; a token naming an expert twice
+    # writes the same value twice, which is harmless.
+    target = jnp.where(recv_row >= 0, recv_row, local_experts * rows_per_expert)
+    num_tokens = idx.shape[0]
+    source = (jnp.arange(num_ranks, dtype=jnp.int32)[:, None, None] * max_tokens_per_rank
+              + jnp.arange(num_tokens, dtype=jnp.int32)[None, :, None])
+    recv_src = jnp.full((local_experts * rows_per_expert,), -1, jnp.int32).at[target].set(
+        jnp.broadcast_to(source, target.shape), mode="drop")
+
     totals = jnp.sum(counts, axis=0, dtype=jnp.int32)
     recv_count = lax.dynamic_slice_in_dim(totals, me * local_experts, local_experts)
     return LowLatencyHandle(
@@ -177,6 +186,7 @@ def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_
         owner=owner.astype(jnp.int32),
         slot=slot.astype(jnp.int32),
         recv_row=recv_row.astype(jnp.int32),
+        recv_src=recv_src.reshape(local_experts, rows_per_expert),
         num_experts=num_experts,
         max_tokens_per_rank=max_tokens_per_rank,
         axis_name=axis_name,
@@ -199,20 +209,18 @@ def low_latency_dispatch_rows(parts, handle, row_weights=None):
     """
     num_ranks, num_tokens, _ = handle.recv_row.shape
     local_experts = handle.num_experts // num_ranks
-    rows = local_experts * num_ranks * handle.max_tokens_per_rank
-    first = first_occurrence(handle.recv_row)
-    target = jnp.where(first, handle.recv_row, rows)
-    source = jnp.broadcast_to(
-        jnp.arange(num_ranks * num_tokens, dtype=jnp.int32).reshape(num_ranks, num_tokens, 1),
-        target.shape)
-    flat_src = jnp.full((rows,), num_ranks * num_tokens, jnp.int32).at[target].set(
-        source, mode="drop", unique_indices=True)
+    m = handle.max_tokens_per_rank
+    rows = local_experts * num_ranks * m
+    src = handle.recv_src.reshape(-1)
+    # Index into the all-gathered [R * T] tokens; R * T marks an empty row.
+    flat_src = jnp.where(src >= 0, (src // m) * num_tokens + src % m, num_ranks * num_tokens)
 
     row_scale = None
     if row_weights is not None:
         w = lax.all_gather(row_weights.astype(jnp.float32), handle.axis_name)  # [R, T, K]
         same = handle.recv_row[..., :, None] == handle.recv_row[..., None, :]
         w_sum = jnp.sum(jnp.where(same, w[..., None, :], 0.0), axis=-1)
+        target = jnp.where(first_occurrence(handle.recv_row), handle.recv_row, rows)
         row_scale = jnp.zeros((rows,), jnp.float32).at[target].set(
             w_sum, mode="drop", unique_indices=True)
 
