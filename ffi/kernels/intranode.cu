@@ -42,6 +42,25 @@
 // Every spin-wait reads %globaltimer; past the timeout it writes a
 // TimeoutRecord into host-mapped memory and traps, and a host watchdog
 // (ffi/runtime/comm_context.cc) reports which rank waited for what.
+//
+// WORK MAPPING (256-thread blocks, grid <= num_blocks).
+//  dispatch send: one warp per token; lanes read the token's R slots, a
+//    ballot gives its destinations; each 2 KiB chunk of the row is loaded
+//    once (4 x 16 B per lane) and stored to every destination.
+//  dispatch recv: per payload one grid-strided flat copy of the first
+//    num_recv rows (contiguous) and a zero fill of the rest.
+//  combine send: a source's rows are contiguous on both sides, so R flat
+//    copies y[begin_s, end_s) -> area[me][0..) of rank s.
+//  combine recv: a block takes a chunk of tokens, puts their routes (rank,
+//    slot) in shared memory, then each thread reduces 4 vectors of 16 B at a
+//    time, 2 ranks deep (up to 8 loads in flight), in fp32.
+//
+// RULES FOR CALLERS. Every rank must run the same ops in the same order.
+// Kernels of several ranks sharing one GPU (MPS) spin while they wait, so the
+// runtime scales num_blocks down by the ranks sharing the GPU. Several ranks
+// as streams of ONE process (tests only) must enqueue phase p of every rank
+// before phase p+1 of any (LaunchIntranode*Phase): a stream-ordered kernel
+// waiting at the head of a shared hardware queue would block a peer's notify.
 #include "ffi/kernels/intranode.h"
 
 #include <algorithm>
@@ -60,6 +79,8 @@ constexpr int kUnroll = 4;
 constexpr int kMaxRanks = kIntranodeMaxRanks;
 constexpr int kMaxParts = kIntranodeMaxParts;
 constexpr int kMaxTokensPerChunk = 32;  // combine receive: tokens whose routes sit in shared memory
+constexpr int kItems = 4;       // combine receive: vectors one thread reduces at once
+constexpr int kRankUnroll = 2;  // combine receive: ranks loaded at once per vector
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxHidden = kIntranodeMaxHidden;
 
@@ -541,7 +562,7 @@ struct F8E4M3Elem {
 // the result is bitwise the reference's acc = term(0); acc += term(r): adding
 // +0.0f only matters for a -0.0f sum, so one add per gap is enough.
 template <typename Elem, int kVec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: <= 128 registers
     CombineRecvKernel(IntranodeComm c, CombineKernelArgs a) {
   using Raw = typename Elem::Raw;
   using V = typename VecOf<kVec * sizeof(Raw)>::Type;
@@ -593,55 +614,81 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
+    // Each thread reduces kItems vectors at once, up to kRankUnroll ranks each,
+    // so that up to kItems * kRankUnroll loads are in flight (memory-level
+    // parallelism even when tokens have a single route, e.g. R = 1).
     const int items = n_tok * vecs_per_token;
-    for (int item = tid; item < items; item += blockDim.x) {
-      const int g = item / vecs_per_token;
-      const int cv = item - g * vecs_per_token;
-      const int64_t byte_in_row = static_cast<int64_t>(cv) * static_cast<int64_t>(sizeof(V));
-      float acc[kVec];
+    for (int base = tid; base < items; base += blockDim.x * kItems) {
+      int g[kItems], n[kItems], prev[kItems];
+      int64_t byte_in_row[kItems];
+      float acc[kItems][kVec];
+      int n_max = 0;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] = -0.0f;
-      int prev = -1;
-      const int n = s_count[g];
-      for (int k0 = 0; k0 < n; k0 += kUnroll) {
-        V v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int k = k0 + u;
-          if (k < n) {
-            const int64_t row = static_cast<int64_t>(s_rank[g][k]) * T + s_slot[g][k];
-            v[u] = __ldcg(reinterpret_cast<const V*>(area + row * rb + byte_in_row));
-          } else {
-            v[u] = V{};
-          }
+      for (int i = 0; i < kItems; ++i) {
+        const int item = base + i * static_cast<int>(blockDim.x);
+        g[i] = 0;
+        n[i] = -1;  // no item
+        byte_in_row[i] = 0;
+        if (item < items) {
+          g[i] = item / vecs_per_token;
+          byte_in_row[i] =
+              static_cast<int64_t>(item - g[i] * vecs_per_token) * static_cast<int64_t>(sizeof(V));
+          n[i] = s_count[g[i]];
+          n_max = max(n_max, n[i]);
         }
+        prev[i] = -1;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int k = k0 + u;
-          if (k < n) {
-            const int r = s_rank[g][k];
-            if (r != prev + 1) {
+        for (int e = 0; e < kVec; ++e) acc[i][e] = -0.0f;
+      }
+      for (int k0 = 0; k0 < n_max; k0 += kRankUnroll) {
+        V v[kItems][kRankUnroll];
 #pragma unroll
-              for (int i = 0; i < kVec; ++i) acc[i] += 0.0f;
+        for (int i = 0; i < kItems; ++i) {
+#pragma unroll
+          for (int u = 0; u < kRankUnroll; ++u) {
+            const int k = k0 + u;
+            if (k < n[i]) {
+              const int64_t row = static_cast<int64_t>(s_rank[g[i]][k]) * T + s_slot[g[i]][k];
+              v[i][u] = __ldcg(reinterpret_cast<const V*>(area + row * rb + byte_in_row[i]));
+            } else {
+              v[i][u] = V{};
             }
-            prev = r;
-            Raw raw[kVec];
-            memcpy(raw, &v[u], sizeof(V));
+          }
+        }
 #pragma unroll
-            for (int i = 0; i < kVec; ++i) acc[i] += Elem::ToFloat(raw[i]);
+        for (int i = 0; i < kItems; ++i) {
+#pragma unroll
+          for (int u = 0; u < kRankUnroll; ++u) {
+            const int k = k0 + u;
+            if (k < n[i]) {
+              const int r = s_rank[g[i]][k];
+              if (r != prev[i] + 1) {
+#pragma unroll
+                for (int e = 0; e < kVec; ++e) acc[i][e] += 0.0f;
+              }
+              prev[i] = r;
+              Raw raw[kVec];
+              memcpy(raw, &v[i][u], sizeof(V));
+#pragma unroll
+              for (int e = 0; e < kVec; ++e) acc[i][e] += Elem::ToFloat(raw[e]);
+            }
           }
         }
       }
-      if (prev != R - 1) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[i] += 0.0f;
+      for (int i = 0; i < kItems; ++i) {
+        if (n[i] < 0) continue;
+        if (prev[i] != R - 1) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[i][e] += 0.0f;
+        }
+        Raw res[kVec];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) res[e] = Elem::FromFloat(acc[i][e]);
+        V packed;
+        memcpy(&packed, res, sizeof(V));
+        *reinterpret_cast<V*>(a.out + (t0 + g[i]) * rb + byte_in_row[i]) = packed;
       }
-      Raw res[kVec];
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) res[i] = Elem::FromFloat(acc[i]);
-      V packed;
-      memcpy(&packed, res, sizeof(V));
-      *reinterpret_cast<V*>(a.out + (t0 + g) * rb + byte_in_row) = packed;
     }
     __syncthreads();  // the next chunk rewrites the routes
   }
@@ -672,17 +719,18 @@ bool ValidComm(const IntranodeComm& comm) {
          comm.num_blocks >= 1;
 }
 
-// Tokens per combine-receive chunk: at least ~2 vectors per thread, and the
-// count that wastes the fewest thread slots in the chunk's last round.
+// Tokens per combine-receive chunk: at least ~kItems vectors per thread, and
+// the count that wastes the fewest thread slots in the chunk's last round.
 int TokensPerChunk(int64_t vecs_per_token) {
   if (vecs_per_token <= 0) return kMaxTokensPerChunk;
   const int64_t g_min = std::min<int64_t>(
-      kMaxTokensPerChunk, std::max<int64_t>(1, (2 * kThreads + vecs_per_token - 1) / vecs_per_token));
+      kMaxTokensPerChunk,
+      std::max<int64_t>(1, (kItems * kThreads + vecs_per_token - 1) / vecs_per_token));
   int best = static_cast<int>(g_min);
   double best_waste = 2.0;
   for (int64_t g = g_min; g <= std::min<int64_t>(kMaxTokensPerChunk, 4 * g_min); ++g) {
     const int64_t items = g * vecs_per_token;
-    const int64_t slots = RoundUp(items, kThreads);
+    const int64_t slots = RoundUp(items, kItems * kThreads);
     const double waste = static_cast<double>(slots - items) / static_cast<double>(slots);
     if (waste < best_waste - 1e-9) {
       best_waste = waste;
@@ -731,28 +779,32 @@ int CombineDtypeBytes(CombineDtype dtype) {
   return 0;
 }
 
-cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
-                                    cudaStream_t stream) {
+namespace {
+
+// Validated kernel arguments of a dispatch; false for parameters outside the
+// limits in intranode.h.
+bool PrepareDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
+                     DispatchKernelArgs* k, int64_t* recv_bytes) {
   if (!ValidComm(comm) || args.num_parts < 0 || args.num_parts > kMaxParts ||
       args.num_tokens < 0 || args.capacity < 0 || args.rank_counts == nullptr ||
       (args.num_tokens > 0 && args.slot == nullptr)) {
-    return cudaErrorInvalidValue;
+    return false;
   }
-  DispatchKernelArgs k{};
-  k.slot = args.slot;
-  k.rank_counts = args.rank_counts;
-  k.num_tokens = args.num_tokens;
-  k.capacity = args.capacity;
+  *k = DispatchKernelArgs{};
+  k->slot = args.slot;
+  k->rank_counts = args.rank_counts;
+  k->num_tokens = args.num_tokens;
+  k->capacity = args.capacity;
   uint64_t offset = 0;
-  int64_t recv_bytes = 0;
+  *recv_bytes = 0;
   for (int p = 0; p < args.num_parts; ++p) {
     const IntranodePart& in = args.parts[p];
-    if (in.row_bytes < 0) return cudaErrorInvalidValue;
+    if (in.row_bytes < 0) return false;
     if (in.row_bytes == 0) continue;  // nothing to move (pointers may be null)
     if ((args.num_tokens > 0 && in.src == nullptr) || (args.capacity > 0 && in.dst == nullptr)) {
-      return cudaErrorInvalidValue;
+      return false;
     }
-    PartDesc& d = k.parts[k.num_parts++];
+    PartDesc& d = k->parts[k->num_parts++];
     d.src = static_cast<const uint8_t*>(in.src);
     d.dst = static_cast<uint8_t*>(in.dst);
     d.row_bytes = in.row_bytes;
@@ -760,84 +812,126 @@ cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDi
     d.send_vec = AccessWidth(in.row_bytes, in.src, offset);
     d.recv_vec = AccessWidth(in.row_bytes, in.dst, offset);
     offset += static_cast<uint64_t>(args.capacity) * static_cast<uint64_t>(in.row_bytes);
-    recv_bytes += args.capacity * in.row_bytes;
+    *recv_bytes += args.capacity * in.row_bytes;
   }
-  if (offset > comm.data_bytes) return cudaErrorInvalidValue;
-
-  const int32_t op = args.sent != nullptr ? kOpDispatch : kOpCachedDispatch;
-  NotifyKernel<<<1, kThreads, 0, stream>>>(comm, args.sent, args.rank_counts, op);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
-  DispatchSendKernel<<<GridSize(comm, args.num_tokens, kWarps), kThreads, 0, stream>>>(comm, k);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
-  const int recv_blocks = GridSize(comm, recv_bytes / 16, static_cast<int64_t>(kThreads) * kUnroll);
-  DispatchRecvKernel<<<recv_blocks, kThreads, 0, stream>>>(comm, k, op);
-  return cudaGetLastError();
+  return offset <= comm.data_bytes;
 }
 
-cudaError_t LaunchIntranodeCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
-                                   cudaStream_t stream) {
+bool PrepareCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
+                    CombineKernelArgs* k, bool* vectorized) {
   const int elem_bytes = CombineDtypeBytes(args.dtype);
   if (!ValidComm(comm) || elem_bytes == 0 || args.num_tokens < 0 || args.capacity < 0 ||
       args.hidden < 0 || args.hidden > kMaxHidden || args.rank_counts == nullptr ||
       (args.num_tokens > 0 && args.token_slot == nullptr)) {
-    return cudaErrorInvalidValue;
+    return false;
   }
   const int64_t rb = args.hidden * elem_bytes;
   if (IntranodeCombineDataBytes(comm.num_ranks, args.num_tokens, rb) > comm.data_bytes) {
-    return cudaErrorInvalidValue;
+    return false;
   }
-  const bool has_rows = rb > 0;
-  if (has_rows && ((args.capacity > 0 && args.y == nullptr) ||
-                   (args.num_tokens > 0 && args.out == nullptr))) {
-    return cudaErrorInvalidValue;
+  if (rb > 0 && ((args.capacity > 0 && args.y == nullptr) ||
+                 (args.num_tokens > 0 && args.out == nullptr))) {
+    return false;
   }
-  CombineKernelArgs k{};
-  k.y = static_cast<const uint8_t*>(args.y);
-  k.token_slot = args.token_slot;
-  k.rank_counts = args.rank_counts;
-  k.out = static_cast<uint8_t*>(args.out);
-  k.num_tokens = args.num_tokens;
-  k.capacity = args.capacity;
-  k.hidden = args.hidden;
-  k.row_bytes = rb;
-  k.send_vec = AccessWidth(rb, args.y);
-  const bool vectorized = AccessWidth(rb, args.out) == 16;
-  const int64_t vec = vectorized ? 16 / elem_bytes : 1;
-  k.tokens_per_chunk = TokensPerChunk(args.hidden / vec);
+  *k = CombineKernelArgs{};
+  k->y = static_cast<const uint8_t*>(args.y);
+  k->token_slot = args.token_slot;
+  k->rank_counts = args.rank_counts;
+  k->out = static_cast<uint8_t*>(args.out);
+  k->num_tokens = args.num_tokens;
+  k->capacity = args.capacity;
+  k->hidden = args.hidden;
+  k->row_bytes = rb;
+  k->send_vec = AccessWidth(rb, args.y);
+  *vectorized = AccessWidth(rb, args.out) == 16;
+  k->tokens_per_chunk = TokensPerChunk(args.hidden / (*vectorized ? 16 / elem_bytes : 1));
+  return true;
+}
 
-  NotifyKernel<<<1, kThreads, 0, stream>>>(comm, nullptr, nullptr, kOpCombine);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+}  // namespace
 
-  // With no rows the send still runs: it publishes the data flags.
-  const int send_blocks =
-      GridSize(comm, has_rows ? args.capacity * rb / 16 : 0, static_cast<int64_t>(kThreads) * kUnroll);
-  CombineSendKernel<<<send_blocks, kThreads, 0, stream>>>(comm, k);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
-  const int recv_blocks =
-      has_rows ? GridSize(comm, args.num_tokens, k.tokens_per_chunk) : 1;
-  if (!has_rows) k.num_tokens = 0;  // wait for the peers, touch nothing
-  switch (args.dtype) {
-    case CombineDtype::kBF16:
-      LaunchCombineRecv<Bf16Elem>(comm, k, vectorized, recv_blocks, stream);
+cudaError_t LaunchIntranodeDispatchPhase(const IntranodeComm& comm,
+                                         const IntranodeDispatchArgs& args, IntranodePhase phase,
+                                         cudaStream_t stream) {
+  DispatchKernelArgs k;
+  int64_t recv_bytes = 0;
+  if (!PrepareDispatch(comm, args, &k, &recv_bytes)) return cudaErrorInvalidValue;
+  const int32_t op = args.sent != nullptr ? kOpDispatch : kOpCachedDispatch;
+  switch (phase) {
+    case kPhaseNotify:
+      NotifyKernel<<<1, kThreads, 0, stream>>>(comm, args.sent, args.rank_counts, op);
       break;
-    case CombineDtype::kF16:
-      LaunchCombineRecv<F16Elem>(comm, k, vectorized, recv_blocks, stream);
+    case kPhaseSend:
+      DispatchSendKernel<<<GridSize(comm, args.num_tokens, kWarps), kThreads, 0, stream>>>(comm,
+                                                                                          k);
       break;
-    case CombineDtype::kF32:
-      LaunchCombineRecv<F32Elem>(comm, k, vectorized, recv_blocks, stream);
+    case kPhaseRecv:
+      DispatchRecvKernel<<<GridSize(comm, recv_bytes / 16, static_cast<int64_t>(kThreads) * kUnroll),
+                           kThreads, 0, stream>>>(comm, k, op);
       break;
-    case CombineDtype::kF8E4M3FN:
-      LaunchCombineRecv<F8E4M3Elem>(comm, k, vectorized, recv_blocks, stream);
-      break;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+cudaError_t LaunchIntranodeCombinePhase(const IntranodeComm& comm, const IntranodeCombineArgs& args,
+                                        IntranodePhase phase, cudaStream_t stream) {
+  CombineKernelArgs k;
+  bool vectorized = false;
+  if (!PrepareCombine(comm, args, &k, &vectorized)) return cudaErrorInvalidValue;
+  const bool has_rows = k.row_bytes > 0;
+  switch (phase) {
+    case kPhaseNotify:
+      NotifyKernel<<<1, kThreads, 0, stream>>>(comm, nullptr, nullptr, kOpCombine);
+      break;
+    case kPhaseSend:
+      // With no rows the send still runs: it publishes the data flags.
+      CombineSendKernel<<<GridSize(comm, has_rows ? args.capacity * k.row_bytes / 16 : 0,
+                                   static_cast<int64_t>(kThreads) * kUnroll),
+                          kThreads, 0, stream>>>(comm, k);
+      break;
+    case kPhaseRecv: {
+      const int blocks = has_rows ? GridSize(comm, args.num_tokens, k.tokens_per_chunk) : 1;
+      if (!has_rows) k.num_tokens = 0;  // wait for the peers, touch nothing
+      switch (args.dtype) {
+        case CombineDtype::kBF16:
+          LaunchCombineRecv<Bf16Elem>(comm, k, vectorized, blocks, stream);
+          break;
+        case CombineDtype::kF16:
+          LaunchCombineRecv<F16Elem>(comm, k, vectorized, blocks, stream);
+          break;
+        case CombineDtype::kF32:
+          LaunchCombineRecv<F32Elem>(comm, k, vectorized, blocks, stream);
+          break;
+        case CombineDtype::kF8E4M3FN:
+          LaunchCombineRecv<F8E4M3Elem>(comm, k, vectorized, blocks, stream);
+          break;
+      }
+      break;
+    }
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
+                                    cudaStream_t stream) {
+  for (IntranodePhase phase : {kPhaseNotify, kPhaseSend, kPhaseRecv}) {
+    const cudaError_t err = LaunchIntranodeDispatchPhase(comm, args, phase, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t LaunchIntranodeCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
+                                   cudaStream_t stream) {
+  for (IntranodePhase phase : {kPhaseNotify, kPhaseSend, kPhaseRecv}) {
+    const cudaError_t err = LaunchIntranodeCombinePhase(comm, args, phase, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace jax_ep

@@ -119,4 +119,16 @@ cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDi
 cudaError_t LaunchIntranodeCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
                                    cudaStream_t stream);
 
+// The same ops one phase at a time (phases must be enqueued in order, each
+// exactly once per op): the hook for split send / receive custom calls, and
+// for tests that run several ranks as streams of one process (there, enqueue
+// phase p of every rank before phase p+1 of any, so that no stream-ordered
+// wait at the head of a shared hardware queue blocks a peer's notify).
+enum IntranodePhase : int32_t { kPhaseNotify = 0, kPhaseSend = 1, kPhaseRecv = 2 };
+cudaError_t LaunchIntranodeDispatchPhase(const IntranodeComm& comm,
+                                         const IntranodeDispatchArgs& args, IntranodePhase phase,
+                                         cudaStream_t stream);
+cudaError_t LaunchIntranodeCombinePhase(const IntranodeComm& comm, const IntranodeCombineArgs& args,
+                                        IntranodePhase phase, cudaStream_t stream);
+
 }  // namespace jax_ep

@@ -12,10 +12,15 @@ import pytest
 
 from jax_ep import _ffi
 
-pytestmark = [
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
-    pytest.mark.skipif(not _ffi.cuda_available(), reason="jax_ep built without CUDA ops"),
-]
+pytestmark = pytest.mark.skipif(not _ffi.cuda_available(), reason="jax_ep built without CUDA ops")
+
+
+@pytest.fixture(autouse=True)
+def _needs_gpu():
+    # Checked when a test runs, not at collection: starting JAX's GPU backend in
+    # this process earlier would hold a CUDA context while MPS clients run.
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
 
 
 def numpy_layout(idx: np.ndarray, num_experts: int, num_ranks: int):

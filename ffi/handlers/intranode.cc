@@ -1,0 +1,334 @@
+// XLA FFI handlers for the intranode ops (kernels: ffi/kernels/intranode.h;
+// communicator: ffi/runtime/comm_context.h). They find this device's rank
+// context, check shapes, fill plain structs and launch on XLA's stream. No
+// math, no host synchronisation, no CUDA API calls besides the launches.
+//
+// jax_ep_intranode_dispatch
+//   operands  slot         s32[T, R]   position of token t among my tokens to rank r, or -1
+//             sent         s32[R]      my tokens per destination rank
+//             payload_0..N-1  [T, ...] any dtype, moved as raw bytes
+//   attrs     capacity (i64)
+//   results   rank_counts  s32[R, R]   C[s][r] = tokens s sends to r (same on every rank)
+//             recv_0..N-1  [capacity, ...] same dtypes; rows >= num_recv are zero
+// jax_ep_intranode_dispatch_cached
+//   operands  slot s32[T, R] (post-drop), rank_counts s32[R, R], payload_0..N-1
+//   attrs     capacity (i64)
+//   results   recv_0..N-1
+// jax_ep_intranode_combine
+//   operands  y [capacity, H] (bf16 | f16 | f32 | f8e4m3fn)
+//             token_slot s32[T, R] (post-drop), rank_counts s32[R, R]
+//   results   out [T, H], dtype of y
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "ffi/handlers/handlers.h"
+#include "ffi/kernels/intranode.h"
+#include "ffi/runtime/comm_context.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+std::string Dims(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(dims[i]);
+  }
+  return s + "]";
+}
+
+std::string Str(int64_t v) { return std::to_string(v); }
+
+ffi::Error LaunchError(const std::string& where, cudaError_t err) {
+  return ffi::Error::Internal(where + "CUDA error " + cudaGetErrorName(err) + ": " +
+                              cudaGetErrorString(err));
+}
+
+// Bytes per element, or 0 for types whose elements are not whole bytes.
+size_t ElementBytes(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::S1:
+    case ffi::DataType::S2:
+    case ffi::DataType::S4:
+    case ffi::DataType::U1:
+    case ffi::DataType::U2:
+    case ffi::DataType::U4:
+    case ffi::DataType::F4E2M1FN:
+    case ffi::DataType::TOKEN:
+    case ffi::DataType::INVALID:
+      return 0;
+    default:
+      return ffi::ByteWidth(dtype);
+  }
+}
+
+ffi::Error AcquireComm(int32_t device, const std::string& where, jax_ep::IntranodeComm* comm,
+                       std::shared_ptr<const jax_ep::CommContext>* hold) {
+  std::string error;
+  if (!jax_ep::AcquireIntranodeComm(device, comm, hold, &error)) {
+    return ffi::Error::Internal(where + error);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckMatrix(const std::string& where, const char* name, ffi::Span<const int64_t> dims,
+                       int64_t rows, int64_t cols) {
+  if (dims.size() != 2 || dims[0] != rows || dims[1] != cols) {
+    return ffi::Error::InvalidArgument(where + name + " must have shape [" + Str(rows) + ", " +
+                                       Str(cols) + "] (EP size " + Str(cols) + "), got " +
+                                       Dims(dims));
+  }
+  return ffi::Error::Success();
+}
+
+// Shared by the dispatch handlers: fills args.parts from the payloads and the
+// receive results (N each), checking their shapes against T and capacity.
+ffi::Error CollectParts(const std::string& where, const ffi::RemainingArgs& payloads,
+                        const ffi::RemainingRets& recvs, int64_t num_tokens, int64_t capacity,
+                        jax_ep::IntranodeDispatchArgs* args, std::vector<int64_t>* row_bytes) {
+  const size_t n = payloads.size();
+  if (recvs.size() != n) {
+    return ffi::Error::InvalidArgument(where + "got " + Str(static_cast<int64_t>(n)) +
+                                       " payload operands but " +
+                                       Str(static_cast<int64_t>(recvs.size())) +
+                                       " receive results; they must match one to one");
+  }
+  if (n > static_cast<size_t>(jax_ep::kIntranodeMaxParts)) {
+    return ffi::Error::InvalidArgument(where + "at most " + Str(jax_ep::kIntranodeMaxParts) +
+                                       " payload arrays per call, got " +
+                                       Str(static_cast<int64_t>(n)));
+  }
+  args->num_parts = static_cast<int32_t>(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string name = "payload " + Str(static_cast<int64_t>(i));
+    auto in = payloads.get<ffi::AnyBuffer>(i);
+    if (!in.has_value()) return ffi::Error::InvalidArgument(where + name + ": " + in.error().message());
+    auto out = recvs.get<ffi::AnyBuffer>(i);
+    if (!out.has_value()) {
+      return ffi::Error::InvalidArgument(where + "result for " + name + ": " + out.error().message());
+    }
+    const ffi::AnyBuffer src = in.value();
+    ffi::AnyBuffer dst = *out.value();
+    const auto src_dims = src.dimensions();
+    const auto dst_dims = dst.dimensions();
+    if (src_dims.size() < 1 || src_dims[0] != num_tokens) {
+      return ffi::Error::InvalidArgument(where + name + " must have shape [T=" + Str(num_tokens) +
+                                         ", ...] like slot, got " + Dims(src_dims));
+    }
+    if (dst.element_type() != src.element_type()) {
+      return ffi::Error::InvalidArgument(where + "the result for " + name +
+                                         " must have the payload's dtype");
+    }
+    bool same_row = dst_dims.size() == src_dims.size() && dst_dims[0] == capacity;
+    int64_t elems = 1;
+    for (size_t d = 1; d < src_dims.size(); ++d) {
+      elems *= src_dims[d];
+      if (same_row && dst_dims[d] != src_dims[d]) same_row = false;
+    }
+    if (!same_row) {
+      return ffi::Error::InvalidArgument(where + "the result for " + name + " must have shape [" +
+                                         "capacity=" + Str(capacity) + ", <payload row shape>], "
+                                         "payload " + Dims(src_dims) + ", result " +
+                                         Dims(dst_dims));
+    }
+    const size_t width = ElementBytes(src.element_type());
+    if (width == 0) {
+      return ffi::Error::InvalidArgument(where + name +
+                                         ": sub-byte and token dtypes are not supported");
+    }
+    jax_ep::IntranodePart& part = args->parts[i];
+    part.src = src.untyped_data();
+    part.dst = dst.untyped_data();
+    part.row_bytes = elems * static_cast<int64_t>(width);
+    row_bytes->push_back(part.row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DispatchCommon(const std::string& where, cudaStream_t stream, int32_t device,
+                          ffi::Buffer<ffi::S32, 2> slot, const int32_t* sent,
+                          ffi::Span<const int64_t> sent_dims, int32_t* rank_counts,
+                          ffi::Span<const int64_t> counts_dims, const ffi::RemainingArgs& payloads,
+                          const ffi::RemainingRets& recvs, int64_t capacity) {
+  jax_ep::IntranodeComm comm{};
+  std::shared_ptr<const jax_ep::CommContext> hold;
+  if (ffi::Error err = AcquireComm(device, where, &comm, &hold); err.failure()) return err;
+  const int64_t R = comm.num_ranks;
+
+  const auto slot_dims = slot.dimensions();
+  const int64_t T = slot_dims[0];
+  if (slot_dims[1] != R) {
+    return ffi::Error::InvalidArgument(where + "slot must have shape [T, R] with R = " + Str(R) +
+                                       " (the EP size this device was initialized with), got " +
+                                       Dims(slot_dims));
+  }
+  if (sent != nullptr && (sent_dims.size() != 1 || sent_dims[0] != R)) {
+    return ffi::Error::InvalidArgument(where + "sent must have shape [R=" + Str(R) + "], got " +
+                                       Dims(sent_dims));
+  }
+  if (ffi::Error err = CheckMatrix(where, "rank_counts", counts_dims, R, R); err.failure()) {
+    return err;
+  }
+  if (capacity < 0 || capacity > INT32_MAX) {
+    return ffi::Error::InvalidArgument(where + "capacity must be in [0, 2^31), got " +
+                                       Str(capacity));
+  }
+
+  jax_ep::IntranodeDispatchArgs args{};
+  args.slot = slot.typed_data();
+  args.sent = sent;
+  args.rank_counts = rank_counts;
+  args.num_tokens = T;
+  args.capacity = capacity;
+  std::vector<int64_t> row_bytes;
+  if (ffi::Error err = CollectParts(where, payloads, recvs, T, capacity, &args, &row_bytes);
+      err.failure()) {
+    return err;
+  }
+  const size_t need = jax_ep::IntranodeDispatchDataBytes(capacity, row_bytes.data(),
+                                                        static_cast<int>(row_bytes.size()));
+  if (need > comm.data_bytes) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+        where + "the comm buffer's data area has " + std::to_string(comm.data_bytes) +
+        " bytes but this dispatch needs " + std::to_string(need) +
+        " (capacity x row bytes of every payload); initialize jax_ep with a larger buffer");
+  }
+  const cudaError_t err = jax_ep::LaunchIntranodeDispatch(comm, args, stream);
+  if (err != cudaSuccess) return LaunchError(where, err);
+  return ffi::Error::Success();
+}
+
+ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 2> slot,
+                             ffi::Buffer<ffi::S32, 1> sent, ffi::RemainingArgs payloads,
+                             ffi::ResultBuffer<ffi::S32, 2> rank_counts, ffi::RemainingRets recvs,
+                             int64_t capacity) {
+  return DispatchCommon("jax_ep_intranode_dispatch: ", stream, device, slot, sent.typed_data(),
+                        sent.dimensions(), rank_counts->typed_data(), rank_counts->dimensions(),
+                        payloads, recvs, capacity);
+}
+
+ffi::Error IntranodeDispatchCached(cudaStream_t stream, int32_t device,
+                                   ffi::Buffer<ffi::S32, 2> slot,
+                                   ffi::Buffer<ffi::S32, 2> rank_counts,
+                                   ffi::RemainingArgs payloads, ffi::RemainingRets recvs,
+                                   int64_t capacity) {
+  // The kernels only read rank_counts in cached mode.
+  return DispatchCommon("jax_ep_intranode_dispatch_cached: ", stream, device, slot, nullptr, {},
+                        const_cast<int32_t*>(rank_counts.typed_data()), rank_counts.dimensions(),
+                        payloads, recvs, capacity);
+}
+
+ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                            ffi::Buffer<ffi::S32, 2> token_slot,
+                            ffi::Buffer<ffi::S32, 2> rank_counts, ffi::Result<ffi::AnyBuffer> out) {
+  const std::string where = "jax_ep_intranode_combine: ";
+  jax_ep::IntranodeComm comm{};
+  std::shared_ptr<const jax_ep::CommContext> hold;
+  if (ffi::Error err = AcquireComm(device, where, &comm, &hold); err.failure()) return err;
+  const int64_t R = comm.num_ranks;
+
+  jax_ep::CombineDtype dtype;
+  switch (y.element_type()) {
+    case ffi::DataType::BF16:
+      dtype = jax_ep::CombineDtype::kBF16;
+      break;
+    case ffi::DataType::F16:
+      dtype = jax_ep::CombineDtype::kF16;
+      break;
+    case ffi::DataType::F32:
+      dtype = jax_ep::CombineDtype::kF32;
+      break;
+    case ffi::DataType::F8E4M3FN:
+      dtype = jax_ep::CombineDtype::kF8E4M3FN;
+      break;
+    default:
+      return ffi::Error::InvalidArgument(
+          where + "y must be bfloat16, float16, float32 or float8_e4m3fn");
+  }
+  const auto y_dims = y.dimensions();
+  if (y_dims.size() != 2) {
+    return ffi::Error::InvalidArgument(where + "y must be [capacity, H], got " + Dims(y_dims));
+  }
+  const int64_t capacity = y_dims[0];
+  const int64_t hidden = y_dims[1];
+  if (hidden > jax_ep::kIntranodeMaxHidden) {
+    return ffi::Error::InvalidArgument(where + "H must be <= " + Str(jax_ep::kIntranodeMaxHidden) +
+                                       ", got " + Str(hidden));
+  }
+  const auto slot_dims = token_slot.dimensions();
+  const int64_t T = slot_dims[0];
+  if (slot_dims[1] != R) {
+    return ffi::Error::InvalidArgument(where + "token_slot must have shape [T, R] with R = " +
+                                       Str(R) + " (the EP size this device was initialized " +
+                                       "with), got " + Dims(slot_dims));
+  }
+  if (ffi::Error err = CheckMatrix(where, "rank_counts", rank_counts.dimensions(), R, R);
+      err.failure()) {
+    return err;
+  }
+  const auto out_dims = out->dimensions();
+  if (out->element_type() != y.element_type() || out_dims.size() != 2 || out_dims[0] != T ||
+      out_dims[1] != hidden) {
+    return ffi::Error::InvalidArgument(where + "the result must be [T=" + Str(T) + ", H=" +
+                                       Str(hidden) + "] with y's dtype, got " + Dims(out_dims));
+  }
+  const int64_t row_bytes = hidden * jax_ep::CombineDtypeBytes(dtype);
+  const size_t need = jax_ep::IntranodeCombineDataBytes(R, T, row_bytes);
+  if (need > comm.data_bytes) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+        where + "the comm buffer's data area has " + std::to_string(comm.data_bytes) +
+        " bytes but this combine needs " + std::to_string(need) +
+        " (R x T x H x itemsize); initialize jax_ep with a larger buffer");
+  }
+
+  jax_ep::IntranodeCombineArgs args{};
+  args.y = y.untyped_data();
+  args.token_slot = token_slot.typed_data();
+  args.rank_counts = rank_counts.typed_data();
+  args.out = out->untyped_data();
+  args.num_tokens = T;
+  args.capacity = capacity;
+  args.hidden = hidden;
+  args.dtype = dtype;
+  const cudaError_t err = jax_ep::LaunchIntranodeCombine(comm, args, stream);
+  if (err != cudaSuccess) return LaunchError(where, err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatch, IntranodeDispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // slot
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // sent
+                                  .RemainingArgs()                  // payloads
+                                  .Ret<ffi::BufferR2<ffi::S32>>()  // rank_counts
+                                  .RemainingRets()                  // receive buffers
+                                  .Attr<int64_t>("capacity"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCached,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // slot (post-drop)
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
+                                  .RemainingArgs()                  // payloads
+                                  .RemainingRets()                  // receive buffers
+                                  .Attr<int64_t>("capacity"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeCombine, IntranodeCombine,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()            // y
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // token_slot (post-drop)
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
+                                  .Ret<ffi::AnyBuffer>());          // out
