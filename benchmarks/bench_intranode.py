@@ -106,11 +106,19 @@ def measure(backend, n, mesh, tokens, iters, seed=0):
     comb = smap(lambda y, h: jax_ep.combine(y, drop(h), backend=backend))
 
     rows = sum(int(np.asarray(sh.data)[0]) for sh in handle.num_recv_tokens.addressable_shards)
-    out = {
-        "dispatch_bf16": (_time(disp_bf16, x, idx, w, iters=iters), rows * H * 2),
-        "dispatch_fp8": (_time(disp_fp8, q, s, idx, w, iters=iters), rows * H * (1 + 4 / 128)),
-        "combine_bf16": (_time(comb, recv, handle, iters=iters), rows * H * 2),
-    }
+    local_tokens = tokens * len(x.addressable_shards)
+    # HBM traffic of the kernels: dispatch reads each row, writes it into the
+    # receiver's buffer, which copies it out (2 reads + 2 writes); combine reads
+    # each row, writes it into the source's buffer, which reads it and writes one
+    # output row per token.
+    out = {}
+    for op, sec, nbytes in [
+        ("dispatch_bf16", _time(disp_bf16, x, idx, w, iters=iters), rows * H * 2),
+        ("dispatch_fp8", _time(disp_fp8, q, s, idx, w, iters=iters), rows * H * (1 + 4 / 128)),
+        ("combine_bf16", _time(comb, recv, handle, iters=iters), rows * H * 2),
+    ]:
+        hbm = 3 * nbytes + local_tokens * H * 2 if op.startswith("combine") else 4 * nbytes
+        out[op] = (sec, nbytes, hbm)
     return out
 
 
@@ -127,8 +135,8 @@ def _mesh(devices):
     return jax.sharding.Mesh(np.asarray(devices), ("ep",))
 
 
-def _row(mode, op, n, sec, nbytes, ref_sec, copy_bw):
-    hbm = 4 * nbytes / sec  # written to the peer buffer, then copied out: 2 reads + 2 writes
+def _row(mode, op, n, sec, nbytes, hbm_bytes, ref_sec, copy_bw):
+    hbm = hbm_bytes / sec
     ref = f"{ref_sec * 1e6:9.1f} {ref_sec / sec:6.2f}x" if ref_sec else f"{'n/a':>9} {'':>7}"
     return (f"| {mode:<14} | {op:<13} | {n:>2} | {sec * 1e6:9.1f} | {nbytes / sec / 1e9:8.1f} | "
             f"{hbm / 1e9:8.1f} | {100 * hbm / copy_bw:5.1f}% | {ref} |")
@@ -149,8 +157,8 @@ def run_local(devices, mode, iters, tokens):
     jax_ep.shutdown()
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(HEADER)
-    for op, (sec, nbytes) in cuda.items():
-        print(_row(mode, op, len(devices), sec, nbytes, ref[op][0], copy_bw))
+    for op, (sec, nbytes, hbm) in cuda.items():
+        print(_row(mode, op, len(devices), sec, nbytes, hbm, ref[op][0], copy_bw))
 
 
 def worker(iters="50", tokens=str(T)):
@@ -184,7 +192,8 @@ def run_processes(n, iters, tokens):
     for op in results[0].result["ops"]:
         sec = max(r.result["ops"][op][0] for r in results)  # the slowest rank bounds the op
         nbytes = sum(r.result["ops"][op][1] for r in results)
-        print(_row(f"{n} procs/1 GPU", op, n, sec, nbytes, None, copy_bw))
+        hbm = sum(r.result["ops"][op][2] for r in results)
+        print(_row(f"{n} procs/1 GPU", op, n, sec, nbytes, hbm, None, copy_bw))
 
 
 def main(argv=None):
