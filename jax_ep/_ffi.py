@@ -64,6 +64,40 @@ def _cuda_module() -> ModuleType | None:
         return None
 
 
+@functools.cache
+def _nvshmem_module() -> ModuleType | None:
+    """The NVSHMEM low-latency extension, or None when not built (or not loadable,
+    e.g. without libnvshmem_host.so.3 from the nvidia-nvshmem-cu13 wheel)."""
+    if importlib.util.find_spec("jax_ep._jax_ep_nvshmem") is None:
+        return None
+    try:
+        return importlib.import_module("jax_ep._jax_ep_nvshmem")
+    except ImportError as err:
+        warnings.warn(
+            f"jax_ep: the NVSHMEM extension exists but failed to load ({err}); the "
+            "low-latency CUDA ops are off (pip install 'nvidia-nvshmem-cu13>=3.4.5,<4').",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def nvshmem_available() -> bool:
+    """Whether the NVSHMEM low-latency ops are compiled in and loadable."""
+    return _nvshmem_module() is not None
+
+
+def nvshmem_module() -> ModuleType:
+    """The NVSHMEM extension (RuntimeError when this build has none)."""
+    mod = _nvshmem_module()
+    if mod is None:
+        raise RuntimeError(
+            "jax_ep was built without its NVSHMEM low-latency ops (needs nvcc and the "
+            "nvidia-nvshmem-cu13 wheel at build time, JAX_EP_NVSHMEM=AUTO|ON)."
+        )
+    return mod
+
+
 def cuda_available() -> bool:
     """Whether the CUDA ops are compiled in and loadable (says nothing about GPUs present)."""
     return _cuda_module() is not None
@@ -86,7 +120,10 @@ def ensure_cuda_targets_registered() -> None:
                 "jax_ep was built without its CUDA ops (no nvcc at build time, or "
                 "JAX_EP_CUDA=OFF); rebuild with nvcc on PATH or use backend='reference'."
             )
-        capsules = mod.registrations()
+        capsules = dict(mod.registrations())
+        nvshmem = _nvshmem_module()
+        if nvshmem is not None:
+            capsules.update(nvshmem.registrations())
         for name, capsule in capsules.items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered_targets = tuple(sorted(capsules))
@@ -96,19 +133,26 @@ def build_info() -> dict[str, Any]:
     """Facts about this build of jax_ep.
 
     Keys: ``version`` (str), ``cuda`` (bool: CUDA ops compiled in and
-    loadable), ``nvshmem`` (bool), ``cuda_archs`` (list of str, e.g.
+    loadable), ``nvshmem`` (bool: the NVSHMEM low-latency ops compiled in and
+    loadable), ``nvshmem_version`` ((major, minor, patch) built against, or
+    None), ``cuda_archs`` (list of str, e.g.
     ``["90a"]``), ``ffi_targets`` (list of CUDA FFI target names), plus the
     compile-time facts of ``_jax_ep_cpu`` (``compiler``, ``build_type``,
     ``ffi_api_version`` of the XLA FFI headers, ``cuda_built`` ...).
     """
     info: dict[str, Any] = dict(_cpu_module().build_info())
     cuda = _cuda_module()
+    nvshmem = _nvshmem_module() if cuda is not None else None
+    targets = sorted(cuda.registrations()) if cuda is not None else []
+    if nvshmem is not None:
+        targets = sorted(set(targets) | set(nvshmem.registrations()))
     info.update(
         version=__version__,
         cuda=cuda is not None,
-        nvshmem=False,
+        nvshmem=nvshmem is not None,
+        nvshmem_version=tuple(nvshmem.nvshmem_version()) if nvshmem is not None else None,
         cuda_archs=list(cuda.cuda_archs()) if cuda is not None else [],
-        ffi_targets=sorted(cuda.registrations()) if cuda is not None else [],
+        ffi_targets=targets,
     )
     return info
 

@@ -51,12 +51,29 @@ def test_cuda_flag_is_consistent():
         assert "jax_ep_get_dispatch_layout" in info["ffi_targets"]
     else:
         assert info["cuda_archs"] == [] and info["ffi_targets"] == []
-    assert info["nvshmem"] is False
+    nvshmem_present = importlib.util.find_spec("jax_ep._jax_ep_nvshmem") is not None
+    assert nvshmem_present == info["nvshmem_built"]
+    # Built but not loadable only when libnvshmem_host.so.3 (nvidia-nvshmem-cu13) is missing.
+    assert info["nvshmem"] == _ffi.nvshmem_available()
+    assert not info["nvshmem"] or nvshmem_present
+    if info["nvshmem"]:
+        assert info["cuda"], "the NVSHMEM module is only built with the CUDA one"
+        assert "jax_ep_ll_dispatch" in info["ffi_targets"]
+        assert "jax_ep_ll_combine" in info["ffi_targets"]
+        assert len(info["nvshmem_version"]) == 3 and info["nvshmem_version"][0] == 3
+    else:
+        assert info["nvshmem_version"] is None
 
 
 @pytest.mark.skipif("JAX_EP_EXPECT_CUDA" not in os.environ, reason="JAX_EP_EXPECT_CUDA not set")
 def test_cuda_matches_expectation():
     assert _ffi.build_info()["cuda"] == (os.environ["JAX_EP_EXPECT_CUDA"] == "1")
+
+
+@pytest.mark.skipif("JAX_EP_EXPECT_NVSHMEM" not in os.environ,
+                    reason="JAX_EP_EXPECT_NVSHMEM not set")
+def test_nvshmem_matches_expectation():
+    assert _ffi.build_info()["nvshmem"] == (os.environ["JAX_EP_EXPECT_NVSHMEM"] == "1")
 
 
 def test_import_registers_nothing():

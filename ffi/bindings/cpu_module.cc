@@ -32,6 +32,11 @@ nb::dict BuildInfo() {
   d["ffi_api_version"] =
       nb::make_tuple(static_cast<int>(XLA_FFI_API_MAJOR), static_cast<int>(XLA_FFI_API_MINOR));
   d["cuda_built"] = static_cast<bool>(JAX_EP_WITH_CUDA);
+#ifdef JAX_EP_WITH_NVSHMEM
+  d["nvshmem_built"] = static_cast<bool>(JAX_EP_WITH_NVSHMEM);
+#else
+  d["nvshmem_built"] = false;
+#endif
   return d;
 }
 
@@ -41,5 +46,6 @@ NB_MODULE(_jax_ep_cpu, m) {
   m.doc() = "jax_ep build facts (always built).";
   m.def("build_info", &BuildInfo,
         "Compile-time facts: version, build_type, compiler, cxx_standard, ffi_api_version "
-        "(major, minor) of the XLA FFI headers, cuda_built (CUDA module built alongside).");
+        "(major, minor) of the XLA FFI headers, cuda_built (CUDA module built alongside), "
+        "nvshmem_built (NVSHMEM low-latency module built alongside).");
 }

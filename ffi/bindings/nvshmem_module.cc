@@ -1,0 +1,188 @@
+// nanobind module jax_ep._jax_ep_nvshmem: the low-latency (NVSHMEM) FFI
+// handlers as PyCapsules plus the host calls that set NVSHMEM up. A module of
+// its own because it links libnvshmem_host.so.3 (from the nvidia-nvshmem-cu13
+// wheel): when that library is missing only the low-latency ops are lost.
+//
+// Collective calls (nvshmem_init, nvshmem_ll_alloc, nvshmem_finalize) must be
+// made by every PE, in the same order, outside jit; they release the GIL.
+#include <string>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <nvshmem_host.h>
+
+#include "ffi/handlers/ll_handlers.h"
+#include "ffi/kernels/low_latency.h"
+#include "ffi/runtime/nvshmem_context.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename Fn>
+nb::capsule Capsule(Fn* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict Registrations() {
+  nb::dict d;
+  d["jax_ep_ll_dispatch"] = Capsule(JaxEpLLDispatch);
+  d["jax_ep_ll_dispatch_send"] = Capsule(JaxEpLLDispatchSend);
+  d["jax_ep_ll_dispatch_recv"] = Capsule(JaxEpLLDispatchRecv);
+  d["jax_ep_ll_combine"] = Capsule(JaxEpLLCombine);
+  d["jax_ep_ll_combine_send"] = Capsule(JaxEpLLCombineSend);
+  d["jax_ep_ll_combine_recv"] = Capsule(JaxEpLLCombineRecv);
+  d["jax_ep_ll_gather"] = Capsule(JaxEpLLGather);
+  d["jax_ep_ll_dispatch_cached"] = Capsule(JaxEpLLDispatchCached);
+  return d;
+}
+
+nb::dict LayoutDict(const jax_ep::LLLayout& lay) {
+  nb::dict d;
+  d["num_ranks"] = lay.num_ranks;
+  d["max_tokens_per_rank"] = lay.max_tokens;
+  d["hidden"] = lay.hidden;
+  d["num_experts"] = lay.num_experts;
+  d["top_k"] = lay.top_k;
+  d["itemsize"] = lay.itemsize;
+  d["counts_offset"] = lay.counts_offset;
+  d["scratch_offset"] = lay.scratch_offset;
+  d["jpos_offset"] = lay.jpos_offset;
+  d["set_offset"] = lay.set_offset;
+  d["set_bytes"] = lay.set_bytes;
+  d["send_offset"] = lay.send_offset;
+  d["send_bytes"] = lay.send_bytes;
+  d["total_bytes"] = lay.total_bytes;
+  return d;
+}
+
+nb::dict InfoDict(const jax_ep::LLInfo& info) {
+  nb::dict d;
+  d["initialized"] = info.initialized;
+  d["allocated"] = info.allocated;
+  d["device"] = info.device;
+  d["rank"] = info.rank;
+  d["num_ranks"] = info.num_ranks;
+  d["num_sms"] = info.num_sms;
+  d["ranks_on_device"] = info.ranks_on_device;
+  d["num_blocks"] = info.num_blocks;
+  d["unmapped_peers"] = info.unmapped_peers;
+  d["force_put"] = info.force_put;
+  d["timeout_s"] = info.timeout_s;
+  d["layout"] = info.allocated ? nb::object(LayoutDict(info.layout)) : nb::none();
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_jax_ep_nvshmem, m) {
+  m.doc() = "jax_ep low-latency ops over NVSHMEM: FFI handlers (PyCapsules) and NVSHMEM setup.";
+  m.def("registrations", &Registrations,
+        "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
+  m.def(
+      "nvshmem_version",
+      [] {
+        return nb::make_tuple(NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                              NVSHMEM_VENDOR_PATCH_VERSION);
+      },
+      "NVSHMEM version the module was built against (major, minor, patch); the run-time "
+      "libnvshmem_host.so.3 must not be older in its minor version.");
+  m.def(
+      "nvshmem_set_env_defaults",
+      [](bool single_host, size_t heap_bytes) {
+        jax_ep::NvshmemSetEnvDefaults(single_host, heap_bytes);
+      },
+      nb::arg("single_host"), nb::arg("heap_bytes") = 0,
+      "Set NVSHMEM environment defaults (only variables that are unset): "
+      "NVSHMEM_DISABLE_NVLS=1; with single_host also NVSHMEM_REMOTE_TRANSPORT=none, "
+      "NVSHMEM_DISABLE_NCCL=1, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo; heap_bytes > 0 sets "
+      "NVSHMEM_SYMMETRIC_SIZE.");
+  m.def(
+      "nvshmem_get_unique_id",
+      [](bool single_host) {
+        std::string id;
+        {
+          nb::gil_scoped_release release;
+          id = jax_ep::NvshmemGetUniqueId(single_host);
+        }
+        return nb::bytes(id.data(), id.size());
+      },
+      nb::arg("single_host") = false,
+      "nvshmemx_get_uniqueid (128 bytes). Call on EP rank 0 only, after the environment "
+      "defaults (applied here too); rank 0 must live until every PE ran nvshmem_init.");
+  m.def(
+      "nvshmem_init",
+      [](nb::bytes uid, int rank, int nranks, int device_ordinal, bool single_host,
+         size_t heap_bytes) {
+        std::string id(uid.c_str(), uid.size());
+        nb::gil_scoped_release release;
+        jax_ep::NvshmemInit(id, rank, nranks, device_ordinal, single_host, heap_bytes);
+      },
+      nb::arg("uid"), nb::arg("rank"), nb::arg("nranks"), nb::arg("device_ordinal"),
+      nb::arg("single_host") = false, nb::arg("heap_bytes") = 0,
+      "Collective: nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID) as PE `rank` of `nranks` on "
+      "CUDA device `device_ordinal`, from inside this module (registers its device state; works "
+      "after nvshmem4py's init too). heap_bytes > 0 sets NVSHMEM_SYMMETRIC_SIZE if unset.");
+  m.def("nvshmem_initialized", &jax_ep::NvshmemInitialized,
+        "Whether nvshmem_init ran (and nvshmem_finalize did not) in this process.");
+  m.def("nvshmem_ll_region_bytes", &jax_ep::LLRegionBytes, nb::arg("num_ranks"),
+        nb::arg("max_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"),
+        nb::arg("top_k"), nb::arg("itemsize") = 2, nb::arg("send_buffer") = false,
+        "Bytes of symmetric heap nvshmem_ll_alloc takes for these maxima (no NVSHMEM call).");
+  m.def(
+      "nvshmem_ll_layout",
+      [](int num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
+         int64_t itemsize, bool send_buffer) {
+        return LayoutDict(jax_ep::MakeLLLayout(num_ranks, max_tokens, hidden, num_experts, top_k,
+                                               itemsize, send_buffer));
+      },
+      nb::arg("num_ranks"), nb::arg("max_tokens_per_rank"), nb::arg("hidden"),
+      nb::arg("num_experts"), nb::arg("top_k"), nb::arg("itemsize") = 2,
+      nb::arg("send_buffer") = false, "The region layout (offsets and sizes in bytes) as a dict.");
+  m.def(
+      "nvshmem_ll_alloc",
+      [](int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k, int64_t itemsize,
+         bool send_buffer) {
+        jax_ep::LLInfo info;
+        {
+          nb::gil_scoped_release release;
+          info = jax_ep::LLAlloc(max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
+        }
+        return InfoDict(info);
+      },
+      nb::arg("max_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"),
+      nb::arg("top_k"), nb::arg("itemsize") = 2, nb::arg("send_buffer") = false,
+      "Collective: allocate and zero the symmetric low-latency region (double-buffered) for "
+      "these maxima; itemsize = bytes per element of x / y (2: bf16/f16, 4: f32); send_buffer: "
+      "staging rows for NVSHMEM puts (needed across nodes and for force_put). Returns "
+      "nvshmem_ll_info().");
+  m.def("nvshmem_ll_set_options", &jax_ep::LLSetOptions, nb::arg("timeout_s"),
+        nb::arg("num_blocks") = 0, nb::arg("force_put") = -1, nb::arg("ranks_on_device") = -1,
+        "Spin-wait timeout (s), thread blocks per kernel (0 = SMs / PEs sharing the GPU), "
+        "force_put (1: move every row with NVSHMEM puts even to mapped peers, 0: off, -1: keep; "
+        "the default comes from JAX_EP_LL_FORCE_PUT) and ranks_on_device (PEs sharing this GPU, "
+        "for the automatic grid size; 0: NVSHMEM's same-GPU team, -1: keep). Read at every op "
+        "launch.");
+  m.def(
+      "cuda_pci_bus_id",
+      [](int device_ordinal) {
+        nb::gil_scoped_release release;
+        return jax_ep::CudaPciBusId(device_ordinal);
+      },
+      nb::arg("device_ordinal"), "cudaDeviceGetPCIBusId of the device, e.g. '0000:1B:00.0'.");
+  m.def("nvshmem_ll_info", [] { return InfoDict(jax_ep::LLGetInfo()); },
+        "Dict: initialized, allocated, device, rank, num_ranks, num_sms, ranks_on_device, "
+        "num_blocks, unmapped_peers, force_put, timeout_s, layout.");
+  m.def(
+      "nvshmem_finalize",
+      [] {
+        nb::gil_scoped_release release;
+        jax_ep::NvshmemFinalize();
+      },
+      "Collective: free the region and nvshmem_finalize. Safe to call twice / without init.");
+  m.def("ll_last_error", &jax_ep::LLLastError,
+        "The first low-latency timeout / mismatch message of this process (str), or None.");
+  m.def("ll_max_ranks", [] { return jax_ep::kLLMaxRanks; }, "Largest EP group (PEs).");
+}

@@ -1,0 +1,164 @@
+// Low-latency (decode) dispatch / combine over NVSHMEM: interface for host
+// code. Plain C++ types only; the FFI handlers (ffi/handlers/low_latency.cc)
+// fill these structs from XLA buffers, the runtime
+// (ffi/runtime/nvshmem_context.*) owns the NVSHMEM symmetric region the
+// kernels communicate through. Buffer layout and protocol: the comment at the
+// top of low_latency.cu.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "ffi/kernels/intranode.h"  // TimeoutRecord (the same host-mapped record + watchdog scheme)
+
+namespace jax_ep {
+
+// ------------------------------------------------------------------ limits
+inline constexpr int kLLMaxRanks = 64;           // PEs of the EP group (= NVSHMEM world)
+inline constexpr int64_t kLLMaxTopK = 32;        // K
+inline constexpr int64_t kLLMaxTokens = 4096;    // M (max_tokens_per_rank)
+inline constexpr int64_t kLLMaxHidden = 65536;   // H
+inline constexpr int64_t kLLMaxExperts = 4096;   // E
+inline constexpr int64_t kLLFp8Block = 128;      // channels per FP8 scale
+inline constexpr int64_t kLLRowHeaderBytes = 16; // dispatch rows: int32 source token + padding
+
+// ------------------------------------------------------------------ region layout
+// Byte offsets inside the region (identical on every PE; see low_latency.cu).
+inline constexpr size_t kLLOpCounterOffset = 0;    // u64: LL ops started on this PE (owner only)
+inline constexpr size_t kLLSendArriveOffset = 8;   // u32: last-block counter of send phases
+inline constexpr size_t kLLRecvArriveOffset = 12;  // u32: last-block counter of receive phases
+inline constexpr size_t kLLDoneOffset = 256;       // u64 done[2][kLLMaxRanks]: written by sources
+inline constexpr size_t kLLAckOffset = kLLDoneOffset + 2 * kLLMaxRanks * 8;  // u64 ack[2][kLLMaxRanks]
+inline constexpr size_t kLLControlBytes = 4096;
+static_assert(kLLAckOffset + 2 * kLLMaxRanks * 8 <= kLLControlBytes, "control area too small");
+
+// Where everything lives in the symmetric region. Made once at allocation
+// from the largest problem (M, H, E, K, itemsize); every call checks that its
+// own problem fits (LLFits*). All offsets are multiples of 256.
+struct LLLayout {
+  int32_t num_ranks = 0;      // R
+  int64_t max_tokens = 0;     // M the region was sized for
+  int64_t hidden = 0;         // H
+  int64_t num_experts = 0;    // E
+  int64_t top_k = 0;          // K
+  int64_t itemsize = 0;       // bytes per element of x / y (2 or 4)
+  size_t counts_offset = 0;   // int32 counts[2][R][E]: counts[b][s][e] written by source s
+  size_t scratch_offset = 0;  // int32 scratch[2][E]: this PE's per-expert token counts (local)
+  size_t jpos_offset = 0;     // int32 jpos[2][M * K]: position of (t, k) among my tokens for its expert (local)
+  size_t set_offset = 0;      // data sets [2][set_bytes]
+  size_t set_bytes = 0;       // E * M * max(dispatch row stride, combine row stride)
+  size_t send_offset = 0;     // staging of rows for NVSHMEM puts (0 bytes without send buffer)
+  size_t send_bytes = 0;
+  size_t total_bytes = 0;
+};
+
+// Row strides (bytes, multiples of 16).
+int64_t LLDispatchRowStride(int64_t hidden, int64_t x_itemsize, bool use_fp8);  // header + payload
+int64_t LLPlainRowStride(int64_t hidden, int64_t itemsize);                     // combine / cached
+// Send-buffer rows needed: dispatch T*K pair rows, combine the received rows
+// (at most min(E*M, R*M*K)).
+int64_t LLSendRows(int64_t num_ranks, int64_t max_tokens, int64_t num_experts, int64_t top_k);
+// Layout for a region sized for these maxima. itemsize in {2, 4}.
+LLLayout MakeLLLayout(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts,
+                      int64_t top_k, int64_t itemsize, bool send_buffer);
+
+// Which op / which wait (TimeoutRecord fields op / what; intranode uses 0..2).
+enum LLOp : int32_t {
+  kOpLLDispatch = 16,
+  kOpLLCombine = 17,
+  kOpLLDispatchCached = 18,
+  kOpLLGather = 19,
+};
+enum LLWait : int32_t {
+  kWaitLLData = 16,      // a source's done signal (its rows of this op)
+  kWaitLLRelease = 17,   // a receiver's release (ack) of the buffer set two ops back
+  kWaitLLMismatch = 18,  // a source signalled this op number for a different op kind
+};
+
+// What a kernel needs to know about its PE.
+struct LLComm {
+  uint8_t* base = nullptr;               // this PE's region (a symmetric address)
+  uint8_t* const* peer_base = nullptr;   // device [R]: region of PE r mapped here, nullptr = use puts
+  LLLayout layout;
+  int32_t rank = 0;
+  int32_t num_ranks = 0;
+  int32_t num_blocks = 1;                // grid size (co-resident: see nvshmem_context.cc)
+  int32_t any_put = 0;                   // some peer_base is nullptr (needs the send buffer)
+  TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
+  uint64_t timeout_ns = 0;
+};
+
+enum class LLDtype : int32_t { kBF16 = 0, kF16 = 1, kF32 = 2 };
+int LLDtypeBytes(LLDtype dtype);
+
+// Fused op, or one half of the split form.
+enum LLPhase : int32_t { kLLFused = 0, kLLSendOnly = 1, kLLRecvOnly = 2 };
+
+// Geometry of a call (identical on every PE).
+struct LLShape {
+  int64_t num_tokens = 0;   // T <= M
+  int64_t hidden = 0;       // H
+  int64_t top_k = 0;        // K
+  int64_t num_experts = 0;  // E, multiple of R
+  int64_t max_tokens = 0;   // M
+};
+
+struct LLDispatchArgs {
+  LLShape shape;
+  const void* x = nullptr;           // [T, H] (send)
+  LLDtype dtype = LLDtype::kBF16;    // x's dtype (the plain recv_x dtype)
+  const int32_t* topk_idx = nullptr; // [T, K] (send and receive)
+  bool use_fp8 = false;
+  bool zero_fill = true;             // zero recv_x / recv_scales rows past the count
+  void* recv_x = nullptr;            // [L, R*M, H] x dtype, or e4m3 with use_fp8
+  float* recv_scales = nullptr;      // [L, R*M, H/128] with use_fp8
+  int32_t* recv_count = nullptr;     // [L]
+  int32_t* recv_src = nullptr;       // [L, R*M]: s*M + t, -1 past the count
+  int32_t* slot = nullptr;           // [T, K]: row of (t, k) among its expert's R*M rows, -1
+  int32_t* token_out = nullptr;      // [2] (send only): op number lo, hi
+  const int32_t* token_in = nullptr; // [2] (receive only)
+};
+
+struct LLCombineArgs {
+  LLShape shape;
+  bool gather = false;                  // out [T, K, H] rows instead of the weighted sum
+  LLDtype dtype = LLDtype::kBF16;       // y's dtype = out's dtype
+  const void* y = nullptr;              // [L, R*M, H] (send)
+  const int32_t* recv_src = nullptr;    // [L, R*M] (send)
+  const int32_t* recv_count = nullptr;  // [L] (send)
+  const int32_t* topk_idx = nullptr;    // [T, K] (receive)
+  const float* topk_weights = nullptr;  // [T, K] (receive, combine only)
+  void* out = nullptr;                  // [T, H] or [T, K, H]
+  int32_t* token_out = nullptr;
+  const int32_t* token_in = nullptr;
+};
+
+struct LLCachedDispatchArgs {
+  LLShape shape;
+  const void* x = nullptr;              // [T, H]
+  LLDtype dtype = LLDtype::kBF16;
+  const int32_t* topk_idx = nullptr;    // [T, K]
+  const int32_t* slot = nullptr;        // [T, K] (from ll_dispatch)
+  const float* scale = nullptr;         // [T, K] or nullptr (= 1)
+  const int32_t* recv_count = nullptr;  // [L] (receive: rows to copy, the rest is zeroed)
+  bool zero_fill = true;
+  void* out = nullptr;                  // [L, R*M, H] x dtype
+};
+
+// nullptr when the call fits the region, else a sentence saying what does not.
+const char* LLCheckDispatch(const LLComm& comm, const LLShape& s, int64_t x_itemsize, bool use_fp8);
+const char* LLCheckCombine(const LLComm& comm, const LLShape& s, int64_t y_itemsize);
+const char* LLCheckCachedDispatch(const LLComm& comm, const LLShape& s, int64_t x_itemsize);
+
+// Enqueue on `stream`; no host synchronisation. cudaErrorInvalidValue for
+// arguments the handlers should have rejected, else the launch status.
+cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& args, LLPhase phase,
+                             cudaStream_t stream);
+cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& args, LLPhase phase,
+                            cudaStream_t stream);
+cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArgs& args,
+                                   cudaStream_t stream);
+
+}  // namespace jax_ep

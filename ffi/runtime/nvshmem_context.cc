@@ -1,0 +1,617 @@
+// NVSHMEM runtime of the low-latency ops (see nvshmem_context.h and the
+// protocol comment at the top of ffi/kernels/low_latency.cu).
+//
+// Bootstrap: NVSHMEM's init code is `static inline` in its headers and calls
+// nvshmemi_init_thread from libnvshmem_device.a, which registers the device
+// state (nvshmemi_device_state_d) of the module it was device-linked into.
+// This file is linked into the same module as the kernels (target
+// jax_ep_ll_kernels), so initializing from here is what makes the kernels'
+// NVSHMEM calls work; initializing only through nvshmem4py would leave this
+// module's device state zeroed (GPU_HOST.md, fact 6). nvshmem4py is not
+// needed: the unique id comes from nvshmemx_get_uniqueid here too.
+#include "ffi/runtime/nvshmem_context.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <cuda_runtime.h>
+#include <nvshmem_host.h>
+
+namespace jax_ep {
+
+struct LLContext {
+  int device = -1;
+  int rank = -1;
+  int num_ranks = 0;
+  int num_sms = 0;
+  int ranks_on_device = 1;
+  uint8_t* region = nullptr;  // nvshmem_align
+  LLLayout layout;
+  std::vector<uint8_t*> peers;      // nvshmem_ptr(region, r) (nullptr: not mapped)
+  int unmapped_peers = 0;
+  uint8_t** peer_table = nullptr;   // device copy of `peers`
+  uint8_t** put_table = nullptr;    // device array of nullptr: every peer by put (force_put)
+  TimeoutRecord* record_host = nullptr;
+  TimeoutRecord* record_device = nullptr;
+  bool reported = false;            // registry mutex
+};
+
+namespace {
+
+constexpr double kDefaultTimeoutSeconds = 60.0;
+constexpr int kMaxNumBlocks = 1 << 16;
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
+constexpr int kTeamSameGpu = 4;  // NVSHMEMI_TEAM_SAME_GPU (device_host/nvshmem_common.cuh)
+
+struct Registry {
+  std::mutex mu;  // everything below but the atomics
+  bool initialized = false;
+  int device = -1, rank = -1, num_ranks = 0;
+  std::shared_ptr<LLContext> ctx;
+  std::string error;
+  std::atomic<bool> has_error{false};
+
+  std::atomic<double> timeout_s{kDefaultTimeoutSeconds};
+  std::atomic<int> num_blocks{0};
+  std::atomic<int> force_put{-1};  // -1: from JAX_EP_LL_FORCE_PUT at alloc
+  std::atomic<int> ranks_on_device{0};  // 0: NVSHMEM's same-GPU team size
+
+  std::mutex watchdog_mu;
+  std::condition_variable watchdog_cv;
+  std::thread* watchdog = nullptr;
+  bool stop = false;
+};
+
+Registry& Reg() {
+  static Registry* registry = new Registry();  // never destroyed (watchdog thread)
+  return *registry;
+}
+
+std::string CudaMessage(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+void Check(cudaError_t err, int device, const std::string& what) {
+  if (err == cudaSuccess) return;
+  cudaGetLastError();
+  throw std::runtime_error("jax_ep: " + what + " on CUDA device " + std::to_string(device) +
+                           " failed (" + CudaMessage(err) + ")");
+}
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    Check(cudaSetDevice(device), device, "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+bool EnvTrue(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return false;
+  const std::string s(v);
+  return !(s.empty() || s == "0" || s == "false" || s == "False" || s == "FALSE" || s == "no");
+}
+
+const char* OpName(int32_t op) {
+  switch (op) {
+    case kOpLLDispatch:
+      return "ll_dispatch";
+    case kOpLLCombine:
+      return "ll_combine";
+    case kOpLLDispatchCached:
+      return "ll_dispatch_cached";
+    case kOpLLGather:
+      return "ll_gather";
+  }
+  return "an unknown low-latency op";
+}
+
+const char* OpNameFromSignal(uint64_t seen) {
+  switch (static_cast<int32_t>(seen & 15)) {
+    case kOpLLDispatch & 15:
+      return "ll_dispatch";
+    case kOpLLCombine & 15:
+      return "ll_combine";
+    case kOpLLDispatchCached & 15:
+      return "ll_dispatch_cached";
+    case kOpLLGather & 15:
+      return "ll_gather";
+  }
+  return "an unknown op";
+}
+
+std::string FormatRecord(const LLContext& ctx, const TimeoutRecord& rec) {
+  char buf[768];
+  const unsigned long long n = static_cast<unsigned long long>(rec.epoch);
+  const double secs = static_cast<double>(rec.timeout_ns) * 1e-9;
+  if (rec.what == kWaitLLMismatch) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: PE %d got from PE %d a signal for %s while running %s as low-latency "
+                  "op #%llu: every rank must call the same jax_ep low-latency ops in the same "
+                  "order [CUDA device %d]",
+                  rec.rank, rec.peer, OpNameFromSignal(rec.seen), OpName(rec.op), n, ctx.device);
+  } else if (rec.what == kWaitLLRelease) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: PE %d timed out after %.1f s in %s (low-latency op #%llu) waiting for "
+                  "PE %d to release the buffer set of op #%llu (last release seen: op #%llu). "
+                  "Did every rank call the same jax_ep low-latency ops in the same order? At "
+                  "most two ops may be in flight: a send half must not run before the receive "
+                  "half of the op two before it [CUDA device %d]",
+                  rec.rank, secs, OpName(rec.op), n, rec.peer, n >= 2 ? n - 2 : 0ull,
+                  static_cast<unsigned long long>(rec.seen), ctx.device);
+  } else {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: PE %d timed out after %.1f s in %s (low-latency op #%llu) waiting for "
+                  "the rows (done signal) of PE %d (last signal seen: op #%llu). Did every rank "
+                  "call the same jax_ep low-latency ops in the same order? [CUDA device %d]",
+                  rec.rank, secs, OpName(rec.op), n, rec.peer,
+                  static_cast<unsigned long long>(rec.seen >> 4), ctx.device);
+  }
+  return buf;
+}
+
+// Caller holds reg.mu. No CUDA calls.
+void PollLocked(Registry& reg) {
+  if (!reg.ctx) return;
+  LLContext& ctx = *reg.ctx;
+  if (ctx.reported || ctx.record_host == nullptr) return;
+  const volatile TimeoutRecord* v = ctx.record_host;
+  if (v->state != 2) return;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  TimeoutRecord rec{};
+  rec.state = v->state;
+  rec.rank = v->rank;
+  rec.op = v->op;
+  rec.what = v->what;
+  rec.peer = v->peer;
+  rec.timeout_ns = v->timeout_ns;
+  rec.epoch = v->epoch;
+  rec.seen = v->seen;
+  ctx.reported = true;
+  const std::string message = FormatRecord(ctx, rec);
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::fflush(stderr);
+  if (reg.error.empty()) {
+    reg.error = message;
+    reg.has_error.store(true);
+  }
+}
+
+void WatchdogLoop() {
+  Registry& reg = Reg();
+  std::unique_lock<std::mutex> lock(reg.watchdog_mu);
+  while (!reg.stop) {
+    reg.watchdog_cv.wait_for(lock, kWatchdogPeriod, [&] { return reg.stop; });
+    if (reg.stop) break;
+    lock.unlock();
+    {
+      std::lock_guard<std::mutex> guard(reg.mu);
+      PollLocked(reg);
+    }
+    lock.lock();
+  }
+}
+
+void StartWatchdog() {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.watchdog_mu);
+  if (reg.watchdog != nullptr) return;
+  reg.stop = false;
+  reg.watchdog = new std::thread(WatchdogLoop);
+}
+
+void StopWatchdog() {
+  Registry& reg = Reg();
+  std::thread* thread = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(reg.watchdog_mu);
+    thread = reg.watchdog;
+    reg.watchdog = nullptr;
+    reg.stop = true;
+  }
+  reg.watchdog_cv.notify_all();
+  if (thread != nullptr) {
+    thread->join();
+    delete thread;
+  }
+}
+
+// At exit, before the CUDA runtime tears down: last report, stop the thread.
+void AtExit() {
+  Registry& reg = Reg();
+  {
+    std::lock_guard<std::mutex> guard(reg.mu);
+    PollLocked(reg);
+  }
+  StopWatchdog();
+}
+
+void RegisterAtExitOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] { std::atexit(AtExit); });
+}
+
+// Non-collective part of the teardown (tables, record); the region is freed
+// by the caller (nvshmem_free is collective).
+void FreeLocalParts(LLContext& ctx) {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+  if (cudaSetDevice(ctx.device) == cudaSuccess) {
+    if (ctx.peer_table != nullptr) cudaFree(ctx.peer_table);
+    if (ctx.put_table != nullptr) cudaFree(ctx.put_table);
+  }
+  if (ctx.record_host != nullptr) cudaFreeHost(ctx.record_host);
+  ctx.peer_table = ctx.put_table = nullptr;
+  ctx.record_host = ctx.record_device = nullptr;
+  cudaGetLastError();
+  if (previous >= 0) cudaSetDevice(previous);
+}
+
+// The larger of NVSHMEM's same-GPU team and what Python found (hostname +
+// PCI bus id of every PE): a too-small value would oversubscribe the GPU.
+int EffectiveRanksOnDevice(const LLContext& ctx, int option) {
+  return std::max(option, std::max(1, ctx.ranks_on_device));
+}
+
+int EffectiveNumBlocks(const LLContext& ctx, int option, int ranks_on_device_option) {
+  if (option > 0) return option;
+  return std::max(1, std::max(1, ctx.num_sms) / EffectiveRanksOnDevice(ctx, ranks_on_device_option));
+}
+
+bool EffectiveForcePut(int option) {
+  return option < 0 ? EnvTrue("JAX_EP_LL_FORCE_PUT") : option != 0;
+}
+
+}  // namespace
+
+void NvshmemSetEnvDefaults(bool single_host, size_t heap_bytes) {
+  setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
+  if (single_host) {
+    setenv("NVSHMEM_REMOTE_TRANSPORT", "none", 0);
+    setenv("NVSHMEM_DISABLE_NCCL", "1", 0);
+    setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo", 0);
+  }
+  if (heap_bytes > 0) setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap_bytes).c_str(), 0);
+}
+
+std::string NvshmemGetUniqueId(bool single_host) {
+  NvshmemSetEnvDefaults(single_host, 0);
+  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  const int status = nvshmemx_get_uniqueid(&id);
+  if (status != 0) {
+    throw std::runtime_error("jax_ep: nvshmemx_get_uniqueid failed with status " +
+                             std::to_string(status));
+  }
+  return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
+}
+
+void NvshmemInit(const std::string& unique_id, int rank, int nranks, int device, bool single_host,
+                 size_t heap_bytes) {
+  Registry& reg = Reg();
+  const std::string where = "jax_ep: nvshmem_init: ";
+  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  if (unique_id.size() != sizeof(id)) {
+    throw std::runtime_error(where + "the unique id has " + std::to_string(unique_id.size()) +
+                             " bytes, expected " + std::to_string(sizeof(id)));
+  }
+  if (nranks < 1 || nranks > kLLMaxRanks || rank < 0 || rank >= nranks) {
+    throw std::runtime_error(where + "rank " + std::to_string(rank) + " / nranks " +
+                             std::to_string(nranks) + " out of range (1 <= nranks <= " +
+                             std::to_string(kLLMaxRanks) + ")");
+  }
+  if (device < 0) throw std::runtime_error(where + "device ordinal must be >= 0");
+  std::lock_guard<std::mutex> lock(reg.mu);
+  if (reg.initialized) {
+    if (reg.rank == rank && reg.num_ranks == nranks && reg.device == device) return;
+    throw std::runtime_error(where + "already initialized as PE " + std::to_string(reg.rank) +
+                             " of " + std::to_string(reg.num_ranks) + " on CUDA device " +
+                             std::to_string(reg.device) + "; call nvshmem_finalize first");
+  }
+  std::memcpy(&id, unique_id.data(), sizeof(id));
+  NvshmemSetEnvDefaults(single_host, heap_bytes);
+  // NVSHMEM binds to the current device; leave it current for this thread.
+  Check(cudaSetDevice(device), device, "cudaSetDevice");
+  Check(cudaFree(nullptr), device, "creating the CUDA context");
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  int status = nvshmemx_set_attr_uniqueid_args(rank, nranks, &id, &attr);
+  if (status != 0) {
+    throw std::runtime_error(where + "nvshmemx_set_attr_uniqueid_args failed with status " +
+                             std::to_string(status));
+  }
+  // Exits the process on failure (NVSHMEM's NONZERO_EXIT); its log says why.
+  status = nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
+  if (status != 0) {
+    throw std::runtime_error(where + "nvshmemx_init_attr failed with status " +
+                             std::to_string(status));
+  }
+  const int my_pe = nvshmem_my_pe();
+  const int n_pes = nvshmem_n_pes();
+  if (my_pe != rank || n_pes != nranks) {
+    throw std::runtime_error(where + "NVSHMEM reports PE " + std::to_string(my_pe) + " of " +
+                             std::to_string(n_pes) + " but rank " + std::to_string(rank) +
+                             " of " + std::to_string(nranks) +
+                             " was requested (was NVSHMEM already initialized differently?)");
+  }
+  reg.initialized = true;
+  reg.device = device;
+  reg.rank = rank;
+  reg.num_ranks = nranks;
+}
+
+bool NvshmemInitialized() {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  return reg.initialized;
+}
+
+size_t LLRegionBytes(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts,
+                     int64_t top_k, int64_t itemsize, bool send_buffer) {
+  return MakeLLLayout(num_ranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer)
+      .total_bytes;
+}
+
+namespace {
+
+LLInfo InfoLocked(const Registry& reg) {
+  LLInfo info;
+  info.initialized = reg.initialized;
+  info.device = reg.device;
+  info.rank = reg.rank;
+  info.num_ranks = reg.num_ranks;
+  info.timeout_s = reg.timeout_s.load();
+  info.force_put = EffectiveForcePut(reg.force_put.load());
+  if (reg.ctx) {
+    const LLContext& ctx = *reg.ctx;
+    info.allocated = true;
+    info.num_sms = ctx.num_sms;
+    info.ranks_on_device = EffectiveRanksOnDevice(ctx, reg.ranks_on_device.load());
+    info.num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
+    info.unmapped_peers = ctx.unmapped_peers;
+    info.layout = ctx.layout;
+  }
+  return info;
+}
+
+}  // namespace
+
+LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
+               int64_t itemsize, bool send_buffer) {
+  Registry& reg = Reg();
+  const std::string where = "jax_ep: nvshmem_ll_alloc: ";
+  int device = -1, rank = -1, nranks = 0;
+  {
+    std::lock_guard<std::mutex> lock(reg.mu);
+    if (!reg.initialized) throw std::runtime_error(where + "call nvshmem_init first");
+    if (reg.ctx) throw std::runtime_error(where + "already allocated (call nvshmem_finalize first)");
+    device = reg.device;
+    rank = reg.rank;
+    nranks = reg.num_ranks;
+  }
+  if (max_tokens < 1 || max_tokens > kLLMaxTokens) {
+    throw std::runtime_error(where + "max_tokens_per_rank must be in [1, " +
+                             std::to_string(kLLMaxTokens) + "], got " + std::to_string(max_tokens));
+  }
+  if (hidden < 1 || hidden > kLLMaxHidden) {
+    throw std::runtime_error(where + "hidden must be in [1, " + std::to_string(kLLMaxHidden) +
+                             "], got " + std::to_string(hidden));
+  }
+  if (num_experts < nranks || num_experts % nranks != 0 || num_experts > kLLMaxExperts) {
+    throw std::runtime_error(where + "num_experts must be a multiple of the " +
+                             std::to_string(nranks) + " PEs and at most " +
+                             std::to_string(kLLMaxExperts) + ", got " + std::to_string(num_experts));
+  }
+  if (top_k < 1 || top_k > kLLMaxTopK) {
+    throw std::runtime_error(where + "top_k must be in [1, " + std::to_string(kLLMaxTopK) +
+                             "], got " + std::to_string(top_k));
+  }
+  if (itemsize != 2 && itemsize != 4) {
+    throw std::runtime_error(where + "itemsize must be 2 (bf16/f16) or 4 (f32), got " +
+                             std::to_string(itemsize));
+  }
+
+  auto ctx = std::make_shared<LLContext>();
+  ctx->device = device;
+  ctx->rank = rank;
+  ctx->num_ranks = nranks;
+  ctx->layout = MakeLLLayout(nranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
+  DeviceGuard guard(device);
+  Check(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
+        "cudaDeviceGetAttribute(multiProcessorCount)");
+
+  // Collective: same size on every PE.
+  void* region = nvshmem_align(256, ctx->layout.total_bytes);
+  if (region == nullptr) {
+    char size[64];
+    std::snprintf(size, sizeof(size), "%.3f GiB",
+                  static_cast<double>(ctx->layout.total_bytes) / (1 << 30));
+    throw std::runtime_error(where + "nvshmem_align of the " + std::string(size) +
+                             " low-latency region failed (raise NVSHMEM_SYMMETRIC_SIZE, or pass "
+                             "heap_bytes to nvshmem_init)");
+  }
+  ctx->region = static_cast<uint8_t*>(region);
+  try {
+    Check(cudaMemset(ctx->region, 0, ctx->layout.total_bytes), device, "zeroing the region");
+    Check(cudaDeviceSynchronize(), device, "zeroing the region");
+    ctx->peers.assign(nranks, nullptr);
+    for (int r = 0; r < nranks; ++r) {
+      ctx->peers[r] = static_cast<uint8_t*>(nvshmem_ptr(ctx->region, r));
+      if (ctx->peers[r] == nullptr) ++ctx->unmapped_peers;
+    }
+    if (ctx->peers[rank] == nullptr) ctx->peers[rank] = ctx->region;
+    const int same_gpu = nvshmem_team_n_pes(static_cast<nvshmem_team_t>(kTeamSameGpu));
+    ctx->ranks_on_device = same_gpu >= 1 && same_gpu <= nranks ? same_gpu : 1;
+    const size_t table_bytes = static_cast<size_t>(nranks) * sizeof(uint8_t*);
+    Check(cudaMalloc(reinterpret_cast<void**>(&ctx->peer_table), table_bytes), device,
+          "cudaMalloc of the peer table");
+    Check(cudaMemcpy(ctx->peer_table, ctx->peers.data(), table_bytes, cudaMemcpyHostToDevice),
+          device, "copying the peer table");
+    Check(cudaMalloc(reinterpret_cast<void**>(&ctx->put_table), table_bytes), device,
+          "cudaMalloc of the put table");
+    Check(cudaMemset(ctx->put_table, 0, table_bytes), device, "zeroing the put table");
+    void* record = nullptr;
+    Check(cudaHostAlloc(&record, sizeof(TimeoutRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+          device, "cudaHostAlloc(mapped) of the timeout record");
+    std::memset(record, 0, sizeof(TimeoutRecord));
+    ctx->record_host = static_cast<TimeoutRecord*>(record);
+    void* record_device = nullptr;
+    Check(cudaHostGetDevicePointer(&record_device, record, 0), device, "cudaHostGetDevicePointer");
+    ctx->record_device = static_cast<TimeoutRecord*>(record_device);
+    Check(cudaDeviceSynchronize(), device, "setting up the low-latency context");
+  } catch (...) {
+    FreeLocalParts(*ctx);
+    // The region stays allocated: nvshmem_free is collective and the other
+    // PEs are not here. nvshmem_finalize releases the heap.
+    throw;
+  }
+  // Nobody launches a kernel on this region before every PE zeroed its part.
+  nvshmem_barrier_all();
+  {
+    std::lock_guard<std::mutex> lock(reg.mu);
+    reg.ctx = ctx;
+  }
+  RegisterAtExitOnce();
+  StartWatchdog();
+  if (ctx->unmapped_peers > 0 && !send_buffer) {
+    throw std::runtime_error(
+        where + std::to_string(ctx->unmapped_peers) +
+        " PEs are not reachable by loads / stores from this one (other nodes): the "
+        "low-latency ops need NVSHMEM puts and therefore send_buffer=True on every PE");
+  }
+  std::lock_guard<std::mutex> lock(reg.mu);
+  return InfoLocked(reg);
+}
+
+void LLSetOptions(double timeout_s, int num_blocks, int force_put, int ranks_on_device) {
+  if (!(timeout_s > 0.0) || !std::isfinite(timeout_s) || timeout_s > 1e9) {
+    throw std::runtime_error("jax_ep: nvshmem_ll_set_options: timeout_s must be a positive "
+                             "number of seconds, got " + std::to_string(timeout_s));
+  }
+  if (num_blocks < 0 || num_blocks > kMaxNumBlocks) {
+    throw std::runtime_error("jax_ep: nvshmem_ll_set_options: num_blocks must be in [0, " +
+                             std::to_string(kMaxNumBlocks) + "] (0 = automatic), got " +
+                             std::to_string(num_blocks));
+  }
+  Registry& reg = Reg();
+  reg.timeout_s.store(timeout_s);
+  reg.num_blocks.store(num_blocks);
+  if (force_put >= 0) reg.force_put.store(force_put != 0 ? 1 : 0);
+  if (ranks_on_device >= 0) reg.ranks_on_device.store(std::min(ranks_on_device, kLLMaxRanks));
+}
+
+std::string CudaPciBusId(int device) {
+  char id[64] = {0};
+  Check(cudaDeviceGetPCIBusId(id, sizeof(id), device), device, "cudaDeviceGetPCIBusId");
+  return std::string(id);
+}
+
+LLInfo LLGetInfo() {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  return InfoLocked(reg);
+}
+
+void NvshmemFinalize() {
+  Registry& reg = Reg();
+  std::shared_ptr<LLContext> ctx;
+  bool initialized = false;
+  int device = -1;
+  {
+    std::lock_guard<std::mutex> lock(reg.mu);
+    PollLocked(reg);
+    ctx = reg.ctx;
+    initialized = reg.initialized;
+    device = reg.device;
+  }
+  StopWatchdog();
+  if (!initialized) return;
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+  cudaSetDevice(device);
+  cudaDeviceSynchronize();  // no kernel of ours may still use the region
+  cudaGetLastError();
+  if (ctx) {
+    nvshmem_free(ctx->region);  // collective
+    FreeLocalParts(*ctx);
+  }
+  nvshmem_finalize();  // collective; reference counted with other users
+  {
+    std::lock_guard<std::mutex> lock(reg.mu);
+    reg.ctx.reset();
+    reg.initialized = false;
+    reg.device = reg.rank = -1;
+    reg.num_ranks = 0;
+  }
+  if (previous >= 0) cudaSetDevice(previous);
+}
+
+std::optional<std::string> LLLastError() {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  PollLocked(reg);
+  if (reg.error.empty()) return std::nullopt;
+  return reg.error;
+}
+
+bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext>* hold,
+                       std::string* error) {
+  Registry& reg = Reg();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  PollLocked(reg);
+  if (reg.has_error.load()) {
+    *error = reg.error;
+    return false;
+  }
+  if (!reg.ctx) {
+    *error = "jax_ep: the NVSHMEM low-latency buffers are not set up in this process: call "
+             "jax_ep's low-latency initialization (nvshmem_init + nvshmem_ll_alloc) first";
+    return false;
+  }
+  const LLContext& ctx = *reg.ctx;
+  if (ctx.device != device) {
+    *error = "jax_ep: this low-latency op runs on CUDA device " + std::to_string(device) +
+             " but NVSHMEM was initialized for device " + std::to_string(ctx.device) +
+             " (NVSHMEM has one PE, i.e. one GPU, per process)";
+    return false;
+  }
+  const bool force_put = EffectiveForcePut(reg.force_put.load());
+  const bool any_put = force_put || ctx.unmapped_peers > 0;
+  if (any_put && ctx.layout.send_bytes == 0) {
+    *error = std::string("jax_ep: ") +
+             (force_put ? "force_put (JAX_EP_LL_FORCE_PUT)" : "peers on other nodes") +
+             " need NVSHMEM puts, but the low-latency buffers were allocated without the send "
+             "buffer (send_buffer=True)";
+    return false;
+  }
+  comm->base = ctx.region;
+  comm->peer_base = force_put ? ctx.put_table : ctx.peer_table;
+  comm->layout = ctx.layout;
+  comm->rank = ctx.rank;
+  comm->num_ranks = ctx.num_ranks;
+  comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
+  comm->any_put = any_put ? 1 : 0;
+  comm->timeout_record = ctx.record_device;
+  comm->timeout_ns = static_cast<uint64_t>(reg.timeout_s.load() * 1e9);
+  *hold = reg.ctx;
+  return true;
+}
+
+}  // namespace jax_ep

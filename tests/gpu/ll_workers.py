@@ -1,0 +1,255 @@
+"""Checks of the NVSHMEM low-latency kernels that run in each EP rank's process
+(one GPU, hence one NVSHMEM PE, per process). Every process regenerates all
+ranks' inputs from a seed and checks its own rank against the numpy oracle;
+no XLA collective runs. Nothing here touches JAX at import.
+"""
+
+import functools
+
+import numpy as np
+
+T, H, K, E, M = 24, 256, 4, 16, 32
+
+
+def _env():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import _nvshmem
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("ep",))
+    info = _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H,
+                                           num_experts=E, top_k=K, itemsize=4, send_buffer=True,
+                                           timeout_s=30)
+    sharding = NamedSharding(mesh, P("ep"))
+    me = info["rank"]
+
+    def put(per_rank):
+        g = np.concatenate([np.asarray(a) for a in per_rank])
+        return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
+
+    def local(a):
+        """This process's shard as numpy."""
+        return np.asarray(a.addressable_shards[0].data)
+
+    return n, mesh, put, local, me
+
+
+def _same(got, want, what):
+    got = np.asarray(got)
+    want = np.asarray(want)
+    if got.dtype.kind == "f" or got.dtype.itemsize == 1 and got.dtype.kind not in "iub":
+        got, want = got.astype(np.float32), want.astype(np.float32)
+    np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def _expected_recv_src(idxs, me, n):
+    """[L, R*M]: s*M + t of each row of my local experts, -1 past the count."""
+    L = E // n
+    out = np.full((L, n * M), -1, np.int32)
+    for l in range(L):
+        e = me * L + l
+        rows = [s * M + t for s in range(n) for t in range(T)
+                if np.any(np.asarray(idxs[s])[t] == e)]
+        out[l, :len(rows)] = rows
+    return out
+
+
+def _expected_gather(ys, idxs, slots, me, n):
+    L = E // n
+    ids = np.asarray(idxs[me])
+    out = np.zeros((T, K, H), np.float32)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            if 0 <= e < E:
+                out[t, k] = np.asarray(ys[e // L][e % L, slots[me][t, k]]).astype(np.float32)
+    return out
+
+
+def low_latency(seed="0"):
+    """Fused and split dispatch / combine, gather, cached dispatch, every dtype, FP8,
+    invalid and duplicate ids, determinism, many calls (double buffering), and the
+    same with every row moved by NVSHMEM puts (force_put)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    from jax.sharding import PartitionSpec as P
+
+    from jax_ep import _ffi, _nvshmem
+    from jax_ep.testing import oracle
+
+    n, mesh, put, local, me = _env()
+    spec = P("ep")
+    L = E // n
+    mod = _ffi.nvshmem_module()
+    checked = []
+    smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=spec, out_specs=spec)
+
+    @functools.cache
+    def fused(use_fp8, dtype_name):
+        @jax.jit
+        @smap
+        def f(x, idx, w):
+            recv_x, count, src, slot = _nvshmem.ll_dispatch(
+                x, idx, num_experts=E, max_tokens_per_rank=M, use_fp8=use_fp8, num_ranks=n)
+            if use_fp8:
+                y = recv_x[0].astype(jnp.float32) * jnp.repeat(recv_x[1], 128, axis=-1)
+                y = (y * 2.0 - 1.0).astype(jnp.bfloat16)
+            else:
+                y = (recv_x.astype(jnp.float32) * 2.0 - 1.0).astype(recv_x.dtype)
+            out = _nvshmem.ll_combine(y, idx, w, src, count, num_ranks=n)
+            gathered = _nvshmem.ll_gather(y, idx, src, count, num_ranks=n)
+            parts = tuple(recv_x) if use_fp8 else (recv_x,)
+            return (*[p[None] for p in parts], count[None], src[None], slot, out,
+                    gathered)
+        return f
+
+    @functools.cache
+    def split(dtype_name):
+        @jax.jit
+        @smap
+        def f(x, idx, w, x2, idx2):
+            # Two ops in flight: send a, send b, receive a, receive b.
+            ta = _nvshmem.ll_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M)
+            tb = _nvshmem.ll_dispatch_send(x2, idx2, num_experts=E, max_tokens_per_rank=M)
+            kw = dict(hidden=H, x_dtype=x.dtype, num_experts=E, max_tokens_per_rank=M,
+                      num_ranks=n)
+            ra, ca, sa, _ = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
+            rb, cb, sb, _ = _nvshmem.ll_dispatch_recv(tb, idx2, **kw)
+            ya = (ra.astype(jnp.float32) * 2.0 - 1.0).astype(ra.dtype)
+            tc = _nvshmem.ll_combine_send(ya, sa, ca, num_ranks=n)
+            out = _nvshmem.ll_combine_recv(tc, idx, w, hidden=H, y_dtype=ya.dtype,
+                                           num_experts=E, max_tokens_per_rank=M)
+            return ra[None], rb[None], out
+        return f
+
+    @functools.cache
+    def cached(with_scale):
+        @jax.jit
+        @smap
+        def f(x, idx, w, slot, count):
+            return _nvshmem.ll_dispatch_cached(x, idx, slot, count[0], w if with_scale else None,
+                                               num_experts=E, max_tokens_per_rank=M,
+                                               num_ranks=n)[None]
+        return f
+
+    def check_fused(xs, idxs, ws, use_fp8, what):
+        dtype_name = np.dtype(xs[0].dtype).name
+        args = (put(xs), put(idxs), put(ws))
+        got = [local(o) for o in fused(use_fp8, dtype_name)(*args)]
+        again = [local(o) for o in fused(use_fp8, dtype_name)(*args)]
+        exp = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=use_fp8)
+        if use_fp8:
+            q, sc, count, src, slot, out, gathered = got
+            _same(q[0], exp[me]["recv_x"][0], f"{what} recv_x e4m3")
+            _same(sc[0], exp[me]["recv_x"][1], f"{what} recv_scales")
+            ys = [(oracle.fp8_dequantize(*e["recv_x"]) * 2 - 1).astype(ml_dtypes.bfloat16)
+                  for e in exp]
+        else:
+            recv_x, count, src, slot, out, gathered = got
+            _same(recv_x[0], exp[me]["recv_x"], f"{what} recv_x")
+            ys = [(e["recv_x"].astype(np.float32) * 2 - 1).astype(xs[0].dtype) for e in exp]
+        _same(count[0], exp[me]["recv_count"], f"{what} recv_count")
+        _same(src[0], _expected_recv_src(idxs, me, n), f"{what} recv_src")
+        _same(slot, exp[me]["slots"], f"{what} slot")
+        exp_out = oracle.low_latency_combine(ys, idxs, ws, E, M)
+        _same(out, exp_out[me], f"{what} combine")
+        slots = [e["slots"] for e in exp]
+        _same(gathered, _expected_gather(ys, idxs, slots, me, n), f"{what} gather")
+        for i, (a, b) in enumerate(zip(got, again)):
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8),
+                                          err_msg=f"{what} determinism output {i}")
+        checked.append(what)
+        return exp
+
+    def check_split(xs, idxs, ws, xs2, idxs2, what):
+        ra, rb, out = [local(o) for o in split(np.dtype(xs[0].dtype).name)(
+            put(xs), put(idxs), put(ws), put(xs2), put(idxs2))]
+        ea = oracle.low_latency_dispatch(xs, idxs, E, M)
+        eb = oracle.low_latency_dispatch(xs2, idxs2, E, M)
+        _same(ra[0], ea[me]["recv_x"], f"{what} first in flight")
+        _same(rb[0], eb[me]["recv_x"], f"{what} second in flight")
+        ys = [(e["recv_x"].astype(np.float32) * 2 - 1).astype(xs[0].dtype) for e in ea]
+        _same(out, oracle.low_latency_combine(ys, idxs, ws, E, M)[me], f"{what} split combine")
+        checked.append(what)
+
+    def check_cached(xs, idxs, ws, what):
+        exp = oracle.low_latency_dispatch(xs, idxs, E, M)
+        slots = put([e["slots"] for e in exp])
+        counts = put([e["recv_count"][None] for e in exp])
+        plain = local(cached(False)(put(xs), put(idxs), put(ws), slots, counts))
+        _same(plain[0], exp[me]["recv_x"], f"{what} cached dispatch")
+        scaled = local(cached(True)(put(xs), put(idxs), put(ws), slots, counts))
+        want = oracle.low_latency_combine_grad_y(xs, idxs, ws, E, M)[me]
+        _same(scaled[0], want, f"{what} cached dispatch with scales")
+        checked.append(what)
+
+    s = int(seed)
+    for force_put in (0, 1):
+        mod.nvshmem_ll_set_options(30.0, 0, force_put)
+        tag = "put " if force_put else ""
+        for dtype in (ml_dtypes.bfloat16, np.float32, np.float16):
+            xs, idxs, ws = oracle.make_inputs(s, n, T, H, E, K, dtype=dtype, none_prob=0.05)
+            check_fused(xs, idxs, ws, False, f"{tag}{np.dtype(dtype).name}")
+        xs, idxs, ws = oracle.make_inputs(s + 1, n, T, H, E, K, dtype=ml_dtypes.bfloat16,
+                                          none_prob=0.15, duplicate_prob=0.3)
+        idxs = [np.where((i >= 0) & (i < E), i, -1).astype(np.int32) for i in idxs]
+        check_fused(xs, idxs, ws, False, f"{tag}duplicates")
+        check_fused(xs, idxs, ws, True, f"{tag}fp8")
+        xs2, idxs2, _ = oracle.make_inputs(s + 2, n, T, H, E, K, dtype=ml_dtypes.bfloat16)
+        check_split(xs, idxs, ws, xs2, idxs2, f"{tag}split")
+        xf, idxf, wf = oracle.make_inputs(s + 3, n, T, H, E, K, dtype=np.float32,
+                                          duplicate_prob=0.3, none_prob=0.1)
+        check_cached(xf, idxf, wf, f"{tag}cached")
+        for call in range(6):  # fresh routing each call: nothing stale in either buffer set
+            xs, idxs, ws = oracle.make_inputs(s + 10 + call, n, T - call, H, E, K,
+                                              dtype=ml_dtypes.bfloat16, none_prob=0.1 * call)
+            check_fused(xs, idxs, ws, False, f"{tag}routing {call}")
+    mod.nvshmem_ll_set_options(30.0, 0, 0)
+    assert mod.ll_last_error() is None, mod.ll_last_error()
+    _nvshmem.shutdown_low_latency()
+    return {"ranks": n, "checked": checked}
+
+
+def one_rank_never_calls(skipper="1", wait_s="20"):
+    """Every PE but `skipper` runs ll_dispatch; they must fail with the timeout
+    message (naming the PE and what it waited for) instead of hanging."""
+    import time
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import _ffi, _nvshmem
+    from jax_ep.testing import oracle
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("ep",))
+    _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E,
+                                    top_k=K, timeout_s=3)
+    xs, idxs, _ = oracle.make_inputs(0, n, T, H, E, K)
+    sharding = NamedSharding(mesh, P("ep"))
+    put = lambda per: jax.make_array_from_callback(
+        (n * T,) + per[0].shape[1:], sharding, lambda i: np.concatenate(per)[i])
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    def f(x, idx):
+        return _nvshmem.ll_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+                                    num_ranks=n)[1]
+
+    args = put(xs), put(idxs)
+    compiled = f.lower(*args).compile()
+    if jax.process_index() == int(skipper):
+        time.sleep(float(wait_s))
+        return {"skipped": True}
+    start = time.time()
+    try:
+        jax.block_until_ready(compiled(*args))
+        raised = None
+    except Exception as err:  # noqa: BLE001 - the XLA error type varies
+        raised = str(err)
+    message = _ffi.nvshmem_module().ll_last_error()
+    print("jax_ep timeout message:", message, flush=True)
+    return {"raised": raised is not None, "message": message, "seconds": time.time() - start}

@@ -1,0 +1,63 @@
+"""The NVSHMEM low-latency kernels on a real GPU against the numpy oracle.
+
+One PE, then 2 and 4 PEs as processes sharing the GPU under CUDA MPS (NVSHMEM
+multi-process-per-GPU), each run with direct stores and with every row moved
+by NVSHMEM puts (force_put); then a PE that never calls (the timeout message,
+not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from jax_ep import _ffi
+from jax_ep.testing import LaunchError, external_launch, launch, mps_daemon, run_multiprocess
+
+
+def _gpu_present():
+    if not shutil.which("nvidia-smi") or not shutil.which("nvidia-cuda-mps-control"):
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+pytestmark = [
+    pytest.mark.skipif(not _gpu_present(), reason="needs an NVIDIA GPU and CUDA MPS"),
+    pytest.mark.skipif(not _ffi.nvshmem_available(),
+                       reason="jax_ep built without the NVSHMEM low-latency kernels"),
+]
+GPU_DIR = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def mps():
+    if external_launch():
+        yield None
+        return
+    with mps_daemon() as d:
+        yield d
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_low_latency_ranks_as_processes(mps, ranks):
+    results = run_multiprocess("ll_workers:low_latency", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": GPU_DIR})
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == ranks
+        assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
+
+
+def test_pe_that_never_calls_times_out_with_a_message(mps):
+    if external_launch():
+        pytest.skip("needs to control which PE calls; run without a scheduler")
+    try:
+        results = launch("ll_workers:one_rank_never_calls", 2, platform="gpu", timeout=120,
+                         env={"PYTHONPATH": GPU_DIR})
+    except LaunchError as err:  # the trapped kernel may take the process down
+        results = err.results
+    waiting = results[0]
+    text = waiting.output
+    assert "timed out" in text and "of PE 1" in text, text[-3000:]
+    assert waiting.elapsed < 100, waiting.elapsed

@@ -1,0 +1,125 @@
+"""The low-latency (NVSHMEM) custom calls lower for CUDA on a CPU-only machine.
+
+Checks the target names, attributes and operand / result types that the
+jax_ep._nvshmem wrappers emit, and the pure-Python helpers of the extension
+(region layout, info before init). Needs the NVSHMEM module compiled in, not
+a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jax_ep import _ffi
+
+pytestmark = pytest.mark.skipif(
+    not _ffi.nvshmem_available(),
+    reason="jax_ep built without the NVSHMEM low-latency ops (JAX_EP_NVSHMEM=OFF or no wheel)",
+)
+
+R, M, E, K, T, H = 4, 16, 32, 4, 12, 256
+L = E // R
+
+
+def _calls(fn, *shapes, target):
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
+    assert len(calls) == 1, text
+    return calls[0]
+
+
+def _s(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def test_dispatch_bf16():
+    from jax_ep import _nvshmem
+
+    call = _calls(lambda x, i: _nvshmem.ll_dispatch(x, i, num_experts=E, max_tokens_per_rank=M,
+                                                    num_ranks=R),
+                  _s((T, H), jnp.bfloat16), _s((T, K), jnp.int32), target="jax_ep_ll_dispatch")
+    assert f"(tensor<{T}x{H}xbf16>, tensor<{T}x{K}xi32>) -> (tensor<{L}x{R * M}x{H}xbf16>, " \
+           f"tensor<{L}xi32>, tensor<{L}x{R * M}xi32>, tensor<{T}x{K}xi32>)" in call
+    for attr in ("use_fp8 = false", "zero_fill = true", f"max_tokens_per_rank = {M} : i64",
+                 f"num_experts = {E} : i64"):
+        assert attr in call, call
+
+
+def test_dispatch_fp8_has_scales():
+    from jax_ep import _nvshmem
+
+    call = _calls(lambda x, i: _nvshmem.ll_dispatch(x, i, num_experts=E, max_tokens_per_rank=M,
+                                                    use_fp8=True, num_ranks=R)[0],
+                  _s((T, H), jnp.float32), _s((T, K), jnp.int32), target="jax_ep_ll_dispatch")
+    assert f"tensor<{L}x{R * M}x{H}xf8E4M3FN>" in call
+    assert f"tensor<{L}x{R * M}x{H // 128}xf32>)" in call
+    assert "use_fp8 = true" in call
+
+
+def test_split_dispatch_token_orders_halves():
+    from jax_ep import _nvshmem
+
+    def fn(x, i):
+        tok = _nvshmem.ll_dispatch_send(x, i, num_experts=E, max_tokens_per_rank=M)
+        return _nvshmem.ll_dispatch_recv(tok, i, hidden=H, x_dtype=x.dtype, num_experts=E,
+                                         max_tokens_per_rank=M, num_ranks=R)
+
+    shapes = (_s((T, H), jnp.float16), _s((T, K), jnp.int32))
+    send = _calls(fn, *shapes, target="jax_ep_ll_dispatch_send")
+    assert "-> tensor<2xi32>" in send
+    recv = _calls(fn, *shapes, target="jax_ep_ll_dispatch_recv")
+    assert f"(tensor<2xi32>, tensor<{T}x{K}xi32>) -> (tensor<{L}x{R * M}x{H}xf16>" in recv
+
+
+def test_combine_gather_and_split_combine():
+    from jax_ep import _nvshmem
+
+    y = _s((L, R * M, H), jnp.bfloat16)
+    idx, w = _s((T, K), jnp.int32), _s((T, K), jnp.float32)
+    src, cnt = _s((L, R * M), jnp.int32), _s((L,), jnp.int32)
+    call = _calls(lambda *a: _nvshmem.ll_combine(*a, num_ranks=R), y, idx, w, src, cnt,
+                  target="jax_ep_ll_combine")
+    assert f"-> tensor<{T}x{H}xbf16>" in call
+    assert f"max_tokens_per_rank = {M} : i64" in call and f"num_experts = {E} : i64" in call
+    call = _calls(lambda y, i, s, c: _nvshmem.ll_gather(y, i, s, c, num_ranks=R), y, idx, src,
+                  cnt, target="jax_ep_ll_gather")
+    assert f"-> tensor<{T}x{K}x{H}xbf16>" in call
+
+    def split(y, i, w, s, c):
+        tok = _nvshmem.ll_combine_send(y, s, c, num_ranks=R)
+        return _nvshmem.ll_combine_recv(tok, i, w, hidden=H, y_dtype=y.dtype, num_experts=E,
+                                        max_tokens_per_rank=M)
+
+    assert "-> tensor<2xi32>" in _calls(split, y, idx, w, src, cnt, target="jax_ep_ll_combine_send")
+    recv = _calls(split, y, idx, w, src, cnt, target="jax_ep_ll_combine_recv")
+    assert f"-> tensor<{T}x{H}xbf16>" in recv
+
+
+def test_cached_dispatch_optional_scale():
+    from jax_ep import _nvshmem
+
+    x, idx = _s((T, H), jnp.float32), _s((T, K), jnp.int32)
+    slot, cnt, scale = _s((T, K), jnp.int32), _s((L,), jnp.int32), _s((T, K), jnp.float32)
+    kw = dict(num_experts=E, max_tokens_per_rank=M, num_ranks=R)
+    plain = _calls(lambda *a: _nvshmem.ll_dispatch_cached(*a, **kw), x, idx, slot, cnt,
+                   target="jax_ep_ll_dispatch_cached")
+    assert f"tensor<{L}xi32>) -> tensor<{L}x{R * M}x{H}xf32>" in plain
+    scaled = _calls(lambda *a: _nvshmem.ll_dispatch_cached(*a, **kw), x, idx, slot, cnt, scale,
+                    target="jax_ep_ll_dispatch_cached")
+    assert f"tensor<{L}xi32>, tensor<{T}x{K}xf32>) -> tensor<{L}x{R * M}x{H}xf32>" in scaled
+
+
+def test_region_layout_and_info_without_init():
+    mod = _ffi.nvshmem_module()
+    info = mod.nvshmem_ll_info()
+    assert info["initialized"] is False and info["allocated"] is False
+    lay = mod.nvshmem_ll_layout(8, 128, 7168, 256, 8, 2, False)
+    stride = 16 + 7168 * 2  # header + bf16 row (>= the FP8 row + scales)
+    assert lay["set_bytes"] >= 256 * 128 * stride
+    assert lay["send_bytes"] == 0
+    assert lay["total_bytes"] == lay["set_offset"] + 2 * lay["set_bytes"]
+    with_send = mod.nvshmem_ll_layout(8, 128, 7168, 256, 8, 2, True)
+    assert with_send["send_bytes"] >= 8 * 128 * 8 * stride
+    assert mod.nvshmem_ll_region_bytes(8, 128, 7168, 256, 8, 2, True) == with_send["total_bytes"]
+    assert mod.ll_last_error() is None
+    mod.nvshmem_finalize()  # no-op without init
