@@ -33,6 +33,7 @@ class _State:
     axis_name: object = None
     backend: str = "auto"
     gpu_bytes: int = 0  # data bytes of each communication buffer; 0 = no GPU runtime
+    low_latency: bool = False  # NVSHMEM set up (finalised only by an explicit shutdown)
 
 
 _state: _State | None = None
@@ -61,7 +62,7 @@ def buffer_size(num_ranks, max_tokens_per_rank, hidden, *, top_k=8, dtype="bfloa
 
 def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank=None,
                hidden=None, top_k=8, dtype="bfloat16", buffer_bytes=None, num_blocks=0,
-               timeout_s=DEFAULT_TIMEOUT_S):
+               timeout_s=DEFAULT_TIMEOUT_S, num_experts=None, low_latency=False):
     """Set up jax_ep for `mesh` (optional on CPU, required for the CUDA backend).
 
     Args:
@@ -75,6 +76,10 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
       num_blocks: thread blocks per kernel (SM budget); 0 = the kernels' default.
       timeout_s: how long a kernel waits for a peer before failing with a
         message naming the rank and what it waited for.
+      num_experts, low_latency: with low_latency=True (GPU, NVSHMEM build),
+        also bootstrap NVSHMEM and allocate the low-latency buffers for
+        max_tokens_per_rank tokens of `hidden` x `dtype`, `num_experts`
+        experts and `top_k` (one process per GPU, EP over the whole mesh).
     """
     global _state, _generation
     if mesh is not None and (axis_name is None or axis_name not in mesh.axis_names):
@@ -108,7 +113,29 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
         _generation += 1
         _setup_gpu(mesh, axis_name, int(buffer_bytes), int(num_blocks), float(timeout_s))
         state.gpu_bytes = int(buffer_bytes)
+    if low_latency and on_gpu and backend != "reference":
+        _setup_low_latency(mesh, axis_name, max_tokens_per_rank, hidden, num_experts, top_k,
+                           dtype, num_blocks, timeout_s)
+        state.low_latency = True
     _state = state
+
+
+def _setup_low_latency(mesh, axis_name, max_tokens_per_rank, hidden, num_experts, top_k,
+                       dtype, num_blocks, timeout_s):
+    import jax.numpy as jnp
+
+    from . import _ffi, _nvshmem
+
+    if not _ffi.nvshmem_available():
+        raise RuntimeError("jax_ep.initialize(low_latency=True): this build has no NVSHMEM "
+                           "ops (install nvidia-nvshmem-cu13 and rebuild with nvcc).")
+    if None in (max_tokens_per_rank, hidden, num_experts):
+        raise ValueError("jax_ep.initialize(low_latency=True) needs max_tokens_per_rank=, "
+                         "hidden= and num_experts=.")
+    _nvshmem.initialize_low_latency(
+        mesh, axis_name, max_tokens_per_rank=max_tokens_per_rank, hidden=hidden,
+        num_experts=num_experts, top_k=top_k, itemsize=jnp.dtype(dtype).itemsize,
+        timeout_s=timeout_s, num_blocks=num_blocks)
 
 
 def _ep_coordinates(mesh, axis_name):
@@ -189,15 +216,24 @@ def is_initialized() -> bool:
     return _state is not None
 
 
-def shutdown():
-    """Release what initialize set up (GPU buffers, peer mappings); idempotent."""
+def shutdown(*, at_exit=False):
+    """Release what initialize set up (GPU buffers, peer mappings); idempotent.
+
+    Collective when the low-latency mode was set up (NVSHMEM finalize): every
+    process calls it. At interpreter exit NVSHMEM is left to the process's end,
+    since a peer that already died would hang a collective finalize.
+    """
     global _state
     if _state is not None and _state.gpu_bytes:
         from . import _ffi
 
         _ffi.cuda_module().comm_destroy_all()
+    if _state is not None and _state.low_latency and not at_exit:
+        from . import _nvshmem
+
+        _nvshmem.shutdown_low_latency()
     _state = None
     _backend.set_default_backend("auto")
 
 
-atexit.register(shutdown)
+atexit.register(shutdown, at_exit=True)

@@ -253,3 +253,93 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
     message = _ffi.nvshmem_module().ll_last_error()
     print("jax_ep timeout message:", message, flush=True)
     return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
+
+
+def public_api(seed="0"):
+    """jax_ep.low_latency_dispatch / low_latency_combine on backend='cuda' (set up by
+    jax_ep.initialize(low_latency=True)): outputs, FP8 and the VJPs vs the oracle."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jax_ep
+    from jax_ep.testing import oracle
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("ep",))
+    jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=M, hidden=H,
+                      top_k=K, dtype="float32", num_experts=E, low_latency=True, timeout_s=30)
+    spec = P("ep")
+    sharding = NamedSharding(mesh, spec)
+    me = jax.process_index()
+
+    def put(per_rank):
+        g = np.concatenate([np.asarray(a) for a in per_rank])
+        return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
+
+    mine = lambda a: np.asarray(a.addressable_shards[0].data)
+    s = int(seed)
+    xs, idxs, ws = oracle.make_inputs(s, n, T, H, E, K, dtype=ml_dtypes.bfloat16,
+                                      none_prob=0.1, invalid_prob=0.05, duplicate_prob=0.2)
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+    def fwd(x, idx, w):
+        rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                 max_tokens_per_rank=M, backend="cuda")
+        y = (rx.astype(jnp.float32) * 2.0 - 1.0).astype(rx.dtype)
+        return rx[None], cnt[None], jax_ep.low_latency_combine(y, idx, w, h, backend="cuda")
+
+    rx, cnt, out = (mine(a) for a in fwd(put(xs), put(idxs), put(ws)))
+    exp = oracle.low_latency_dispatch(xs, idxs, E, M)
+    ys = [(e["recv_x"].astype(np.float32) * 2 - 1).astype(ml_dtypes.bfloat16) for e in exp]
+    exp_out = oracle.low_latency_combine(ys, idxs, ws, E, M)
+    valid = np.arange(n * M)[None, :] < exp[me]["recv_count"][:, None]
+    _same(rx[0][valid], exp[me]["recv_x"][valid], "recv_x")
+    _same(cnt[0], exp[me]["recv_count"], "recv_count")
+    np.testing.assert_allclose(out.astype(np.float32), exp_out[me].astype(np.float32),
+                               rtol=1e-2, atol=1e-2, err_msg="combine (bf16 output)")
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+    def fp8(x, idx):
+        (q, sc), _, _ = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                    max_tokens_per_rank=M, use_fp8=True,
+                                                    backend="cuda")
+        return q[None], sc[None]
+
+    q, sc = (mine(a)[0] for a in fp8(put(xs), put(idxs)))
+    eq, es = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=True)[me]["recv_x"]
+    _same(sc[valid], es[valid], "fp8 scales")
+    _same(q[valid], eq[valid], "fp8 values")
+
+    # VJPs, float32.
+    xs32 = [np.asarray(x, np.float32) for x in xs]
+    rng = np.random.default_rng(s)
+    L = E // n
+    ct_recv = [rng.standard_normal((L, n * M, H)).astype(np.float32) for _ in range(n)]
+    y32 = [rng.standard_normal((L, n * M, H)).astype(np.float32) for _ in range(n)]
+    ct_out = [rng.standard_normal((T, H)).astype(np.float32) for _ in range(n)]
+
+    @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+    def both(x, y, idx, w):
+        rx, _, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                               max_tokens_per_rank=M, backend="cuda")
+        return rx, jax_ep.low_latency_combine(y, idx, w, h, backend="cuda")
+
+    @jax.jit
+    def grads(x, y, idx, w, cts):
+        _, vjp = jax.vjp(lambda x, y, w: both(x, y, idx, w), x, y, w)
+        return vjp(cts)
+
+    dx, dy, dw = (mine(a) for a in grads(put(xs32), put(y32), put(idxs), put(ws),
+                                         (put(ct_recv), put(ct_out))))
+    np.testing.assert_allclose(dx, oracle.low_latency_dispatch_grad_x(ct_recv, idxs, E, M)[me],
+                               rtol=1e-5, atol=1e-5, err_msg="dx")
+    np.testing.assert_allclose(dy, oracle.low_latency_combine_grad_y(ct_out, idxs, ws, E, M)[me],
+                               rtol=1e-5, atol=1e-5, err_msg="dy")
+    np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
+                               rtol=1e-4, atol=1e-4, err_msg="dw")
+    jax_ep.shutdown()
+    return {"ranks": n, "checked": ["dispatch", "combine", "fp8", "gradients"]}

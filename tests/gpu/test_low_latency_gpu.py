@@ -49,6 +49,15 @@ def test_low_latency_ranks_as_processes(mps, ranks):
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_public_low_latency_api_on_cuda(mps, ranks):
+    results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": GPU_DIR})
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == ranks, res.result
+
+
 def test_pe_that_never_calls_times_out_with_a_message(mps):
     if external_launch():
         pytest.skip("needs to control which PE calls; run without a scheduler")
