@@ -16,7 +16,6 @@ XLA collectives cannot run between processes sharing one GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -3,7 +3,6 @@
 Gradients are taken outside shard_map (the usual training pattern) under jit.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """low_latency_dispatch / low_latency_combine on 8 CPU devices against the numpy oracle."""
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

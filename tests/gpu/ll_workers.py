@@ -82,7 +82,6 @@ def low_latency(seed="0"):
 
     n, mesh, put, local, me = _env()
     spec = P("ep")
-    L = E // n
     mod = _ffi.nvshmem_module()
     checked = []
     smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=spec, out_specs=spec)

@@ -9,38 +9,19 @@ Under a scheduler (pytest once per process) the multi-rank tests run in place.
 import os
 import sys
 
-import shutil
-import subprocess
-
 import pytest
 
 from jax_ep import _ffi
-from jax_ep.testing import LaunchError, external_launch, launch, mps_daemon, run_multiprocess
+from jax_ep.testing import LaunchError, external_launch, launch, run_multiprocess
 
-
-def _gpu_present():
-    """Asked without starting JAX's GPU backend here: this process must not hold a
-    CUDA context of its own while MPS clients run."""
-    if not shutil.which("nvidia-smi") or not shutil.which("nvidia-cuda-mps-control"):
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+from gpu_env import GPU_DIR, gpu_present
 
 
 pytestmark = [
-    pytest.mark.skipif(not _gpu_present(), reason="needs an NVIDIA GPU and CUDA MPS"),
+    pytest.mark.skipif(not gpu_present(), reason="needs an NVIDIA GPU and CUDA MPS"),
     pytest.mark.skipif(not _ffi.cuda_available() or not _ffi.intranode_available(),
                        reason="jax_ep built without the CUDA intranode kernels"),
 ]
-GPU_DIR = os.path.dirname(__file__)
-
-
-@pytest.fixture(scope="module")
-def mps():
-    if external_launch():
-        yield None
-        return
-    with mps_daemon() as d:
-        yield d
 
 
 def test_one_rank(mps):

@@ -6,37 +6,20 @@ by NVSHMEM puts (force_put); then a PE that never calls (the timeout message,
 not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
 """
 
-import os
-import shutil
-import subprocess
 
 import pytest
 
 from jax_ep import _ffi
-from jax_ep.testing import LaunchError, external_launch, launch, mps_daemon, run_multiprocess
+from jax_ep.testing import LaunchError, external_launch, launch, run_multiprocess
 
-
-def _gpu_present():
-    if not shutil.which("nvidia-smi") or not shutil.which("nvidia-cuda-mps-control"):
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+from gpu_env import GPU_DIR, gpu_present
 
 
 pytestmark = [
-    pytest.mark.skipif(not _gpu_present(), reason="needs an NVIDIA GPU and CUDA MPS"),
+    pytest.mark.skipif(not gpu_present(), reason="needs an NVIDIA GPU and CUDA MPS"),
     pytest.mark.skipif(not _ffi.nvshmem_available(),
                        reason="jax_ep built without the NVSHMEM low-latency kernels"),
 ]
-GPU_DIR = os.path.dirname(__file__)
-
-
-@pytest.fixture(scope="module")
-def mps():
-    if external_launch():
-        yield None
-        return
-    with mps_daemon() as d:
-        yield d
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])

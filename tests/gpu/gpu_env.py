@@ -1,0 +1,17 @@
+"""Where the GPU tests run: is there a GPU, and the folder of their workers.
+
+The GPU check asks nvidia-smi instead of starting JAX's GPU backend: the pytest
+process must hold no CUDA context of its own while MPS clients run.
+"""
+
+import os
+import shutil
+import subprocess
+
+GPU_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def gpu_present() -> bool:
+    if not shutil.which("nvidia-smi") or not shutil.which("nvidia-cuda-mps-control"):
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
