@@ -13,7 +13,7 @@ from ._ops import (
     low_latency_combine,
     low_latency_dispatch,
 )
-from ._runtime import initialize, is_initialized, shutdown
+from ._runtime import buffer_size, initialize, is_initialized, shutdown
 from ._version import __version__
 
 
@@ -29,6 +29,7 @@ __all__ = [
     "DispatchHandle",
     "LowLatencyHandle",
     "__version__",
+    "buffer_size",
     "build_info",
     "combine",
     "default_backend",
