@@ -8,6 +8,8 @@ import functools
 
 import numpy as np
 
+from silent_peer import run_without_peer
+
 T, H, K, E = 64, 256, 4, 32
 
 
@@ -175,8 +177,6 @@ def dispatch_combine(seed="0"):
 def one_rank_never_calls(skipper="1", wait_s="20"):
     """Every rank but `skipper` calls dispatch; they must fail with the timeout
     message (naming the rank and what it waited for) instead of hanging."""
-    import time
-
     import jax
     from jax.sharding import PartitionSpec as P
 
@@ -199,18 +199,5 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
         return jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep", backend="cuda")[0]
 
     args = put(xs), put(idxs), put(ws)
-    # Every process compiles (multi-process XLA compilation waits for all of
-    # them, e.g. to share autotuning results); the skipper just never runs it.
-    compiled = f.lower(*args).compile()
-    if jax.process_index() == int(skipper):
-        time.sleep(float(wait_s))  # keep the buffers mapped while the others time out
-        return {"skipped": True}
-    start = time.time()
-    try:
-        jax.block_until_ready(compiled(*args))
-        raised = None
-    except Exception as err:  # noqa: BLE001 - the XLA error type varies
-        raised = str(err)
-    message = _ffi.cuda_module().last_error()
-    print("jax_ep timeout message:", message, flush=True)
-    return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
+    return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s,
+                            _ffi.cuda_module().last_error)

@@ -8,6 +8,8 @@ import functools
 
 import numpy as np
 
+from silent_peer import run_without_peer
+
 T, H, K, E, M = 24, 256, 4, 16, 32
 
 
@@ -215,8 +217,6 @@ def low_latency(seed="0"):
 def one_rank_never_calls(skipper="1", wait_s="20"):
     """Every PE but `skipper` runs ll_dispatch; they must fail with the timeout
     message (naming the PE and what it waited for) instead of hanging."""
-    import time
-
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -239,19 +239,8 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
                                     num_ranks=n)[1]
 
     args = put(xs), put(idxs)
-    compiled = f.lower(*args).compile()
-    if jax.process_index() == int(skipper):
-        time.sleep(float(wait_s))
-        return {"skipped": True}
-    start = time.time()
-    try:
-        jax.block_until_ready(compiled(*args))
-        raised = None
-    except Exception as err:  # noqa: BLE001 - the XLA error type varies
-        raised = str(err)
-    message = _ffi.nvshmem_module().ll_last_error()
-    print("jax_ep timeout message:", message, flush=True)
-    return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
+    return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s,
+                            _ffi.nvshmem_module().ll_last_error)
 
 
 def public_api(seed="0"):
