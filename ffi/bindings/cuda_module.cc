@@ -10,6 +10,7 @@
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/optional.h>
 
+#include "ffi/bindings/capsule.h"
 #include "ffi/handlers/handlers.h"
 #include "ffi/kernels/intranode.h"
 #include "ffi/runtime/comm_context.h"
@@ -18,20 +19,15 @@ namespace nb = nanobind;
 
 namespace {
 
-template <typename Fn>
-nb::capsule Capsule(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
 // FFI target name -> handler capsule, for jax.ffi.register_ffi_target(...,
 // platform="CUDA"). Add one line per new handler.
 nb::dict Registrations() {
-  nb::dict d;
-  d["jax_ep_get_dispatch_layout"] = Capsule(JaxEpGetDispatchLayout);
-  d["jax_ep_intranode_dispatch"] = Capsule(JaxEpIntranodeDispatch);
-  d["jax_ep_intranode_dispatch_cached"] = Capsule(JaxEpIntranodeDispatchCached);
-  d["jax_ep_intranode_combine"] = Capsule(JaxEpIntranodeCombine);
-  return d;
+  return jax_ep::FfiRegistrations({
+      {"jax_ep_get_dispatch_layout", JaxEpGetDispatchLayout},
+      {"jax_ep_intranode_dispatch", JaxEpIntranodeDispatch},
+      {"jax_ep_intranode_dispatch_cached", JaxEpIntranodeDispatchCached},
+      {"jax_ep_intranode_combine", JaxEpIntranodeCombine},
+  });
 }
 
 // ---- Intranode communicator runtime (ffi/runtime/comm_context.h). Called at

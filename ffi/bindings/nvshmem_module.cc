@@ -13,6 +13,7 @@
 
 #include <nvshmem_host.h>
 
+#include "ffi/bindings/capsule.h"
 #include "ffi/handlers/ll_handlers.h"
 #include "ffi/kernels/low_latency.h"
 #include "ffi/runtime/nvshmem_context.h"
@@ -21,22 +22,18 @@ namespace nb = nanobind;
 
 namespace {
 
-template <typename Fn>
-nb::capsule Capsule(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
+// FFI target name -> handler capsule. Add one line per new handler.
 nb::dict Registrations() {
-  nb::dict d;
-  d["jax_ep_ll_dispatch"] = Capsule(JaxEpLLDispatch);
-  d["jax_ep_ll_dispatch_send"] = Capsule(JaxEpLLDispatchSend);
-  d["jax_ep_ll_dispatch_recv"] = Capsule(JaxEpLLDispatchRecv);
-  d["jax_ep_ll_combine"] = Capsule(JaxEpLLCombine);
-  d["jax_ep_ll_combine_send"] = Capsule(JaxEpLLCombineSend);
-  d["jax_ep_ll_combine_recv"] = Capsule(JaxEpLLCombineRecv);
-  d["jax_ep_ll_gather"] = Capsule(JaxEpLLGather);
-  d["jax_ep_ll_dispatch_cached"] = Capsule(JaxEpLLDispatchCached);
-  return d;
+  return jax_ep::FfiRegistrations({
+      {"jax_ep_ll_dispatch", JaxEpLLDispatch},
+      {"jax_ep_ll_dispatch_send", JaxEpLLDispatchSend},
+      {"jax_ep_ll_dispatch_recv", JaxEpLLDispatchRecv},
+      {"jax_ep_ll_combine", JaxEpLLCombine},
+      {"jax_ep_ll_combine_send", JaxEpLLCombineSend},
+      {"jax_ep_ll_combine_recv", JaxEpLLCombineRecv},
+      {"jax_ep_ll_gather", JaxEpLLGather},
+      {"jax_ep_ll_dispatch_cached", JaxEpLLDispatchCached},
+  });
 }
 
 nb::dict LayoutDict(const jax_ep::LLLayout& lay) {

@@ -25,6 +25,7 @@
 
 #include <cuda_runtime.h>
 
+#include "ffi/handlers/handler_util.h"
 #include "ffi/handlers/handlers.h"
 #include "ffi/kernels/intranode.h"
 #include "ffi/runtime/comm_context.h"
@@ -34,21 +35,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
-}
-
-std::string Str(int64_t v) { return std::to_string(v); }
-
-ffi::Error LaunchError(const std::string& where, cudaError_t err) {
-  return ffi::Error::Internal(where + "CUDA error " + cudaGetErrorName(err) + ": " +
-                              cudaGetErrorString(err));
-}
+using namespace jax_ep::ffi_util;  // Dims, Str, CudaError, AcquireComm, ...
 
 // Bytes per element, or 0 for types whose elements are not whole bytes.
 size_t ElementBytes(ffi::DataType dtype) {
@@ -66,15 +53,6 @@ size_t ElementBytes(ffi::DataType dtype) {
     default:
       return ffi::ByteWidth(dtype);
   }
-}
-
-ffi::Error AcquireComm(int32_t device, const std::string& where, jax_ep::IntranodeComm* comm,
-                       std::shared_ptr<const jax_ep::CommContext>* hold) {
-  std::string error;
-  if (!jax_ep::AcquireIntranodeComm(device, comm, hold, &error)) {
-    return ffi::Error::Internal(where + error);
-  }
-  return ffi::Error::Success();
 }
 
 ffi::Error CheckMatrix(const std::string& where, const char* name, ffi::Span<const int64_t> dims,
@@ -158,7 +136,8 @@ ffi::Error DispatchCommon(const std::string& where, cudaStream_t stream, int32_t
                           const ffi::RemainingRets& recvs, int64_t capacity) {
   jax_ep::IntranodeComm comm{};
   std::shared_ptr<const jax_ep::CommContext> hold;
-  if (ffi::Error err = AcquireComm(device, where, &comm, &hold); err.failure()) return err;
+  JAX_EP_RETURN_IF_ERROR(
+      AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
   const int64_t R = comm.num_ranks;
 
   const auto slot_dims = slot.dimensions();
@@ -172,9 +151,7 @@ ffi::Error DispatchCommon(const std::string& where, cudaStream_t stream, int32_t
     return ffi::Error::InvalidArgument(where + "sent must have shape [R=" + Str(R) + "], got " +
                                        Dims(sent_dims));
   }
-  if (ffi::Error err = CheckMatrix(where, "rank_counts", counts_dims, R, R); err.failure()) {
-    return err;
-  }
+  JAX_EP_RETURN_IF_ERROR(CheckMatrix(where, "rank_counts", counts_dims, R, R));
   if (capacity < 0 || capacity > INT32_MAX) {
     return ffi::Error::InvalidArgument(where + "capacity must be in [0, 2^31), got " +
                                        Str(capacity));
@@ -187,10 +164,7 @@ ffi::Error DispatchCommon(const std::string& where, cudaStream_t stream, int32_t
   args.num_tokens = T;
   args.capacity = capacity;
   std::vector<int64_t> row_bytes;
-  if (ffi::Error err = CollectParts(where, payloads, recvs, T, capacity, &args, &row_bytes);
-      err.failure()) {
-    return err;
-  }
+  JAX_EP_RETURN_IF_ERROR(CollectParts(where, payloads, recvs, T, capacity, &args, &row_bytes));
   const size_t need = jax_ep::IntranodeDispatchDataBytes(capacity, row_bytes.data(),
                                                         static_cast<int>(row_bytes.size()));
   if (need > comm.data_bytes) {
@@ -200,7 +174,7 @@ ffi::Error DispatchCommon(const std::string& where, cudaStream_t stream, int32_t
         " (capacity x row bytes of every payload); initialize jax_ep with a larger buffer");
   }
   const cudaError_t err = jax_ep::LaunchIntranodeDispatch(comm, args, stream);
-  if (err != cudaSuccess) return LaunchError(where, err);
+  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
 
@@ -230,7 +204,8 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   const std::string where = "jax_ep_intranode_combine: ";
   jax_ep::IntranodeComm comm{};
   std::shared_ptr<const jax_ep::CommContext> hold;
-  if (ffi::Error err = AcquireComm(device, where, &comm, &hold); err.failure()) return err;
+  JAX_EP_RETURN_IF_ERROR(
+      AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
   const int64_t R = comm.num_ranks;
 
   jax_ep::CombineDtype dtype;
@@ -268,10 +243,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                                        Str(R) + " (the EP size this device was initialized " +
                                        "with), got " + Dims(slot_dims));
   }
-  if (ffi::Error err = CheckMatrix(where, "rank_counts", rank_counts.dimensions(), R, R);
-      err.failure()) {
-    return err;
-  }
+  JAX_EP_RETURN_IF_ERROR(CheckMatrix(where, "rank_counts", rank_counts.dimensions(), R, R));
   const auto out_dims = out->dimensions();
   if (out->element_type() != y.element_type() || out_dims.size() != 2 || out_dims[0] != T ||
       out_dims[1] != hidden) {
@@ -297,16 +269,14 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   args.hidden = hidden;
   args.dtype = dtype;
   const cudaError_t err = jax_ep::LaunchIntranodeCombine(comm, args, stream);
-  if (err != cudaSuccess) return LaunchError(where, err);
+  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatch, IntranodeDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              BindStreamAndDevice()
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // slot
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // sent
                                   .RemainingArgs()                  // payloads
@@ -315,9 +285,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatch, IntranodeDispatch,
                                   .Attr<int64_t>("capacity"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCached,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              BindStreamAndDevice()
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // slot (post-drop)
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
                                   .RemainingArgs()                  // payloads
@@ -325,9 +293,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCac
                                   .Attr<int64_t>("capacity"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeCombine, IntranodeCombine,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              BindStreamAndDevice()
                                   .Arg<ffi::AnyBuffer>()            // y
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // token_slot (post-drop)
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts

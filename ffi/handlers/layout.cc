@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include "ffi/handlers/handler_util.h"
 #include "ffi/handlers/handlers.h"
 #include "ffi/kernels/layout.h"
 #include "xla/ffi/api/ffi.h"
@@ -20,14 +21,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
-}
+using jax_ep::ffi_util::CudaError;
+using jax_ep::ffi_util::Dims;
 
 ffi::Error GetDispatchLayout(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> topk_idx,
                              int64_t num_experts, int64_t num_ranks,
@@ -76,10 +71,7 @@ ffi::Error GetDispatchLayout(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> topk_
 
   cudaError_t err = jax_ep::LaunchDispatchLayout(params, stream);
   if (err == cudaSuccess) err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(where + "CUDA error " + cudaGetErrorName(err) + ": " +
-                                cudaGetErrorString(err));
-  }
+  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
 

@@ -35,9 +35,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include <cuda_runtime.h>
 
+#include "ffi/handlers/handler_util.h"
 #include "ffi/handlers/ll_handlers.h"
 #include "ffi/kernels/low_latency.h"
 #include "ffi/runtime/nvshmem_context.h"
@@ -47,42 +49,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
-}
-
-std::string Str(int64_t v) { return std::to_string(v); }
-
-bool SameDims(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
-  if (dims.size() != want.size()) return false;
-  size_t i = 0;
-  for (int64_t w : want) {
-    if (dims[i++] != w) return false;
-  }
-  return true;
-}
-
-std::string Shape(std::initializer_list<int64_t> want) {
-  std::string s = "[";
-  size_t i = 0;
-  for (int64_t w : want) {
-    if (i++) s += ", ";
-    s += std::to_string(w);
-  }
-  return s + "]";
-}
-
-ffi::Error Expect(const std::string& where, const char* name, ffi::Span<const int64_t> dims,
-                  std::initializer_list<int64_t> want) {
-  if (SameDims(dims, want)) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(where + name + " must have shape " + Shape(want) + ", got " +
-                                     Dims(dims));
-}
+using namespace jax_ep::ffi_util;  // Dims, Shape, SameDims, ExpectShape, CudaError, ...
 
 bool ToLLDtype(ffi::DataType t, jax_ep::LLDtype* out) {
   switch (t) {
@@ -100,19 +67,11 @@ bool ToLLDtype(ffi::DataType t, jax_ep::LLDtype* out) {
   }
 }
 
-ffi::Error LaunchError(const std::string& where, cudaError_t err) {
-  return ffi::Error::Internal(where + "CUDA error " + cudaGetErrorName(err) + ": " +
-                              cudaGetErrorString(err));
-}
-
 // The PE context of `device` plus the call geometry (R, M, E checked).
 ffi::Error Acquire(const std::string& where, int32_t device, int64_t max_tokens,
                    int64_t num_experts, jax_ep::LLComm* comm,
                    std::shared_ptr<const jax_ep::LLContext>* hold) {
-  std::string error;
-  if (!jax_ep::AcquireLowLatency(device, comm, hold, &error)) {
-    return ffi::Error::Internal(where + error);
-  }
+  JAX_EP_RETURN_IF_ERROR(AcquireComm(jax_ep::AcquireLowLatency, where, device, comm, hold));
   const int64_t R = comm->num_ranks;
   if (max_tokens < 1 || max_tokens > jax_ep::kLLMaxTokens) {
     return ffi::Error::InvalidArgument(where + "max_tokens_per_rank must be in [1, " +
@@ -200,13 +159,9 @@ ffi::Error DispatchOutputs(const std::string& where, const DispatchResults& r, b
       return ffi::Error::InvalidArgument(where + "without use_fp8 there is no recv_scales result");
     }
   }
-  if (ffi::Error e = Expect(where, "recv_count", r.recv_count->dimensions(), {L}); e.failure()) {
-    return e;
-  }
-  if (ffi::Error e = Expect(where, "recv_src", r.recv_src->dimensions(), {L, RM}); e.failure()) {
-    return e;
-  }
-  if (ffi::Error e = Expect(where, "slot", r.slot->dimensions(), {T, K}); e.failure()) return e;
+  JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_count", r.recv_count->dimensions(), {L}));
+  JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_src", r.recv_src->dimensions(), {L, RM}));
+  JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", r.slot->dimensions(), {T, K}));
   args->recv_x = r.recv_x->untyped_data();
   args->recv_count = r.recv_count->typed_data();
   args->recv_src = r.recv_src->typed_data();
@@ -222,12 +177,10 @@ ffi::Error DispatchImpl(const std::string& where, jax_ep::LLPhase phase, cudaStr
                         int64_t max_tokens, int64_t num_experts) {
   jax_ep::LLComm comm;
   std::shared_ptr<const jax_ep::LLContext> hold;
-  if (ffi::Error e = Acquire(where, device, max_tokens, num_experts, &comm, &hold); e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(Acquire(where, device, max_tokens, num_experts, &comm, &hold));
   const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R;
   int64_t T = 0, K = 0;
-  if (ffi::Error e = CheckTopk(where, topk_idx.dimensions(), M, &T, &K); e.failure()) return e;
+  JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
 
   jax_ep::LLDispatchArgs args;
   args.topk_idx = topk_idx.typed_data();
@@ -249,11 +202,8 @@ ffi::Error DispatchImpl(const std::string& where, jax_ep::LLPhase phase, cudaStr
   if (results != nullptr) {  // receive half
     int64_t recv_h = 0;
     jax_ep::LLDtype recv_dtype = args.dtype;
-    if (ffi::Error e = DispatchOutputs(where, *results, use_fp8, R, L, M, T, K, &args, &recv_h,
-                                       &recv_dtype);
-        e.failure()) {
-      return e;
-    }
+    JAX_EP_RETURN_IF_ERROR(DispatchOutputs(where, *results, use_fp8, R, L, M, T, K, &args,
+                                           &recv_h, &recv_dtype));
     if (x != nullptr && recv_h != H) {
       return ffi::Error::InvalidArgument(where + "recv_x's H (" + Str(recv_h) +
                                          ") differs from x's (" + Str(H) + ")");
@@ -283,14 +233,10 @@ ffi::Error DispatchImpl(const std::string& where, jax_ep::LLPhase phase, cudaStr
                                        Str(H));
   }
   args.shape = jax_ep::LLShape{T, H, K, E, M};
-  if (ffi::Error e = CheckFits(where, jax_ep::LLCheckDispatch(comm, args.shape,
-                                                              jax_ep::LLDtypeBytes(args.dtype),
-                                                              use_fp8));
-      e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(CheckFits(
+      where, jax_ep::LLCheckDispatch(comm, args.shape, jax_ep::LLDtypeBytes(args.dtype), use_fp8)));
   const cudaError_t err = jax_ep::LaunchLLDispatch(comm, args, phase, stream);
-  if (err != cudaSuccess) return LaunchError(where, err);
+  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
 
@@ -328,6 +274,7 @@ ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::
 
 // ---------------------------------------------------------------- combine / gather
 
+// The operands of a combine target (nullptr: the target does not take it).
 struct CombineIn {
   const ffi::AnyBuffer* y = nullptr;                    // send
   const ffi::Buffer<ffi::S32, 2>* recv_src = nullptr;   // send
@@ -343,9 +290,7 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
                        int64_t max_tokens, int64_t num_experts) {
   jax_ep::LLComm comm;
   std::shared_ptr<const jax_ep::LLContext> hold;
-  if (ffi::Error e = Acquire(where, device, max_tokens, num_experts, &comm, &hold); e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(Acquire(where, device, max_tokens, num_experts, &comm, &hold));
   const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R, RM = R * M;
   jax_ep::LLCombineArgs args;
   args.gather = gather;
@@ -362,27 +307,18 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
                                          Str(RM) + ", H], got " + Dims(dims));
     }
     H = dims[2];
-    if (ffi::Error e = Expect(where, "recv_src", in.recv_src->dimensions(), {L, RM}); e.failure()) {
-      return e;
-    }
-    if (ffi::Error e = Expect(where, "recv_count", in.recv_count->dimensions(), {L});
-        e.failure()) {
-      return e;
-    }
+    JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_src", in.recv_src->dimensions(), {L, RM}));
+    JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_count", in.recv_count->dimensions(), {L}));
     args.y = in.y->untyped_data();
     args.recv_src = in.recv_src->typed_data();
     args.recv_count = in.recv_count->typed_data();
   }
   if (in.topk_idx != nullptr) {
-    if (ffi::Error e = CheckTopk(where, in.topk_idx->dimensions(), M, &T, &K); e.failure()) {
-      return e;
-    }
+    JAX_EP_RETURN_IF_ERROR(CheckTopk(where, in.topk_idx->dimensions(), M, &T, &K));
     args.topk_idx = in.topk_idx->typed_data();
     if (!gather) {
-      if (ffi::Error e = Expect(where, "topk_weights", in.weights->dimensions(), {T, K});
-          e.failure()) {
-        return e;
-      }
+      JAX_EP_RETURN_IF_ERROR(
+          ExpectShape(where, "topk_weights", in.weights->dimensions(), {T, K}));
       args.topk_weights = in.weights->typed_data();
     }
     jax_ep::LLDtype out_dtype;
@@ -423,13 +359,10 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
   // The send half alone knows no top-k: check against the allocation's.
   if (in.topk_idx == nullptr) K = comm.layout.top_k;
   args.shape = jax_ep::LLShape{T, H, K, E, M};
-  if (ffi::Error e = CheckFits(where, jax_ep::LLCheckCombine(comm, args.shape,
-                                                             jax_ep::LLDtypeBytes(args.dtype)));
-      e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(CheckFits(
+      where, jax_ep::LLCheckCombine(comm, args.shape, jax_ep::LLDtypeBytes(args.dtype))));
   const cudaError_t err = jax_ep::LaunchLLCombine(comm, args, phase, stream);
-  if (err != cudaSuccess) return LaunchError(where, err);
+  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
 
@@ -437,12 +370,7 @@ ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                      ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
                      ffi::Buffer<ffi::S32, 2> recv_src, ffi::Buffer<ffi::S32, 1> recv_count,
                      ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens, int64_t num_experts) {
-  CombineIn in;
-  in.y = &y;
-  in.recv_src = &recv_src;
-  in.recv_count = &recv_count;
-  in.topk_idx = &topk_idx;
-  in.weights = &topk_weights;
+  const CombineIn in{&y, &recv_src, &recv_count, &topk_idx, &topk_weights};
   return CombineImpl("jax_ep_ll_combine: ", jax_ep::kLLFused, false, stream, device, in, &*out,
                      nullptr, max_tokens, num_experts);
 }
@@ -451,10 +379,7 @@ ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32, 2> recv_src, ffi::Buffer<ffi::S32, 1> recv_count,
                          ffi::Result<ffi::Buffer<ffi::S32, 1>> token, int64_t max_tokens,
                          int64_t num_experts) {
-  CombineIn in;
-  in.y = &y;
-  in.recv_src = &recv_src;
-  in.recv_count = &recv_count;
+  const CombineIn in{&y, &recv_src, &recv_count};
   return CombineImpl("jax_ep_ll_combine_send: ", jax_ep::kLLSendOnly, false, stream, device, in,
                      nullptr, &*token, max_tokens, num_experts);
 }
@@ -463,10 +388,7 @@ ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S
                          ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
                          ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens,
                          int64_t num_experts) {
-  CombineIn in;
-  in.topk_idx = &topk_idx;
-  in.weights = &topk_weights;
-  in.token = &token;
+  const CombineIn in{nullptr, nullptr, nullptr, &topk_idx, &topk_weights, &token};
   return CombineImpl("jax_ep_ll_combine_recv: ", jax_ep::kLLRecvOnly, false, stream, device, in,
                      &*out, nullptr, max_tokens, num_experts);
 }
@@ -475,11 +397,7 @@ ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                     ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::S32, 2> recv_src,
                     ffi::Buffer<ffi::S32, 1> recv_count, ffi::Result<ffi::AnyBuffer> out,
                     int64_t max_tokens, int64_t num_experts) {
-  CombineIn in;
-  in.y = &y;
-  in.recv_src = &recv_src;
-  in.recv_count = &recv_count;
-  in.topk_idx = &topk_idx;
+  const CombineIn in{&y, &recv_src, &recv_count, &topk_idx};
   return CombineImpl("jax_ep_ll_gather: ", jax_ep::kLLFused, true, stream, device, in, &*out,
                      nullptr, max_tokens, num_experts);
 }
@@ -494,12 +412,10 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   const std::string where = "jax_ep_ll_dispatch_cached: ";
   jax_ep::LLComm comm;
   std::shared_ptr<const jax_ep::LLContext> hold;
-  if (ffi::Error e = Acquire(where, device, max_tokens, num_experts, &comm, &hold); e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(Acquire(where, device, max_tokens, num_experts, &comm, &hold));
   const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R, RM = R * M;
   int64_t T = 0, K = 0;
-  if (ffi::Error e = CheckTopk(where, topk_idx.dimensions(), M, &T, &K); e.failure()) return e;
+  JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLCachedDispatchArgs args;
   if (!ToLLDtype(x.element_type(), &args.dtype)) {
     return ffi::Error::InvalidArgument(where + "x must be bfloat16, float16 or float32");
@@ -510,10 +426,8 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                                        Dims(xd));
   }
   const int64_t H = xd[1];
-  if (ffi::Error e = Expect(where, "slot", slot.dimensions(), {T, K}); e.failure()) return e;
-  if (ffi::Error e = Expect(where, "recv_count", recv_count.dimensions(), {L}); e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", slot.dimensions(), {T, K}));
+  JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_count", recv_count.dimensions(), {L}));
   if (rest.size() > 1) {
     return ffi::Error::InvalidArgument(where + "at most one extra operand (scale f32[T, K])");
   }
@@ -538,118 +452,100 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   args.recv_count = recv_count.typed_data();
   args.zero_fill = zero_fill;
   args.out = out->untyped_data();
-  if (ffi::Error e = CheckFits(where, jax_ep::LLCheckCachedDispatch(
-                                          comm, args.shape, jax_ep::LLDtypeBytes(args.dtype)));
-      e.failure()) {
-    return e;
-  }
+  JAX_EP_RETURN_IF_ERROR(CheckFits(
+      where, jax_ep::LLCheckCachedDispatch(comm, args.shape, jax_ep::LLDtypeBytes(args.dtype))));
   const cudaError_t err = jax_ep::LaunchLLDispatchCached(comm, args, stream);
-  if (err != cudaSuccess) return LaunchError(where, err);
+  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
+}
+
+// Binding pieces the targets share (see also BindStreamAndDevice).
+
+// The attributes every target takes, last.
+template <typename Binding>
+auto WithGeometryAttrs(Binding&& b) {
+  return std::move(b)
+      .template Attr<int64_t>("max_tokens_per_rank")
+      .template Attr<int64_t>("num_experts");
+}
+
+// The results and attributes of jax_ep_ll_dispatch and jax_ep_ll_dispatch_recv.
+template <typename Binding>
+auto WithDispatchResults(Binding&& b) {
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()           // recv_x
+      .template Ret<ffi::BufferR1<ffi::S32>>()  // recv_count
+      .template Ret<ffi::BufferR2<ffi::S32>>()  // recv_src
+      .template Ret<ffi::BufferR2<ffi::S32>>()  // slot
+      .RemainingRets()                          // recv_scales (use_fp8)
+      .template Attr<bool>("use_fp8")
+      .template Attr<bool>("zero_fill");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatch, LLDispatch,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()             // x
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Ret<ffi::AnyBuffer>()             // recv_x
-                                  .Ret<ffi::BufferR1<ffi::S32>>()   // recv_count
-                                  .Ret<ffi::BufferR2<ffi::S32>>()   // recv_src
-                                  .Ret<ffi::BufferR2<ffi::S32>>()   // slot
-                                  .RemainingRets()                   // recv_scales (use_fp8)
-                                  .Attr<bool>("use_fp8")
-                                  .Attr<bool>("zero_fill")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLDispatch, LLDispatch,
+    WithGeometryAttrs(WithDispatchResults(BindStreamAndDevice()
+                                              .Arg<ffi::AnyBuffer>()               // x
+                                              .Arg<ffi::BufferR2<ffi::S32>>())));  // topk_idx
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchSend, LLDispatchSend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()             // x
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Ret<ffi::BufferR1<ffi::S32>>()   // token
-                                  .Attr<bool>("use_fp8")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLDispatchSend, LLDispatchSend,
+    WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::AnyBuffer>()           // x
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
+                          .Ret<ffi::BufferR1<ffi::S32>>()  // token
+                          .Attr<bool>("use_fp8")));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchRecv, LLDispatchRecv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::BufferR1<ffi::S32>>()   // token
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Ret<ffi::AnyBuffer>()             // recv_x
-                                  .Ret<ffi::BufferR1<ffi::S32>>()   // recv_count
-                                  .Ret<ffi::BufferR2<ffi::S32>>()   // recv_src
-                                  .Ret<ffi::BufferR2<ffi::S32>>()   // slot
-                                  .RemainingRets()                   // recv_scales (use_fp8)
-                                  .Attr<bool>("use_fp8")
-                                  .Attr<bool>("zero_fill")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLDispatchRecv, LLDispatchRecv,
+    WithGeometryAttrs(WithDispatchResults(BindStreamAndDevice()
+                                              .Arg<ffi::BufferR1<ffi::S32>>()      // token
+                                              .Arg<ffi::BufferR2<ffi::S32>>())));  // topk_idx
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombine, LLCombine,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()             // y
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Arg<ffi::BufferR2<ffi::F32>>()   // topk_weights
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // recv_src
-                                  .Arg<ffi::BufferR1<ffi::S32>>()   // recv_count
-                                  .Ret<ffi::AnyBuffer>()             // out
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLCombine, LLCombine,
+    WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::AnyBuffer>()           // y
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
+                          .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src
+                          .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
+                          .Ret<ffi::AnyBuffer>()));        // out
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineSend, LLCombineSend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()             // y
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // recv_src
-                                  .Arg<ffi::BufferR1<ffi::S32>>()   // recv_count
-                                  .Ret<ffi::BufferR1<ffi::S32>>()   // token
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLCombineSend, LLCombineSend,
+    WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::AnyBuffer>()             // y
+                          .Arg<ffi::BufferR2<ffi::S32>>()    // recv_src
+                          .Arg<ffi::BufferR1<ffi::S32>>()    // recv_count
+                          .Ret<ffi::BufferR1<ffi::S32>>()));  // token
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLCombineRecv, LLCombineRecv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::BufferR1<ffi::S32>>()   // token
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Arg<ffi::BufferR2<ffi::F32>>()   // topk_weights
-                                  .Ret<ffi::AnyBuffer>()             // out
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLCombineRecv, LLCombineRecv,
+    WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR1<ffi::S32>>()  // token
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
+                          .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
+                          .Ret<ffi::AnyBuffer>()));        // out
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLGather, LLGather,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()             // y
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // recv_src
-                                  .Arg<ffi::BufferR1<ffi::S32>>()   // recv_count
-                                  .Ret<ffi::AnyBuffer>()             // out [T, K, H]
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLGather, LLGather,
+    WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::AnyBuffer>()           // y
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src
+                          .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
+                          .Ret<ffi::AnyBuffer>()));        // out [T, K, H]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLLDispatchCached, LLDispatchCached,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()             // x
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx
-                                  .Arg<ffi::BufferR2<ffi::S32>>()   // slot
-                                  .Arg<ffi::BufferR1<ffi::S32>>()   // recv_count
-                                  .RemainingArgs()                   // scale f32[T, K] (optional)
-                                  .Ret<ffi::AnyBuffer>()             // out
-                                  .Attr<bool>("zero_fill")
-                                  .Attr<int64_t>("max_tokens_per_rank")
-                                  .Attr<int64_t>("num_experts"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpLLDispatchCached, LLDispatchCached,
+    WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::AnyBuffer>()           // x
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // slot
+                          .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
+                          .RemainingArgs()                 // scale f32[T, K] (optional)
+                          .Ret<ffi::AnyBuffer>()           // out
+                          .Attr<bool>("zero_fill")));

@@ -40,8 +40,9 @@
 //     and zeroes the rest; combine sums, per token and in rank order, the rows
 //     its peers sent back, in fp32.
 // Every spin-wait reads %globaltimer; past the timeout it writes a
-// TimeoutRecord into host-mapped memory and traps, and a host watchdog
-// (ffi/runtime/comm_context.cc) reports which rank waited for what.
+// TimeoutRecord into host-mapped memory and traps (device_sync.cuh), and a
+// host watchdog (ffi/runtime/watchdog.h, messages in comm_context.cc)
+// reports which rank waited for what.
 //
 // WORK MAPPING (256-thread blocks, grid <= num_blocks).
 //  dispatch send: one warp per token; lanes read the token's R slots, a
@@ -66,9 +67,9 @@
 #include <algorithm>
 #include <cstring>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "ffi/kernels/device_copy.cuh"
+#include "ffi/kernels/device_sync.cuh"
+#include "ffi/kernels/elem_types.cuh"
 
 namespace jax_ep {
 namespace {
@@ -84,23 +85,8 @@ constexpr int kRankUnroll = 2;  // combine receive: ranks loaded at once per vec
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxHidden = kIntranodeMaxHidden;
 
-// ------------------------------------------------------------ memory model
-
-__device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+// ------------------------------------------------------------ signal area
+// (acquire / release, timer, record + trap: device_sync.cuh)
 
 __device__ __forceinline__ uint64_t* EpochPtr(uint8_t* base) {
   return reinterpret_cast<uint64_t*>(base + kSignalEpochOffset);
@@ -128,40 +114,14 @@ __device__ __forceinline__ uint64_t CurrentEpoch(const IntranodeComm& c) {
 
 // ------------------------------------------------------------ timeouts
 
-__device__ __noinline__ void RecordTimeoutAndTrap(TimeoutRecord* rec, int32_t rank, int32_t op,
-                                                  int32_t what, int32_t peer, uint64_t timeout_ns,
-                                                  uint64_t epoch, uint64_t seen) {
-  if (rec != nullptr && atomicCAS_system(&rec->state, 0, 1) == 0) {
-    volatile TimeoutRecord* v = rec;
-    v->rank = rank;
-    v->op = op;
-    v->what = what;
-    v->peer = peer;
-    v->timeout_ns = timeout_ns;
-    v->epoch = epoch;
-    v->seen = seen;
-    __threadfence_system();
-    atomicExch_system(&rec->state, 2);
-    __threadfence_system();
-  }
-  __trap();
-}
-
-// Spins until *flag >= target (acquire, system scope) or the timeout passes.
+// Spins until *flag >= target (acquire, system scope) or the timeout passes;
+// the record gets the target as the epoch. Sleeps 128 ns between late polls
+// (leaves issue slots to co-resident copy kernels).
 __device__ __forceinline__ void WaitAtLeast(const IntranodeComm& c, const uint64_t* flag,
                                             uint64_t target, int32_t op, int32_t what,
                                             int32_t peer) {
-  uint64_t seen = LoadAcquireSys(flag);
-  if (seen >= target) return;
-  const uint64_t start = GlobalTimerNs();
-  for (uint32_t spins = 0;; ++spins) {
-    if (spins >= 64) __nanosleep(128);  // leave issue slots to co-resident copy kernels
-    seen = LoadAcquireSys(flag);
-    if (seen >= target) return;
-    if (GlobalTimerNs() - start > c.timeout_ns) {
-      RecordTimeoutAndTrap(c.timeout_record, c.rank, op, what, peer, c.timeout_ns, target, seen);
-    }
-  }
+  SpinWaitAtLeast(flag, target, /*shift=*/0, /*sleep_ns=*/128,
+                  TimeoutSite{c.timeout_record, c.rank, op, what, peer, c.timeout_ns, target});
 }
 
 // Threads [0, R) of the block each wait for one sender's data flag.
@@ -177,16 +137,7 @@ __device__ __forceinline__ void WaitForAllSenders(const IntranodeComm& c, int32_
 // Send kernels end here: the last block of the grid to finish publishes
 // data[me] = epoch in every peer, after all blocks' stores are visible.
 __device__ __forceinline__ void SignalDataWhenGridDone(const IntranodeComm& c) {
-  __shared__ bool s_last;
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(SendCounterPtr(c.local_base), 1u);
-    s_last = prev == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence_system();
+  if (!ArriveLast(SendCounterPtr(c.local_base))) return;
   const uint64_t e = CurrentEpoch(c);
   if (static_cast<int>(threadIdx.x) < c.num_ranks) {
     StoreReleaseSys(DataFlags(c.peer_bases[threadIdx.x]) + c.rank, e);
@@ -232,43 +183,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------ copy helpers
-
-template <int kBytes>
-struct VecOf;
-template <>
-struct VecOf<16> {
-  using Type = uint4;
-};
-template <>
-struct VecOf<4> {
-  using Type = unsigned int;
-};
-template <>
-struct VecOf<2> {
-  using Type = unsigned short;
-};
-template <>
-struct VecOf<1> {
-  using Type = unsigned char;
-};
+// (VecOf, StridedCopy: device_copy.cuh)
 
 // Grid-strided copy of n vectors; src is read-only for the whole kernel.
 template <typename V>
 __device__ __forceinline__ void GridCopy(const V* __restrict__ src, V* __restrict__ dst, int64_t n,
                                          int64_t gtid, int64_t stride) {
-  for (int64_t base = gtid; base < n; base += stride * kUnroll) {
-    V v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      v[u] = i < n ? __ldg(src + i) : V{};
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      if (i < n) dst[i] = v[u];
-    }
-  }
+  StridedCopy</*kPeer=*/false, kUnroll>(src, dst, n, n, gtid, stride);
 }
 
 // Grid-strided copy of the first n_valid vectors (written by peers: read
@@ -277,19 +198,7 @@ template <typename V>
 __device__ __forceinline__ void GridCopyThenZero(const V* __restrict__ src, V* __restrict__ dst,
                                                  int64_t n_valid, int64_t n_total, int64_t gtid,
                                                  int64_t stride) {
-  for (int64_t base = gtid; base < n_total; base += stride * kUnroll) {
-    V v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      v[u] = i < n_valid ? __ldcg(src + i) : V{};
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      if (i < n_total) dst[i] = v[u];
-    }
-  }
+  StridedCopy</*kPeer=*/true, kUnroll>(src, dst, n_valid, n_total, gtid, stride);
 }
 
 // One warp copies a row of n vectors to every destination in the list: each
@@ -521,41 +430,7 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(IntranodeComm c, C
   SignalDataWhenGridDone(c);
 }
 
-struct Bf16Elem {
-  using Raw = unsigned short;
-  __device__ __forceinline__ static float ToFloat(Raw r) {
-    return __uint_as_float(static_cast<unsigned int>(r) << 16);
-  }
-  __device__ __forceinline__ static Raw FromFloat(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
-
-struct F16Elem {
-  using Raw = unsigned short;
-  __device__ __forceinline__ static float ToFloat(Raw r) { return __half2float(__ushort_as_half(r)); }
-  __device__ __forceinline__ static Raw FromFloat(float f) {
-    return __half_as_ushort(__float2half_rn(f));
-  }
-};
-
-struct F32Elem {
-  using Raw = unsigned int;
-  __device__ __forceinline__ static float ToFloat(Raw r) { return __uint_as_float(r); }
-  __device__ __forceinline__ static Raw FromFloat(float f) { return __float_as_uint(f); }
-};
-
-// float8_e4m3fn: exact widening; narrowing rounds to nearest even and, like
-// ml_dtypes / numpy, turns out-of-range values into NaN (no saturation).
-struct F8E4M3Elem {
-  using Raw = unsigned char;
-  __device__ __forceinline__ static float ToFloat(Raw r) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(r, __NV_E4M3)));
-  }
-  __device__ __forceinline__ static Raw FromFloat(float f) {
-    return __nv_cvt_float_to_fp8(f, __NV_NOSAT, __NV_E4M3);
-  }
-};
+// Element types (Bf16Elem, F16Elem, F32Elem, F8E4M3Elem): elem_types.cuh.
 
 // out[t] = sum over r in 0..R-1 of (slot[t, r] >= 0 ? area[r][slot] : 0) in
 // fp32. The accumulator starts at -0.0f and every absent rank adds +0.0f, so
@@ -916,22 +791,30 @@ cudaError_t LaunchIntranodeCombinePhase(const IntranodeComm& comm, const Intrano
   return cudaGetLastError();
 }
 
-cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
-                                    cudaStream_t stream) {
+namespace {
+
+// Notify, send and receive of one op, in order; stops at the first error.
+template <typename Args>
+cudaError_t LaunchAllPhases(cudaError_t (*launch_phase)(const IntranodeComm&, const Args&,
+                                                        IntranodePhase, cudaStream_t),
+                            const IntranodeComm& comm, const Args& args, cudaStream_t stream) {
   for (IntranodePhase phase : {kPhaseNotify, kPhaseSend, kPhaseRecv}) {
-    const cudaError_t err = LaunchIntranodeDispatchPhase(comm, args, phase, stream);
+    const cudaError_t err = launch_phase(comm, args, phase, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
 
+}  // namespace
+
+cudaError_t LaunchIntranodeDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
+                                    cudaStream_t stream) {
+  return LaunchAllPhases(LaunchIntranodeDispatchPhase, comm, args, stream);
+}
+
 cudaError_t LaunchIntranodeCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
                                    cudaStream_t stream) {
-  for (IntranodePhase phase : {kPhaseNotify, kPhaseSend, kPhaseRecv}) {
-    const cudaError_t err = LaunchIntranodeCombinePhase(comm, args, phase, stream);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return LaunchAllPhases(LaunchIntranodeCombinePhase, comm, args, stream);
 }
 
 }  // namespace jax_ep

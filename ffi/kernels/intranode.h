@@ -10,6 +10,8 @@
 
 #include <cuda_runtime.h>
 
+#include "ffi/kernels/timeout_record.h"
+
 namespace jax_ep {
 
 // Largest EP group the intranode kernels support (flags and the count matrix
@@ -42,21 +44,6 @@ enum IntranodeWait : int32_t {
   kWaitBarrier = 0,
   kWaitCounts = 1,
   kWaitData = 2,
-};
-
-// Written by the first spin-wait that times out, in host-mapped pinned
-// memory, right before the kernel traps. state: 0 = none, 1 = being
-// written, 2 = complete (the host reads the other fields only then).
-struct TimeoutRecord {
-  int32_t state;
-  int32_t rank;
-  int32_t op;      // IntranodeOp
-  int32_t what;    // IntranodeWait
-  int32_t peer;    // the rank waited on
-  int32_t reserved;
-  uint64_t timeout_ns;
-  uint64_t epoch;  // the op's sequence number on this rank
-  uint64_t seen;   // the flag value last seen
 };
 
 // What a kernel needs to know about its rank's communicator.

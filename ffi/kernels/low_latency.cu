@@ -74,8 +74,9 @@
 // drained by nvshmem_quiet() before a send phase ends.
 //
 // Every spin-wait reads %globaltimer; past the timeout it fills the
-// host-mapped TimeoutRecord and traps; the watchdog in
-// ffi/runtime/nvshmem_context.cc prints which PE waited for what from whom.
+// host-mapped TimeoutRecord and traps (device_sync.cuh); the watchdog
+// (ffi/runtime/watchdog.h, messages in nvshmem_context.cc) prints which PE
+// waited for what from whom.
 //
 // CO-RESIDENCY. The fused kernels spin on signals produced by other blocks of
 // the same grid (the last send block signals my own receive) and by other
@@ -86,12 +87,12 @@
 #include <algorithm>
 #include <cstring>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include <nvshmem.h>
 #include <nvshmemx.h>
+
+#include "ffi/kernels/device_copy.cuh"
+#include "ffi/kernels/device_sync.cuh"
+#include "ffi/kernels/elem_types.cuh"
 
 namespace jax_ep {
 namespace {
@@ -105,25 +106,9 @@ constexpr float kFp8MinAmax = 1e-4f;
 
 int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// ------------------------------------------------------------ memory model
-
-__device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t GlobalTimerNs() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // ------------------------------------------------------------ region accessors
+// (acquire / release, timer, spin-wait, record + trap, ArriveLast:
+// device_sync.cuh)
 
 struct Region {
   uint8_t* base;
@@ -160,26 +145,7 @@ __device__ __forceinline__ size_t SetOffset(const LLLayout& lay, int b) {
   return lay.set_offset + static_cast<size_t>(b) * lay.set_bytes;
 }
 
-// ------------------------------------------------------------ timeouts
-
-__device__ __noinline__ void RecordAndTrap(TimeoutRecord* rec, int32_t rank, int32_t op,
-                                           int32_t what, int32_t peer, uint64_t timeout_ns,
-                                           uint64_t epoch, uint64_t seen) {
-  if (rec != nullptr && atomicCAS_system(&rec->state, 0, 1) == 0) {
-    volatile TimeoutRecord* v = rec;
-    v->rank = rank;
-    v->op = op;
-    v->what = what;
-    v->peer = peer;
-    v->timeout_ns = timeout_ns;
-    v->epoch = epoch;
-    v->seen = seen;
-    __threadfence_system();
-    atomicExch_system(&rec->state, 2);
-    __threadfence_system();
-  }
-  __trap();
-}
+// ------------------------------------------------------------ signals and puts
 
 // NVSHMEM calls of the put path, out of line: the direct (mapped) path is
 // the common one and should not pay their register pressure.
@@ -191,62 +157,33 @@ __device__ __noinline__ void SignalSetPe(uint64_t* sig, uint64_t value, int pe) 
 }
 __device__ __noinline__ void QuietAll() { nvshmem_quiet(); }
 
-// Threads [0, R) of the block wait until every PE released set b of op n - 2.
+// Threads [0, R) of the block wait until every PE released set b of op n - 2
+// (ack >= n - 2; the record gets n as the epoch).
 __device__ __forceinline__ void WaitReleased(const LLComm& c, uint64_t n, int32_t op) {
   const int r = threadIdx.x;
   if (n > 2 && r < c.num_ranks) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.base + AckOffset(n & 1, r));
-    const uint64_t target = n - 2;
-    uint64_t seen = LoadAcquireSys(flag);
-    if (seen < target) {
-      const uint64_t start = GlobalTimerNs();
-      for (uint32_t spins = 0;; ++spins) {
-        if (spins >= 64) __nanosleep(64);
-        seen = LoadAcquireSys(flag);
-        if (seen >= target) break;
-        if (GlobalTimerNs() - start > c.timeout_ns) {
-          RecordAndTrap(c.timeout_record, c.rank, op, kWaitLLRelease, r, c.timeout_ns, n, seen);
-        }
-      }
-    }
+    SpinWaitAtLeast(flag, n - 2, /*shift=*/0, /*sleep_ns=*/64,
+                    TimeoutSite{c.timeout_record, c.rank, op, kWaitLLRelease, r, c.timeout_ns, n});
   }
   __syncthreads();
 }
 
-// Threads [0, R) of the block wait for every source's done signal of op n.
+// Threads [0, R) of the block wait for every source's done signal of op n
+// (done >> 4 >= n), then check that it names the same op kind.
 __device__ __forceinline__ void WaitAllDone(const LLComm& c, uint64_t n, int32_t op) {
   const int s = threadIdx.x;
   if (s < c.num_ranks) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.base + DoneOffset(n & 1, s));
-    uint64_t seen = LoadAcquireSys(flag);
-    if ((seen >> 4) < n) {
-      const uint64_t start = GlobalTimerNs();
-      for (uint32_t spins = 0;; ++spins) {
-        if (spins >= 64) __nanosleep(64);
-        seen = LoadAcquireSys(flag);
-        if ((seen >> 4) >= n) break;
-        if (GlobalTimerNs() - start > c.timeout_ns) {
-          RecordAndTrap(c.timeout_record, c.rank, op, kWaitLLData, s, c.timeout_ns, n, seen);
-        }
-      }
-    }
+    const uint64_t seen =
+        SpinWaitAtLeast(flag, n, /*shift=*/4, /*sleep_ns=*/64,
+                        TimeoutSite{c.timeout_record, c.rank, op, kWaitLLData, s, c.timeout_ns, n});
     if ((seen >> 4) == n && static_cast<int32_t>(seen & 15) != (op & 15)) {
-      RecordAndTrap(c.timeout_record, c.rank, op, kWaitLLMismatch, s, c.timeout_ns, n, seen);
+      RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitLLMismatch, s, c.timeout_ns, n,
+                           seen);
     }
   }
   __syncthreads();
-}
-
-// True in the last block of the grid to get here (its earlier writes and
-// those of every other block are ordered before whatever it does next).
-__device__ __forceinline__ bool ArriveLast(unsigned int* counter) {
-  __shared__ int s_last;
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (s_last) __threadfence_system();
-  return s_last != 0;
 }
 
 __device__ __forceinline__ void SignalPe(const LLComm& c, uint8_t* mapped, int pe, size_t offset,
@@ -299,54 +236,53 @@ __device__ __forceinline__ void LoadPeers(const LLComm& c, uint8_t** s_peer) {
   for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) s_peer[r] = c.peer_base[r];
 }
 
+// Split form: the send half hands its op number n to the receive half
+// (TokenOp reads it back).
+__device__ __forceinline__ void WriteToken(int32_t* token_out, uint64_t n) {
+  if (token_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    token_out[0] = static_cast<int32_t>(static_cast<uint32_t>(n));
+    token_out[1] = static_cast<int32_t>(static_cast<uint32_t>(n >> 32));
+  }
+}
+
+// Row i of the send buffer (staging for NVSHMEM puts).
+__device__ __forceinline__ uint8_t* StagingRow(const LLComm& c, int64_t i, int64_t stride) {
+  return c.base + c.layout.send_offset + static_cast<size_t>(i) * stride;
+}
+
+// A row this warp wrote into the send buffer: make the stores visible, then
+// put it to `off` in PE pe's region.
+__device__ __forceinline__ void PutStagedRow(const LLComm& c, size_t off, const uint8_t* staged,
+                                             size_t bytes, int pe) {
+  __threadfence_system();
+  __syncwarp();
+  PutRowWarp(c.base + off, staged, bytes, pe);
+}
+
+// The call's sizes as the kernels name them: T, H, K, E, M, L = E / R and
+// RM = R * M.
+struct Geometry {
+  int64_t T, H, K, E, M, L, RM;
+};
+__device__ __forceinline__ Geometry GeometryOf(const LLShape& s, int R) {
+  return {s.num_tokens, s.hidden, s.top_k, s.num_experts, s.max_tokens, s.num_experts / R,
+          R * s.max_tokens};
+}
+
+// Grid coordinates: threads, and warps (lane = threadIdx.x & 31).
+__device__ __forceinline__ int64_t GlobalThread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t GridThreads() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+__device__ __forceinline__ int64_t GlobalWarp() { return GlobalThread() >> 5; }
+__device__ __forceinline__ int64_t GridWarps() {
+  return static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+}
+
 // ------------------------------------------------------------ element types
-
-struct Bf16Elem {
-  using Raw = unsigned short;
-  __device__ __forceinline__ static float ToFloat(Raw r) {
-    return __uint_as_float(static_cast<unsigned int>(r) << 16);
-  }
-  __device__ __forceinline__ static Raw FromFloat(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
-struct F16Elem {
-  using Raw = unsigned short;
-  __device__ __forceinline__ static float ToFloat(Raw r) {
-    return __half2float(__ushort_as_half(r));
-  }
-  __device__ __forceinline__ static Raw FromFloat(float f) {
-    return __half_as_ushort(__float2half_rn(f));
-  }
-};
-struct F32Elem {
-  using Raw = float;
-  __device__ __forceinline__ static float ToFloat(Raw r) { return r; }
-  __device__ __forceinline__ static Raw FromFloat(float f) { return f; }
-};
-
-template <int kBytes>
-struct VecOf;
-template <>
-struct VecOf<16> {
-  using Type = uint4;
-};
-template <>
-struct VecOf<8> {
-  using Type = uint2;
-};
-template <>
-struct VecOf<4> {
-  using Type = unsigned int;
-};
-template <>
-struct VecOf<2> {
-  using Type = unsigned short;
-};
-template <>
-struct VecOf<1> {
-  using Type = unsigned char;
-};
+// (Bf16Elem, F16Elem, F32Elem: elem_types.cuh; VecOf: device_copy.cuh)
 
 // Eight consecutive elements (16-byte aligned for 2-byte types, 32 for f32).
 template <typename Elem>
@@ -368,19 +304,13 @@ __device__ __forceinline__ void Load8(const typename Elem::Raw* p, float v[8]) {
 }
 
 // ------------------------------------------------------------ warp copies
+// kPeer: the source was written by another agent in this op (LoadVec,
+// device_copy.cuh), else it is a read-only input.
 
-// Loads: kPeer = written by another agent in this op (read through L2),
-// else read-only inputs.
-template <typename V, bool kPeer>
-__device__ __forceinline__ V LoadVec(const V* p) {
-  if constexpr (kPeer) {
-    return __ldcg(p);
-  } else {
-    return __ldg(p);
-  }
-}
-
-template <typename V, bool kPeer>
+// n vectors by one warp, kUnroll per lane in flight. Not StridedCopy
+// (device_copy.cuh): there the registers of vectors past n are zeroed, which
+// nvcc compiles differently; this loop keeps the code the GPU runs tested.
+template <bool kPeer, typename V>
 __device__ __forceinline__ void WarpCopyVec(V* __restrict__ dst, const V* __restrict__ src,
                                             int64_t n, int lane) {
   for (int64_t base = lane; base < n; base += 32 * kUnroll) {
@@ -388,7 +318,7 @@ __device__ __forceinline__ void WarpCopyVec(V* __restrict__ dst, const V* __rest
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + 32 * u;
-      if (i < n) v[u] = LoadVec<V, kPeer>(src + i);
+      if (i < n) v[u] = LoadVec<kPeer>(src + i);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -404,16 +334,16 @@ __device__ __forceinline__ void WarpCopy(uint8_t* dst, const uint8_t* src, int64
   const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
                         static_cast<uint64_t>(n);
   if ((bits & 15) == 0) {
-    WarpCopyVec<uint4, kPeer>(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(src),
-                              n / 16, lane);
+    WarpCopyVec<kPeer>(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(src), n / 16,
+                       lane);
   } else if ((bits & 7) == 0) {
-    WarpCopyVec<uint2, kPeer>(reinterpret_cast<uint2*>(dst), reinterpret_cast<const uint2*>(src),
-                              n / 8, lane);
+    WarpCopyVec<kPeer>(reinterpret_cast<uint2*>(dst), reinterpret_cast<const uint2*>(src), n / 8,
+                       lane);
   } else if ((bits & 3) == 0) {
-    WarpCopyVec<unsigned int, kPeer>(reinterpret_cast<unsigned int*>(dst),
-                                     reinterpret_cast<const unsigned int*>(src), n / 4, lane);
+    WarpCopyVec<kPeer>(reinterpret_cast<unsigned int*>(dst),
+                       reinterpret_cast<const unsigned int*>(src), n / 4, lane);
   } else {
-    for (int64_t i = lane; i < n; i += 32) dst[i] = kPeer ? __ldcg(src + i) : __ldg(src + i);
+    for (int64_t i = lane; i < n; i += 32) dst[i] = LoadVec<kPeer>(src + i);
   }
 }
 
@@ -594,13 +524,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
   const LLLayout& lay = c.layout;
   const int R = c.num_ranks;
   const int me = c.rank;
-  const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
-  const int64_t M = p.s.max_tokens;
-  const int64_t L = E / R;
-  const int64_t RM = R * M;
+  const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
   const int lane = threadIdx.x & 31;
-  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t W = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int64_t gw = GlobalWarp(), W = GridWarps();
   LoadPeers(c, s_peer);
 
   uint64_t n;
@@ -616,10 +542,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
 
   if (p.phase != kLLRecvOnly) {
     // ---------------- send
-    if (p.token_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-      p.token_out[0] = static_cast<int32_t>(static_cast<uint32_t>(n));
-      p.token_out[1] = static_cast<int32_t>(static_cast<uint32_t>(n >> 32));
-    }
+    WriteToken(p.token_out, n);
     WaitReleased(c, n, kOpLLDispatch);  // ends with __syncthreads (s_peer ready)
 
     // My per-expert token counts (broadcast by the last block). Taken by the
@@ -639,9 +562,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       const int64_t l = e - r * L;
       const size_t off = set_off + static_cast<size_t>((l * R + me) * M + j) * p.stride;
       uint8_t* mapped = s_peer[r];
-      uint8_t* row = mapped != nullptr
-                         ? mapped + off
-                         : c.base + lay.send_offset + static_cast<size_t>(q) * p.stride;
+      uint8_t* row = mapped != nullptr ? mapped + off : StagingRow(c, q, p.stride);
       if (lane == 0) *reinterpret_cast<int4*>(row) = make_int4(static_cast<int>(t), 0, 0, 0);
       if (p.use_fp8) {
         WarpCastRowFp8<XElem>(
@@ -650,11 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       } else {
         WarpCopy<false>(row + kLLRowHeaderBytes, p.x + t * H * p.x_bytes, H * p.x_bytes, lane);
       }
-      if (mapped == nullptr) {
-        __threadfence_system();
-        __syncwarp();
-        PutRowWarp(c.base + off, row, kLLRowHeaderBytes + p.payload_bytes, r);
-      }
+      if (mapped == nullptr) PutStagedRow(c, off, row, kLLRowHeaderBytes + p.payload_bytes, r);
     }
 
     if (ArriveLast(SendArrive(c.base))) {
@@ -738,8 +655,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
   }
   // slot[t, k] = rows of sources before me for its expert + my position.
-  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t gthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
   for (int64_t q = gtid; q < T * K; q += gthreads) {
     const int64_t t = q / K;
     const int64_t k = q - t * K;
@@ -896,8 +812,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   const int64_t RM = R * M;
   const int32_t op = p.gather ? kOpLLGather : kOpLLCombine;
   const int lane = threadIdx.x & 31;
-  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t W = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int64_t gw = GlobalWarp(), W = GridWarps();
   LoadPeers(c, s_peer);
 
   const uint64_t n = p.phase == kLLRecvOnly ? TokenOp(p.token_in) : StartOp(c);
@@ -906,10 +821,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
 
   if (p.phase != kLLRecvOnly) {
     // ---------------- send: expert rows back to their source tokens
-    if (p.token_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-      p.token_out[0] = static_cast<int32_t>(static_cast<uint32_t>(n));
-      p.token_out[1] = static_cast<int32_t>(static_cast<uint32_t>(n >> 32));
-    }
+    WriteToken(p.token_out, n);
     WaitReleased(c, n, op);
     RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
     const int64_t total = s_base[L];
@@ -929,11 +841,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       if (mapped != nullptr) {
         WarpCopy<false>(mapped + off, src, row_bytes, lane);
       } else if (i < p.send_rows) {
-        uint8_t* staged = c.base + lay.send_offset + static_cast<size_t>(i) * p.stride;
+        uint8_t* staged = StagingRow(c, i, p.stride);
         WarpCopy<false>(staged, src, row_bytes, lane);
-        __threadfence_system();
-        __syncwarp();
-        PutRowWarp(c.base + off, staged, row_bytes, s);
+        PutStagedRow(c, off, staged, row_bytes, s);
       }
     }
     if (ArriveLast(SendArrive(c.base))) FinishSend(c, s_peer, n, op);
@@ -943,8 +853,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   // ---------------- receive: my tokens' rows, reduced in k order
   WaitAllDone(c, n, op);
   const uint8_t* set = c.base + set_off;
-  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t gthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
   if (p.gather) {
     GatherRows<Elem, kNE>(p, set, gtid, gthreads);
   } else {
@@ -973,13 +882,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
   __shared__ uint8_t* s_peer[kLLMaxRanks];
   const LLLayout& lay = c.layout;
   const int R = c.num_ranks;
-  const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
-  const int64_t M = p.s.max_tokens;
-  const int64_t L = E / R;
-  const int64_t RM = R * M;
+  const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
   const int lane = threadIdx.x & 31;
-  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t W = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int64_t gw = GlobalWarp(), W = GridWarps();
   LoadPeers(c, s_peer);
 
   const uint64_t n = StartOp(c);
@@ -1000,9 +905,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
     const int64_t l = e - r * L;
     const size_t off = set_off + static_cast<size_t>(l * RM + row_slot) * p.stride;
     uint8_t* mapped = s_peer[r];
-    uint8_t* row = mapped != nullptr
-                       ? mapped + off
-                       : c.base + lay.send_offset + static_cast<size_t>(q) * p.stride;
+    uint8_t* row = mapped != nullptr ? mapped + off : StagingRow(c, q, p.stride);
     const uint8_t* src = p.x + t * row_bytes;
     if (p.scale != nullptr) {
       float sum = 0.0f;
@@ -1013,11 +916,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
     } else {
       WarpCopy<false>(row, src, row_bytes, lane);
     }
-    if (mapped == nullptr) {
-      __threadfence_system();
-      __syncwarp();
-      PutRowWarp(c.base + off, row, row_bytes, r);
-    }
+    if (mapped == nullptr) PutStagedRow(c, off, row, row_bytes, r);
   }
   if (ArriveLast(SendArrive(c.base))) FinishSend(c, s_peer, n, kOpLLDispatchCached);
 

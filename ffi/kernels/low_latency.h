@@ -11,7 +11,7 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/kernels/intranode.h"  // TimeoutRecord (the same host-mapped record + watchdog scheme)
+#include "ffi/kernels/timeout_record.h"  // the same host-mapped record + watchdog scheme
 
 namespace jax_ep {
 

@@ -4,18 +4,17 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <cmath>
-#include <condition_variable>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
-#include <thread>
 
 #include <cuda_runtime.h>
+
+#include "ffi/runtime/cuda_check.h"
+#include "ffi/runtime/options.h"
+#include "ffi/runtime/watchdog.h"
 
 namespace jax_ep {
 
@@ -40,24 +39,19 @@ struct CommContext {
 
 namespace {
 
-constexpr double kDefaultTimeoutSeconds = 60.0;
-constexpr int kMaxNumBlocks = 1 << 16;
 constexpr int kMinAutoBlocks = 8;
-constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
+
+void PollTimeouts();
 
 struct Registry {
-  std::mutex mu;  // contexts, error, CommContext::reported
+  std::mutex mu;  // contexts, reports, CommContext::reported
   std::map<int, std::shared_ptr<CommContext>> contexts;
-  std::string error;
-  std::atomic<bool> has_error{false};
+  TimeoutReports reports;
 
   std::atomic<double> timeout_s{kDefaultTimeoutSeconds};
   std::atomic<int> num_blocks{0};
 
-  std::mutex watchdog_mu;  // watchdog, stop
-  std::condition_variable watchdog_cv;
-  std::thread* watchdog = nullptr;
-  bool stop = false;
+  Watchdog watchdog{PollTimeouts};
 };
 
 // Never destroyed: the watchdog thread may outlive static destruction.
@@ -65,37 +59,6 @@ Registry& Reg() {
   static Registry* registry = new Registry();
   return *registry;
 }
-
-std::string CudaMessage(cudaError_t err) {
-  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
-}
-
-[[noreturn]] void Fail(int device, const std::string& what, cudaError_t err) {
-  cudaGetLastError();  // clear a non-sticky error so later calls are not confused
-  throw std::runtime_error("jax_ep: " + what + " on CUDA device " + std::to_string(device) +
-                           " failed (" + CudaMessage(err) + ")");
-}
-
-void Check(cudaError_t err, int device, const std::string& what) {
-  if (err != cudaSuccess) Fail(device, what, err);
-}
-
-// Makes `device` current; restores the previous device on scope exit.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    Check(cudaSetDevice(device), device, "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 const char* OpName(int32_t op) {
   switch (op) {
@@ -138,84 +101,16 @@ std::string FormatTimeout(const CommContext& ctx, const TimeoutRecord& rec) {
 void PollTimeoutsLocked(Registry& reg) {
   for (auto& entry : reg.contexts) {
     CommContext& ctx = *entry.second;
-    if (ctx.reported || ctx.record_host == nullptr) continue;
-    const volatile TimeoutRecord* v = ctx.record_host;
-    if (v->state != 2) continue;
-    std::atomic_thread_fence(std::memory_order_acquire);
-    TimeoutRecord rec{};
-    rec.state = v->state;
-    rec.rank = v->rank;
-    rec.op = v->op;
-    rec.what = v->what;
-    rec.peer = v->peer;
-    rec.timeout_ns = v->timeout_ns;
-    rec.epoch = v->epoch;
-    rec.seen = v->seen;
-    ctx.reported = true;
-    const std::string message = FormatTimeout(ctx, rec);
-    std::fprintf(stderr, "%s\n", message.c_str());
-    std::fflush(stderr);
-    if (reg.error.empty()) {
-      reg.error = message;
-      reg.has_error.store(true);
-    }
+    reg.reports.Poll(ctx.record_host, &ctx.reported,
+                     [&](const TimeoutRecord& rec) { return FormatTimeout(ctx, rec); });
   }
 }
 
-void WatchdogLoop() {
+// The watchdog's poll (also at process exit).
+void PollTimeouts() {
   Registry& reg = Reg();
-  std::unique_lock<std::mutex> lock(reg.watchdog_mu);
-  while (!reg.stop) {
-    reg.watchdog_cv.wait_for(lock, kWatchdogPeriod, [&] { return reg.stop; });
-    if (reg.stop) break;
-    lock.unlock();
-    {
-      std::lock_guard<std::mutex> guard(reg.mu);
-      PollTimeoutsLocked(reg);
-    }
-    lock.lock();
-  }
-}
-
-void StartWatchdog() {
-  Registry& reg = Reg();
-  std::lock_guard<std::mutex> lock(reg.watchdog_mu);
-  if (reg.watchdog != nullptr) return;
-  reg.stop = false;
-  reg.watchdog = new std::thread(WatchdogLoop);
-}
-
-void StopWatchdog() {
-  Registry& reg = Reg();
-  std::thread* thread = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(reg.watchdog_mu);
-    thread = reg.watchdog;
-    reg.watchdog = nullptr;
-    reg.stop = true;
-  }
-  reg.watchdog_cv.notify_all();
-  if (thread != nullptr) {
-    thread->join();
-    delete thread;
-  }
-}
-
-// At process exit (before the CUDA runtime's own teardown, which was
-// registered earlier): report a last timeout and stop the watchdog, which
-// reads host-mapped memory the runtime is about to release. No CUDA calls.
-void AtExit() {
-  Registry& reg = Reg();
-  {
-    std::lock_guard<std::mutex> guard(reg.mu);
-    PollTimeoutsLocked(reg);
-  }
-  StopWatchdog();
-}
-
-void RegisterAtExitOnce() {
-  static std::once_flag once;
-  std::call_once(once, [] { std::atexit(AtExit); });
+  std::lock_guard<std::mutex> guard(reg.mu);
+  PollTimeoutsLocked(reg);
 }
 
 // Releases everything a context holds; ignores errors (the device may be in
@@ -278,31 +173,25 @@ void CommCreate(int device, size_t data_bytes) {
   const size_t total = kIntranodeSignalBytes + data_bytes;
   try {
     DeviceGuard guard(device);
-    Check(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
-          "cudaDeviceGetAttribute(multiProcessorCount)");
+    CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device),
+              device, "cudaDeviceGetAttribute(multiProcessorCount)");
     void* buffer = nullptr;
     cudaError_t err = cudaMalloc(&buffer, total);
     if (err != cudaSuccess) {
       char size[64];
       std::snprintf(size, sizeof(size), "%.3f GiB", static_cast<double>(total) / (1 << 30));
-      Fail(device, std::string("cudaMalloc of the ") + size + " comm buffer", err);
+      CudaFail(device, std::string("cudaMalloc of the ") + size + " comm buffer", err);
     }
     ctx->buffer = static_cast<uint8_t*>(buffer);
     cudaStream_t stream = nullptr;
-    Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), device, "cudaStreamCreate");
+    CudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), device,
+              "cudaStreamCreate");
     err = cudaMemsetAsync(ctx->buffer, 0, total, stream);
     if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
-    Check(err, device, "zeroing the comm buffer");
+    CudaCheck(err, device, "zeroing the comm buffer");
 
-    void* record = nullptr;
-    Check(cudaHostAlloc(&record, sizeof(TimeoutRecord), cudaHostAllocMapped | cudaHostAllocPortable),
-          device, "cudaHostAlloc(mapped) of the timeout record");
-    std::memset(record, 0, sizeof(TimeoutRecord));
-    ctx->record_host = static_cast<TimeoutRecord*>(record);
-    void* record_device = nullptr;
-    Check(cudaHostGetDevicePointer(&record_device, record, 0), device, "cudaHostGetDevicePointer");
-    ctx->record_device = static_cast<TimeoutRecord*>(record_device);
+    AllocTimeoutRecord(device, &ctx->record_host, &ctx->record_device);
   } catch (...) {
     FreeContext(*ctx);
     throw;
@@ -316,15 +205,14 @@ void CommCreate(int device, size_t data_bytes) {
     }
     reg.contexts[device] = ctx;
   }
-  RegisterAtExitOnce();  // after the CUDA runtime registered its own exit handler
-  StartWatchdog();
+  reg.watchdog.Start();  // after the CUDA runtime registered its own exit handler
 }
 
 std::string CommIpcHandle(int device) {
   auto ctx = FindOrThrow(device, "comm_ipc_handle");
   DeviceGuard guard(device);
   cudaIpcMemHandle_t handle;
-  Check(cudaIpcGetMemHandle(&handle, ctx->buffer), device, "cudaIpcGetMemHandle");
+  CudaCheck(cudaIpcGetMemHandle(&handle, ctx->buffer), device, "cudaIpcGetMemHandle");
   return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 
@@ -364,8 +252,8 @@ void CommConnect(int device, int rank, int num_ranks, int group,
   int on_device = 0;
   auto device_of = [&](const void* ptr, int r) {
     cudaPointerAttributes attr{};
-    Check(cudaPointerGetAttributes(&attr, ptr), device,
-          "cudaPointerGetAttributes of peer " + std::to_string(r) + "'s buffer");
+    CudaCheck(cudaPointerGetAttributes(&attr, ptr), device,
+              "cudaPointerGetAttributes of peer " + std::to_string(r) + "'s buffer");
     if (attr.type != cudaMemoryTypeDevice) {
       throw std::runtime_error(where + "peer " + std::to_string(r) +
                                "'s pointer is not device memory");
@@ -386,8 +274,8 @@ void CommConnect(int device, int rank, int num_ranks, int group,
           ++on_device;
         } else {
           int can_access = 0;
-          Check(cudaDeviceCanAccessPeer(&can_access, device, peer_device), device,
-                "cudaDeviceCanAccessPeer");
+          CudaCheck(cudaDeviceCanAccessPeer(&can_access, device, peer_device), device,
+                    "cudaDeviceCanAccessPeer");
           if (!can_access) {
             throw std::runtime_error(where + "CUDA device " + std::to_string(device) +
                                      " cannot access peer device " + std::to_string(peer_device) +
@@ -397,7 +285,8 @@ void CommConnect(int device, int rank, int num_ranks, int group,
           if (err == cudaErrorPeerAccessAlreadyEnabled) {
             cudaGetLastError();
           } else {
-            Check(err, device, "cudaDeviceEnablePeerAccess(" + std::to_string(peer_device) + ")");
+            CudaCheck(err, device,
+                      "cudaDeviceEnablePeerAccess(" + std::to_string(peer_device) + ")");
           }
         }
         bases[r] = ptr;
@@ -410,17 +299,18 @@ void CommConnect(int device, int rank, int num_ranks, int group,
         }
         std::memcpy(&handle, spec.ipc_handle.data(), sizeof(handle));
         void* ptr = nullptr;
-        Check(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), device,
-              "cudaIpcOpenMemHandle of rank " + std::to_string(r) + "'s comm buffer");
+        CudaCheck(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), device,
+                  "cudaIpcOpenMemHandle of rank " + std::to_string(r) + "'s comm buffer");
         bases[r] = static_cast<uint8_t*>(ptr);
         is_ipc[r] = true;
         if (device_of(ptr, r) == device) ++on_device;
       }
     }
-    Check(cudaMalloc(reinterpret_cast<void**>(&table), num_ranks * sizeof(uint8_t*)), device,
-          "cudaMalloc of the peer table");
-    Check(cudaMemcpy(table, bases.data(), num_ranks * sizeof(uint8_t*), cudaMemcpyHostToDevice),
-          device, "copying the peer table");
+    CudaCheck(cudaMalloc(reinterpret_cast<void**>(&table), num_ranks * sizeof(uint8_t*)), device,
+              "cudaMalloc of the peer table");
+    CudaCheck(cudaMemcpy(table, bases.data(), num_ranks * sizeof(uint8_t*),
+                         cudaMemcpyHostToDevice),
+              device, "copying the peer table");
   } catch (...) {
     for (int r = 0; r < num_ranks; ++r) {
       if (is_ipc[r] && bases[r] != nullptr) cudaIpcCloseMemHandle(bases[r]);
@@ -443,15 +333,7 @@ void CommConnect(int device, int rank, int num_ranks, int group,
 }
 
 void CommSetOptions(double timeout_s, int num_blocks) {
-  if (!(timeout_s > 0.0) || !std::isfinite(timeout_s) || timeout_s > 1e9) {
-    throw std::runtime_error("jax_ep: comm_set_options: timeout_s must be a positive number of "
-                             "seconds, got " + std::to_string(timeout_s));
-  }
-  if (num_blocks < 0 || num_blocks > kMaxNumBlocks) {
-    throw std::runtime_error("jax_ep: comm_set_options: num_blocks must be in [0, " +
-                             std::to_string(kMaxNumBlocks) + "] (0 = automatic), got " +
-                             std::to_string(num_blocks));
-  }
+  CheckTimeoutAndBlocks("comm_set_options", timeout_s, num_blocks);
   Registry& reg = Reg();
   reg.timeout_s.store(timeout_s);
   reg.num_blocks.store(num_blocks);
@@ -482,7 +364,7 @@ CommInfo CommGetInfo(int device) {
 
 void CommDestroyAll() {
   Registry& reg = Reg();
-  StopWatchdog();
+  reg.watchdog.Stop();
   std::map<int, std::shared_ptr<CommContext>> taken;
   {
     std::lock_guard<std::mutex> guard(reg.mu);
@@ -496,8 +378,8 @@ std::optional<std::string> LastError() {
   Registry& reg = Reg();
   std::lock_guard<std::mutex> guard(reg.mu);
   PollTimeoutsLocked(reg);
-  if (reg.error.empty()) return std::nullopt;
-  return reg.error;
+  if (reg.reports.first().empty()) return std::nullopt;
+  return reg.reports.first();
 }
 
 bool AcquireIntranodeComm(int device, IntranodeComm* comm, std::shared_ptr<const CommContext>* hold,
@@ -505,8 +387,8 @@ bool AcquireIntranodeComm(int device, IntranodeComm* comm, std::shared_ptr<const
   Registry& reg = Reg();
   std::lock_guard<std::mutex> guard(reg.mu);
   PollTimeoutsLocked(reg);
-  if (reg.has_error.load()) {
-    *error = reg.error;
+  if (reg.reports.any()) {
+    *error = reg.reports.first();
     return false;
   }
   auto it = reg.contexts.find(device);
@@ -523,7 +405,7 @@ bool AcquireIntranodeComm(int device, IntranodeComm* comm, std::shared_ptr<const
   comm->rank = ctx.rank;
   comm->num_ranks = ctx.num_ranks;
   comm->timeout_record = ctx.record_device;
-  comm->timeout_ns = static_cast<uint64_t>(reg.timeout_s.load() * 1e9);
+  comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load());
   *hold = it->second;
   return true;

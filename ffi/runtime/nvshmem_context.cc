@@ -13,19 +13,19 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <cmath>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #include <cuda_runtime.h>
 #include <nvshmem_host.h>
+
+#include "ffi/runtime/cuda_check.h"
+#include "ffi/runtime/options.h"
+#include "ffi/runtime/watchdog.h"
 
 namespace jax_ep {
 
@@ -48,61 +48,29 @@ struct LLContext {
 
 namespace {
 
-constexpr double kDefaultTimeoutSeconds = 60.0;
-constexpr int kMaxNumBlocks = 1 << 16;
-constexpr auto kWatchdogPeriod = std::chrono::milliseconds(50);
 constexpr int kTeamSameGpu = 4;  // NVSHMEMI_TEAM_SAME_GPU (device_host/nvshmem_common.cuh)
 
+void PollTimeouts();
+
 struct Registry {
-  std::mutex mu;  // everything below but the atomics
+  std::mutex mu;  // everything below but the atomics and the watchdog
   bool initialized = false;
   int device = -1, rank = -1, num_ranks = 0;
   std::shared_ptr<LLContext> ctx;
-  std::string error;
-  std::atomic<bool> has_error{false};
+  TimeoutReports reports;
 
   std::atomic<double> timeout_s{kDefaultTimeoutSeconds};
   std::atomic<int> num_blocks{0};
   std::atomic<int> force_put{-1};  // -1: from JAX_EP_LL_FORCE_PUT at alloc
   std::atomic<int> ranks_on_device{0};  // 0: NVSHMEM's same-GPU team size
 
-  std::mutex watchdog_mu;
-  std::condition_variable watchdog_cv;
-  std::thread* watchdog = nullptr;
-  bool stop = false;
+  Watchdog watchdog{PollTimeouts};
 };
 
 Registry& Reg() {
   static Registry* registry = new Registry();  // never destroyed (watchdog thread)
   return *registry;
 }
-
-std::string CudaMessage(cudaError_t err) {
-  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
-}
-
-void Check(cudaError_t err, int device, const std::string& what) {
-  if (err == cudaSuccess) return;
-  cudaGetLastError();
-  throw std::runtime_error("jax_ep: " + what + " on CUDA device " + std::to_string(device) +
-                           " failed (" + CudaMessage(err) + ")");
-}
-
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    Check(cudaSetDevice(device), device, "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 bool EnvTrue(const char* name) {
   const char* v = std::getenv(name);
@@ -173,81 +141,15 @@ std::string FormatRecord(const LLContext& ctx, const TimeoutRecord& rec) {
 void PollLocked(Registry& reg) {
   if (!reg.ctx) return;
   LLContext& ctx = *reg.ctx;
-  if (ctx.reported || ctx.record_host == nullptr) return;
-  const volatile TimeoutRecord* v = ctx.record_host;
-  if (v->state != 2) return;
-  std::atomic_thread_fence(std::memory_order_acquire);
-  TimeoutRecord rec{};
-  rec.state = v->state;
-  rec.rank = v->rank;
-  rec.op = v->op;
-  rec.what = v->what;
-  rec.peer = v->peer;
-  rec.timeout_ns = v->timeout_ns;
-  rec.epoch = v->epoch;
-  rec.seen = v->seen;
-  ctx.reported = true;
-  const std::string message = FormatRecord(ctx, rec);
-  std::fprintf(stderr, "%s\n", message.c_str());
-  std::fflush(stderr);
-  if (reg.error.empty()) {
-    reg.error = message;
-    reg.has_error.store(true);
-  }
+  reg.reports.Poll(ctx.record_host, &ctx.reported,
+                   [&](const TimeoutRecord& rec) { return FormatRecord(ctx, rec); });
 }
 
-void WatchdogLoop() {
+// The watchdog's poll (also at process exit).
+void PollTimeouts() {
   Registry& reg = Reg();
-  std::unique_lock<std::mutex> lock(reg.watchdog_mu);
-  while (!reg.stop) {
-    reg.watchdog_cv.wait_for(lock, kWatchdogPeriod, [&] { return reg.stop; });
-    if (reg.stop) break;
-    lock.unlock();
-    {
-      std::lock_guard<std::mutex> guard(reg.mu);
-      PollLocked(reg);
-    }
-    lock.lock();
-  }
-}
-
-void StartWatchdog() {
-  Registry& reg = Reg();
-  std::lock_guard<std::mutex> lock(reg.watchdog_mu);
-  if (reg.watchdog != nullptr) return;
-  reg.stop = false;
-  reg.watchdog = new std::thread(WatchdogLoop);
-}
-
-void StopWatchdog() {
-  Registry& reg = Reg();
-  std::thread* thread = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(reg.watchdog_mu);
-    thread = reg.watchdog;
-    reg.watchdog = nullptr;
-    reg.stop = true;
-  }
-  reg.watchdog_cv.notify_all();
-  if (thread != nullptr) {
-    thread->join();
-    delete thread;
-  }
-}
-
-// At exit, before the CUDA runtime tears down: last report, stop the thread.
-void AtExit() {
-  Registry& reg = Reg();
-  {
-    std::lock_guard<std::mutex> guard(reg.mu);
-    PollLocked(reg);
-  }
-  StopWatchdog();
-}
-
-void RegisterAtExitOnce() {
-  static std::once_flag once;
-  std::call_once(once, [] { std::atexit(AtExit); });
+  std::lock_guard<std::mutex> guard(reg.mu);
+  PollLocked(reg);
 }
 
 // Non-collective part of the teardown (tables, record); the region is freed
@@ -329,8 +231,8 @@ void NvshmemInit(const std::string& unique_id, int rank, int nranks, int device,
   std::memcpy(&id, unique_id.data(), sizeof(id));
   NvshmemSetEnvDefaults(single_host, heap_bytes);
   // NVSHMEM binds to the current device; leave it current for this thread.
-  Check(cudaSetDevice(device), device, "cudaSetDevice");
-  Check(cudaFree(nullptr), device, "creating the CUDA context");
+  CudaCheck(cudaSetDevice(device), device, "cudaSetDevice");
+  CudaCheck(cudaFree(nullptr), device, "creating the CUDA context");
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int status = nvshmemx_set_attr_uniqueid_args(rank, nranks, &id, &attr);
   if (status != 0) {
@@ -434,8 +336,8 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
   ctx->num_ranks = nranks;
   ctx->layout = MakeLLLayout(nranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
   DeviceGuard guard(device);
-  Check(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
-        "cudaDeviceGetAttribute(multiProcessorCount)");
+  CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
+            "cudaDeviceGetAttribute(multiProcessorCount)");
 
   // Collective: same size on every PE.
   void* region = nvshmem_align(256, ctx->layout.total_bytes);
@@ -449,8 +351,8 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
   }
   ctx->region = static_cast<uint8_t*>(region);
   try {
-    Check(cudaMemset(ctx->region, 0, ctx->layout.total_bytes), device, "zeroing the region");
-    Check(cudaDeviceSynchronize(), device, "zeroing the region");
+    CudaCheck(cudaMemset(ctx->region, 0, ctx->layout.total_bytes), device, "zeroing the region");
+    CudaCheck(cudaDeviceSynchronize(), device, "zeroing the region");
     ctx->peers.assign(nranks, nullptr);
     for (int r = 0; r < nranks; ++r) {
       ctx->peers[r] = static_cast<uint8_t*>(nvshmem_ptr(ctx->region, r));
@@ -460,22 +362,15 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
     const int same_gpu = nvshmem_team_n_pes(static_cast<nvshmem_team_t>(kTeamSameGpu));
     ctx->ranks_on_device = same_gpu >= 1 && same_gpu <= nranks ? same_gpu : 1;
     const size_t table_bytes = static_cast<size_t>(nranks) * sizeof(uint8_t*);
-    Check(cudaMalloc(reinterpret_cast<void**>(&ctx->peer_table), table_bytes), device,
-          "cudaMalloc of the peer table");
-    Check(cudaMemcpy(ctx->peer_table, ctx->peers.data(), table_bytes, cudaMemcpyHostToDevice),
-          device, "copying the peer table");
-    Check(cudaMalloc(reinterpret_cast<void**>(&ctx->put_table), table_bytes), device,
-          "cudaMalloc of the put table");
-    Check(cudaMemset(ctx->put_table, 0, table_bytes), device, "zeroing the put table");
-    void* record = nullptr;
-    Check(cudaHostAlloc(&record, sizeof(TimeoutRecord), cudaHostAllocMapped | cudaHostAllocPortable),
-          device, "cudaHostAlloc(mapped) of the timeout record");
-    std::memset(record, 0, sizeof(TimeoutRecord));
-    ctx->record_host = static_cast<TimeoutRecord*>(record);
-    void* record_device = nullptr;
-    Check(cudaHostGetDevicePointer(&record_device, record, 0), device, "cudaHostGetDevicePointer");
-    ctx->record_device = static_cast<TimeoutRecord*>(record_device);
-    Check(cudaDeviceSynchronize(), device, "setting up the low-latency context");
+    CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->peer_table), table_bytes), device,
+              "cudaMalloc of the peer table");
+    CudaCheck(cudaMemcpy(ctx->peer_table, ctx->peers.data(), table_bytes, cudaMemcpyHostToDevice),
+              device, "copying the peer table");
+    CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->put_table), table_bytes), device,
+              "cudaMalloc of the put table");
+    CudaCheck(cudaMemset(ctx->put_table, 0, table_bytes), device, "zeroing the put table");
+    AllocTimeoutRecord(device, &ctx->record_host, &ctx->record_device);
+    CudaCheck(cudaDeviceSynchronize(), device, "setting up the low-latency context");
   } catch (...) {
     FreeLocalParts(*ctx);
     // The region stays allocated: nvshmem_free is collective and the other
@@ -488,8 +383,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
     std::lock_guard<std::mutex> lock(reg.mu);
     reg.ctx = ctx;
   }
-  RegisterAtExitOnce();
-  StartWatchdog();
+  reg.watchdog.Start();
   if (ctx->unmapped_peers > 0 && !send_buffer) {
     throw std::runtime_error(
         where + std::to_string(ctx->unmapped_peers) +
@@ -501,15 +395,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
 }
 
 void LLSetOptions(double timeout_s, int num_blocks, int force_put, int ranks_on_device) {
-  if (!(timeout_s > 0.0) || !std::isfinite(timeout_s) || timeout_s > 1e9) {
-    throw std::runtime_error("jax_ep: nvshmem_ll_set_options: timeout_s must be a positive "
-                             "number of seconds, got " + std::to_string(timeout_s));
-  }
-  if (num_blocks < 0 || num_blocks > kMaxNumBlocks) {
-    throw std::runtime_error("jax_ep: nvshmem_ll_set_options: num_blocks must be in [0, " +
-                             std::to_string(kMaxNumBlocks) + "] (0 = automatic), got " +
-                             std::to_string(num_blocks));
-  }
+  CheckTimeoutAndBlocks("nvshmem_ll_set_options", timeout_s, num_blocks);
   Registry& reg = Reg();
   reg.timeout_s.store(timeout_s);
   reg.num_blocks.store(num_blocks);
@@ -519,7 +405,7 @@ void LLSetOptions(double timeout_s, int num_blocks, int force_put, int ranks_on_
 
 std::string CudaPciBusId(int device) {
   char id[64] = {0};
-  Check(cudaDeviceGetPCIBusId(id, sizeof(id), device), device, "cudaDeviceGetPCIBusId");
+  CudaCheck(cudaDeviceGetPCIBusId(id, sizeof(id), device), device, "cudaDeviceGetPCIBusId");
   return std::string(id);
 }
 
@@ -541,7 +427,7 @@ void NvshmemFinalize() {
     initialized = reg.initialized;
     device = reg.device;
   }
-  StopWatchdog();
+  reg.watchdog.Stop();
   if (!initialized) return;
   int previous = -1;
   if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
@@ -567,8 +453,8 @@ std::optional<std::string> LLLastError() {
   Registry& reg = Reg();
   std::lock_guard<std::mutex> lock(reg.mu);
   PollLocked(reg);
-  if (reg.error.empty()) return std::nullopt;
-  return reg.error;
+  if (reg.reports.first().empty()) return std::nullopt;
+  return reg.reports.first();
 }
 
 bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext>* hold,
@@ -576,8 +462,8 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   Registry& reg = Reg();
   std::lock_guard<std::mutex> lock(reg.mu);
   PollLocked(reg);
-  if (reg.has_error.load()) {
-    *error = reg.error;
+  if (reg.reports.any()) {
+    *error = reg.reports.first();
     return false;
   }
   if (!reg.ctx) {
@@ -609,7 +495,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
   comm->any_put = any_put ? 1 : 0;
   comm->timeout_record = ctx.record_device;
-  comm->timeout_ns = static_cast<uint64_t>(reg.timeout_s.load() * 1e9);
+  comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   *hold = reg.ctx;
   return true;
 }

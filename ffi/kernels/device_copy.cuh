@@ -1,0 +1,70 @@
+// Vector copies of the intranode kernels (intranode.cu) and the low-latency
+// kernels (low_latency.cu): the vector type of an access width and the load
+// flavour (both), and a strided copy with several loads in flight per thread
+// (intranode's grid copies; low_latency.cu keeps its own warp loop, see
+// WarpCopyVec there). Header-only (see device_sync.cuh).
+#pragma once
+
+#include <cstdint>
+
+namespace jax_ep {
+
+// The unsigned vector type of kBytes bytes (16, 8, 4, 2 or 1).
+template <int kBytes>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using Type = uint4;
+};
+template <>
+struct VecOf<8> {
+  using Type = uint2;
+};
+template <>
+struct VecOf<4> {
+  using Type = unsigned int;
+};
+template <>
+struct VecOf<2> {
+  using Type = unsigned short;
+};
+template <>
+struct VecOf<1> {
+  using Type = unsigned char;
+};
+
+// kPeer: the data was written by another agent during this kernel (read
+// through L2 only, __ldcg); else it is read-only for the whole kernel (__ldg).
+template <bool kPeer, typename V>
+__device__ __forceinline__ V LoadVec(const V* p) {
+  if constexpr (kPeer) {
+    return __ldcg(p);
+  } else {
+    return __ldg(p);
+  }
+}
+
+// Copies the first n_valid vectors and zero-fills up to n_total. This thread
+// takes the vectors first, first + stride, ... (grid-strided: first = global
+// thread index, stride = threads of the grid; warp-strided: lane, 32), kUnroll
+// of them at once: all loads are issued before the stores.
+template <bool kPeer, int kUnroll, typename V>
+__device__ __forceinline__ void StridedCopy(const V* __restrict__ src, V* __restrict__ dst,
+                                            int64_t n_valid, int64_t n_total, int64_t first,
+                                            int64_t stride) {
+  for (int64_t base = first; base < n_total; base += stride * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      v[u] = i < n_valid ? LoadVec<kPeer>(src + i) : V{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < n_total) dst[i] = v[u];
+    }
+  }
+}
+
+}  // namespace jax_ep

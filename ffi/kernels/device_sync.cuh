@@ -1,0 +1,111 @@
+// Device-side synchronisation shared by the intranode kernels (intranode.cu)
+// and the low-latency kernels (low_latency.cu): system-scope acquire / release
+// of 64-bit flags, the %globaltimer clock, the timeout record + trap, the
+// spin-wait with a timeout, and the election of the last block of a grid.
+//
+// Header-only (inline device functions): intranode.cu is compiled whole-
+// program, low_latency.cu with relocatable device code in its own library;
+// each gets its own copy.
+#pragma once
+
+#include <cstdint>
+
+#include "ffi/kernels/timeout_record.h"
+
+namespace jax_ep {
+
+// ------------------------------------------------------------ memory model
+
+__device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ------------------------------------------------------------ timeouts
+
+// Fills the host-mapped record (only the first timeout of the process gets
+// it: state 0 -> 1 -> 2) and traps. Out of line: spin loops stay small.
+inline __device__ __noinline__ void RecordTimeoutAndTrap(TimeoutRecord* rec, int32_t rank,
+                                                         int32_t op, int32_t what, int32_t peer,
+                                                         uint64_t timeout_ns, uint64_t epoch,
+                                                         uint64_t seen) {
+  if (rec != nullptr && atomicCAS_system(&rec->state, 0, 1) == 0) {
+    volatile TimeoutRecord* v = rec;
+    v->rank = rank;
+    v->op = op;
+    v->what = what;
+    v->peer = peer;
+    v->timeout_ns = timeout_ns;
+    v->epoch = epoch;
+    v->seen = seen;
+    __threadfence_system();
+    atomicExch_system(&rec->state, 2);
+    __threadfence_system();
+  }
+  __trap();
+}
+
+// What a timed-out spin-wait writes into the record (besides the value seen).
+struct TimeoutSite {
+  TimeoutRecord* record;  // device-visible, host-mapped; nullptr: trap only
+  int32_t rank;
+  int32_t op;
+  int32_t what;
+  int32_t peer;
+  uint64_t timeout_ns;
+  uint64_t epoch;
+};
+
+// Spins until (LoadAcquireSys(flag) >> shift) >= target and returns the value
+// loaded. After 64 polls every poll first sleeps sleep_ns (leaves issue slots
+// to co-resident kernels); once timeout_ns passed since the first miss,
+// records the site and the last value seen and traps.
+__device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64_t target,
+                                                    int shift, unsigned int sleep_ns,
+                                                    const TimeoutSite& site) {
+  uint64_t seen = LoadAcquireSys(flag);
+  if ((seen >> shift) >= target) return seen;
+  const uint64_t start = GlobalTimerNs();
+  for (uint32_t spins = 0;; ++spins) {
+    if (spins >= 64) __nanosleep(sleep_ns);
+    seen = LoadAcquireSys(flag);
+    if ((seen >> shift) >= target) return seen;
+    if (GlobalTimerNs() - start > site.timeout_ns) {
+      RecordTimeoutAndTrap(site.record, site.rank, site.op, site.what, site.peer, site.timeout_ns,
+                           site.epoch, seen);
+    }
+  }
+}
+
+// ------------------------------------------------------------ grid completion
+
+// Every block of the grid calls this at the end of a phase; true in the last
+// block to arrive. __threadfence_system before the count and again in the
+// last block: the writes of every block are ordered before whatever the last
+// block does next. Whoever owns `counter` resets it for the next grid.
+__device__ __forceinline__ bool ArriveLast(unsigned int* counter) {
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int prev = atomicAdd(counter, 1u);
+    s_last = prev == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!s_last) return false;
+  __threadfence_system();
+  return true;
+}
+
+}  // namespace jax_ep
