@@ -5,13 +5,19 @@ shards, works under `jax.jit`, and is differentiable.
 """
 
 from ._backend import BACKENDS, default_backend, set_default_backend
-from ._handles import DispatchHandle, LowLatencyHandle
+from ._handles import DispatchHandle, LowLatencyHandle, LowLatencyPending
 from ._ops import (
     combine,
     dispatch,
     get_dispatch_layout,
     low_latency_combine,
     low_latency_dispatch,
+)
+from ._overlap import (
+    low_latency_combine_recv,
+    low_latency_combine_send,
+    low_latency_dispatch_recv,
+    low_latency_dispatch_send,
 )
 from ._runtime import buffer_size, initialize, is_initialized, shutdown
 from ._version import __version__
@@ -28,6 +34,7 @@ __all__ = [
     "BACKENDS",
     "DispatchHandle",
     "LowLatencyHandle",
+    "LowLatencyPending",
     "__version__",
     "buffer_size",
     "build_info",
@@ -38,7 +45,11 @@ __all__ = [
     "initialize",
     "is_initialized",
     "low_latency_combine",
+    "low_latency_combine_recv",
+    "low_latency_combine_send",
     "low_latency_dispatch",
+    "low_latency_dispatch_recv",
+    "low_latency_dispatch_send",
     "set_default_backend",
     "shutdown",
 ]

@@ -126,19 +126,12 @@ def _ll_ids(handle):
     return jnp.where(handle.owner >= 0, handle.owner * local + handle.slot // rows, -1)
 
 
-def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8):
-    from . import _nvshmem
-
+def _ll_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_name,
+               max_tokens_per_rank):
     num_ranks = lax.axis_size(axis_name)
-    _ll_check(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
-    idx, num_invalid = valid_ids(topk_idx, num_experts)
-    recv, count, recv_src, slot = _nvshmem.ll_dispatch(
-        x, idx, num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
-        use_fp8=use_fp8, num_ranks=num_ranks)
     local = num_experts // num_ranks
     rows = num_ranks * max_tokens_per_rank
-    handle = LowLatencyHandle(
+    return LowLatencyHandle(
         recv_count=count,
         num_invalid_experts=num_invalid,
         owner=jnp.where(idx >= 0, idx // local, -1).astype(jnp.int32),
@@ -149,7 +142,62 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
         max_tokens_per_rank=max_tokens_per_rank,
         axis_name=axis_name,
     )
+
+
+def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
+                         use_fp8):
+    from . import _nvshmem
+
+    num_ranks = lax.axis_size(axis_name)
+    _ll_check(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
+    recv, count, recv_src, slot = _nvshmem.ll_dispatch(
+        x, idx, num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
+        use_fp8=use_fp8, num_ranks=num_ranks)
+    handle = _ll_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
+                        axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
     return (list(recv) if use_fp8 else [recv]), count, handle
+
+
+def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
+                              use_fp8):
+    """Send half: (token, cleaned ids, invalid count) for low_latency_dispatch_recv."""
+    from . import _nvshmem
+
+    num_ranks = lax.axis_size(axis_name)
+    _ll_check(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
+    token = _nvshmem.ll_dispatch_send(x, idx, num_experts=num_experts,
+                                      max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8)
+    return token, idx, num_invalid
+
+
+def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_experts,
+                              axis_name, max_tokens_per_rank, use_fp8):
+    from . import _nvshmem
+
+    num_ranks = lax.axis_size(axis_name)
+    recv, count, recv_src, slot = _nvshmem.ll_dispatch_recv(
+        token, idx, hidden=hidden, x_dtype=x_dtype, num_experts=num_experts,
+        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, num_ranks=num_ranks)
+    handle = _ll_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
+                        axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
+    return (list(recv) if use_fp8 else [recv]), count, handle
+
+
+def low_latency_combine_send(y, handle):
+    from . import _nvshmem
+
+    return _nvshmem.ll_combine_send(y, handle.recv_src, handle.recv_count,
+                                    num_ranks=handle.num_ranks)
+
+
+def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
+    from . import _nvshmem
+
+    return _nvshmem.ll_combine_recv(token, _ll_ids(handle), topk_weights, hidden=hidden,
+                                    y_dtype=y_dtype, num_experts=handle.num_experts,
+                                    max_tokens_per_rank=handle.max_tokens_per_rank)
 
 
 def low_latency_combine(y, topk_weights, handle):

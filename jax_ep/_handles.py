@@ -87,3 +87,18 @@ class LowLatencyHandle:
     @property
     def num_ranks(self) -> int:
         return self.recv_row.shape[0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowLatencyPending:
+    """A low-latency op between its send and receive halves (see `_overlap`).
+
+    `arrays` holds the backend's in-flight state (device arrays and handles);
+    `meta` is static, hashable information the receive half needs.
+    """
+
+    arrays: tuple
+    kind: str = dataclasses.field(metadata=dict(static=True))
+    backend: str = dataclasses.field(metadata=dict(static=True))
+    meta: tuple = dataclasses.field(metadata=dict(static=True))

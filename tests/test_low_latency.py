@@ -85,3 +85,36 @@ def test_low_latency_repeated_calls_with_changing_routing():
         exp = oracle.low_latency_dispatch(xs, idxs, E, M)
         for r in range(R):
             np.testing.assert_array_equal(rank(got, r)["recv_x"], exp[r]["recv_x"])
+
+
+def test_split_send_recv_matches_fused_ops_and_refuses_gradients():
+    xs, idxs, ws = inputs(30, none_prob=0.1)
+
+    def fused(x, idx, w):
+        rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                 max_tokens_per_rank=M)
+        return rx, cnt, jax_ep.low_latency_combine(rx, idx, w, h)
+
+    def split(x, idx, w):
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, axis_name="ep",
+                                                   max_tokens_per_rank=M)
+        rx, cnt, h = jax_ep.low_latency_dispatch_recv(pending)
+        back = jax_ep.low_latency_combine_send(rx, h)
+        return rx, cnt, jax_ep.low_latency_combine_recv(back, idx, w)
+
+    a = run_ep(fused, xs, idxs, ws, mesh=ep_mesh(R))
+    b = run_ep(split, xs, idxs, ws, mesh=ep_mesh(R))
+    for la, lb in zip(a, b):
+        for pa, pb in zip(la, lb):
+            np.testing.assert_array_equal(pa, pb)
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = ep_mesh(R)
+    put = lambda per: jax.device_put(np.concatenate(per), NamedSharding(mesh, P("ep")))
+    body = jax.shard_map(lambda x, i, w: split(x, i, w)[2].astype(jnp.float32), mesh=mesh,
+                         in_specs=P("ep"), out_specs=P("ep"))
+    with jax.set_mesh(mesh), pytest.raises(TypeError, match="not differentiable"):
+        jax.jit(jax.grad(lambda x: body(x, put(idxs), put(ws)).sum()))(
+            put([np.asarray(x, np.float32) for x in xs]))

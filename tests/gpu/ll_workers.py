@@ -297,6 +297,21 @@ def public_api(seed="0"):
                                                     backend="cuda")
         return q[None], sc[None]
 
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+    def split(x, idx, w):
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, axis_name="ep",
+                                                   max_tokens_per_rank=M, backend="cuda")
+        rx, cnt, h = jax_ep.low_latency_dispatch_recv(pending)
+        y = (rx.astype(jnp.float32) * 2.0 - 1.0).astype(rx.dtype)
+        back = jax_ep.low_latency_combine_send(y, h, backend="cuda")
+        return rx[None], cnt[None], jax_ep.low_latency_combine_recv(back, idx, w)
+
+    srx, scnt, sout = (mine(a) for a in split(put(xs), put(idxs), put(ws)))
+    _same(srx[0][valid], rx[0][valid], "split recv_x == fused")
+    _same(scnt, cnt, "split recv_count == fused")
+    _same(sout, out, "split combine == fused")
+
     q, sc = (mine(a)[0] for a in fp8(put(xs), put(idxs)))
     eq, es = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=True)[me]["recv_x"]
     _same(sc[valid], es[valid], "fp8 scales")
@@ -330,4 +345,4 @@ def public_api(seed="0"):
     np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
                                rtol=1e-4, atol=1e-4, err_msg="dw")
     jax_ep.shutdown()
-    return {"ranks": n, "checked": ["dispatch", "combine", "fp8", "gradients"]}
+    return {"ranks": n, "checked": ["dispatch", "combine", "split", "fp8", "gradients"]}
