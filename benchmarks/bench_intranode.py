@@ -18,32 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
+from _timing import drop, lift, mesh_of, putter, time_per_call
+
 H, K, E, T = 7168, 8, 256, 4096
-
-
-def _time(fn, *args, iters, warm_s=0.5, repeats=5):
-    """Seconds per call: best of `repeats` runs of `iters` back-to-back calls.
-
-    Warms up for `warm_s` seconds first: an idle GPU needs that long to reach
-    its clocks (a 3-call warm-up measured a copy at a fifth of its speed).
-    """
-    import jax
-
-    start = time.perf_counter()
-    while time.perf_counter() - start < warm_s:
-        jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
 
 
 def copy_bandwidth(iters=50):
@@ -53,7 +33,7 @@ def copy_bandwidth(iters=50):
 
     a = jnp.ones((256 << 20) // 2, jnp.bfloat16)  # 256 MiB
     neg = jax.jit(lambda v: -v)
-    return 2 * a.nbytes / _time(neg, a, iters=iters)
+    return 2 * a.nbytes / time_per_call(neg, a, iters=iters)
 
 
 def _routing(seed, n, tokens):
@@ -74,10 +54,7 @@ def measure(backend, n, mesh, tokens, iters, seed=0):
     spec = P("ep")
     sharding = NamedSharding(mesh, spec)
     idxs, ws = _routing(seed, n, tokens)
-
-    def put(per_rank):
-        g = np.concatenate(per_rank)
-        return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
+    put = putter(mesh)
 
     rng = np.random.default_rng(seed)
     x = jax.device_put(jnp.asarray(rng.standard_normal((n * tokens, H), np.float32),
@@ -97,8 +74,6 @@ def measure(backend, n, mesh, tokens, iters, seed=0):
     disp_bf16 = smap(lambda xx, i, ww: dispatch(xx, i, ww)[0])
     disp_fp8 = smap(lambda q, s, i, ww: dispatch((q, s), i, ww)[0])
     # The handle leaves shard_map with its scalars as [1] pieces and comes back in.
-    lift = lambda h: jax.tree.map(lambda a: a[None] if a.ndim == 0 else a, h)
-    drop = lambda h: jax.tree.map(lambda a: a[0] if a.shape == (1,) else a, h)
     with_handle = smap(lambda xx, i, ww: (lambda o: (o[0], lift(o[3])))(dispatch(xx, i, ww)))
     q, s = smap(fp8)(x)
     recv, handle = with_handle(x, idx, w)
@@ -112,9 +87,9 @@ def measure(backend, n, mesh, tokens, iters, seed=0):
     # output row per token.
     out = {}
     for op, sec, nbytes in [
-        ("dispatch_bf16", _time(disp_bf16, x, idx, w, iters=iters), rows * H * 2),
-        ("dispatch_fp8", _time(disp_fp8, q, s, idx, w, iters=iters), rows * H * (1 + 4 / 128)),
-        ("combine_bf16", _time(comb, recv, handle, iters=iters), rows * H * 2),
+        ("dispatch_bf16", time_per_call(disp_bf16, x, idx, w, iters=iters), rows * H * 2),
+        ("dispatch_fp8", time_per_call(disp_fp8, q, s, idx, w, iters=iters), rows * H * (1 + 4 / 128)),
+        ("combine_bf16", time_per_call(comb, recv, handle, iters=iters), rows * H * 2),
     ]:
         hbm = 3 * nbytes + local_tokens * H * 2 if op.startswith("combine") else 4 * nbytes
         out[op] = (sec, nbytes, hbm)
@@ -126,12 +101,6 @@ def _init(mesh, tokens):
 
     jax_ep.initialize(mesh, axis_name="ep", backend="auto", max_tokens_per_rank=tokens,
                       hidden=H, top_k=K, dtype="bfloat16")
-
-
-def _mesh(devices):
-    import jax
-
-    return jax.sharding.Mesh(np.asarray(devices), ("ep",))
 
 
 def _row(mode, op, n, sec, nbytes, hbm_bytes, ref_sec, copy_bw):
@@ -148,7 +117,7 @@ HEADER = ("| mode           | op            |  R | time (µs) | DeepEP GB/s | HB
 def run_local(devices, mode, iters, tokens):
     import jax_ep
 
-    mesh = _mesh(devices)
+    mesh = mesh_of(devices)
     copy_bw = copy_bandwidth()
     ref = measure("reference", len(devices), mesh, tokens, iters)
     _init(mesh, tokens)
@@ -164,7 +133,7 @@ def worker(iters="50", tokens=str(T)):
     """One process of the N-processes-on-one-GPU mode: returns its timings."""
     import jax
 
-    mesh = _mesh(jax.devices())
+    mesh = mesh_of(jax.devices())
     _init(mesh, int(tokens))
     res = measure("cuda", jax.device_count(), mesh, int(tokens), int(iters))
     import jax_ep

@@ -1,0 +1,94 @@
+"""Benchmark of the low-latency (decode) ops in DeepEP's setting (DESIGN.md §7).
+
+128 tokens per rank, hidden 7168, top-8 of 256 experts; FP8 dispatch, BF16
+combine (BF16 dispatch too). Reports µs per op (the slowest rank) for N ranks
+as N processes sharing GPU 0 under CUDA MPS, one NVSHMEM PE each. With one
+rank the reference backend runs in the same process for comparison (XLA
+collectives cannot run between processes sharing one GPU).
+
+    python benchmarks/bench_low_latency.py --ranks 1
+    python benchmarks/bench_low_latency.py --ranks 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from _timing import drop, lift, mesh_of, putter, time_per_call
+
+H, K, E, M = 7168, 8, 256, 128
+
+
+def measure(backend, iters, tokens=M, seed=0):
+    """{op: seconds per call} for this process's rank."""
+    import jax
+    import ml_dtypes
+    from jax.sharding import PartitionSpec as P
+
+    import jax_ep
+    from jax_ep.testing import oracle
+
+    mesh = mesh_of(jax.devices())
+    n = jax.device_count()
+    spec = P("ep")
+    xs, idxs, ws = oracle.make_inputs(seed, n, tokens, H, E, K, dtype=ml_dtypes.bfloat16)
+    put = putter(mesh)
+    x, idx, w = put(xs), put(idxs), put(ws)
+    smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+    kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, backend=backend)
+
+    disp_fp8 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **kw)[0][0])
+    disp_bf16 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, **kw)[0])
+    with_handle = smap(lambda x, i: (lambda o: (o[0], lift(o[2])))(
+        jax_ep.low_latency_dispatch(x, i, **kw)))
+    comb = smap(lambda y, i, ww, h: jax_ep.low_latency_combine(y, i, ww, drop(h),
+                                                                backend=backend))
+    y, handle = with_handle(x, idx)
+    return {
+        "dispatch_fp8": time_per_call(disp_fp8, x, idx, iters=iters),
+        "dispatch_bf16": time_per_call(disp_bf16, x, idx, iters=iters),
+        "combine_bf16": time_per_call(comb, y, idx, w, handle, iters=iters),
+    }
+
+
+def worker(iters="200", with_reference="0"):
+    """One rank's process: its timings (and the reference's, when asked)."""
+    import jax
+
+    import jax_ep
+
+    out = {}
+    if with_reference == "1":
+        out["reference"] = measure("reference", int(iters))
+    jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
+                      max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
+                      dtype="bfloat16", low_latency=True)
+    out["cuda"] = measure("cuda", int(iters))
+    jax_ep.shutdown()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    p.add_argument("--iters", type=int, default=200)
+    args = p.parse_args(argv)
+    from jax_ep.testing import launch, mps_daemon
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with mps_daemon():
+        results = launch("bench_low_latency:worker", args.ranks, platform="gpu", timeout=560,
+                         env={"PYTHONPATH": here},
+                         args=(str(args.iters), "1" if args.ranks == 1 else "0"))
+    print("| R | op | jax_ep cuda (µs) | reference (µs) | speedup |\n|---|---|---|---|---|")
+    for op in results[0].result["cuda"]:
+        sec = max(r.result["cuda"][op] for r in results)  # the slowest rank bounds the op
+        ref = results[0].result.get("reference", {}).get(op)
+        ref_s = f"{ref * 1e6:.1f} | {ref / sec:.1f}x" if ref else "n/a | "
+        print(f"| {args.ranks} | {op} | {sec * 1e6:.1f} | {ref_s} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
