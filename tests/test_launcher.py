@@ -239,3 +239,16 @@ def test_gpu_processes_share_one_gpu_under_mps(procs):
         assert r.result["seen"] == want
         assert float(r.result["mem_fraction"]) <= 0.4
         assert r.result["mps_pipe"]
+
+
+def test_gpu_layouts_set_the_environment_a_multi_gpu_host_needs():
+    from jax_ep.testing import launcher
+
+    shared = launcher._platform_env("gpu", 4, 1)
+    assert shared["CUDA_VISIBLE_DEVICES"] == "0" and shared["JAX_PLATFORMS"] == "cuda"
+    per = launcher._platform_env("gpu-per-process", 8, 1)
+    assert "CUDA_VISIBLE_DEVICES" not in per  # IPC between GPUs needs them all visible
+    assert launcher._process_env("gpu-per-process", 3)["JAX_EP_LOCAL_DEVICE_IDS"] == "3"
+    assert "JAX_EP_LOCAL_DEVICE_IDS" not in launcher._process_env("gpu", 3)
+    with pytest.raises(ValueError, match="platform must be"):
+        launcher._platform_env("tpu", 1, 1)

@@ -33,6 +33,7 @@ ENV_NUM_PROCESSES = "JAX_EP_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_EP_PROCESS_ID"
 ENV_LOCAL_DEVICES = "JAX_EP_LOCAL_DEVICES"
 ENV_PLATFORM = "JAX_EP_PLATFORM"
+ENV_LOCAL_DEVICE_IDS = "JAX_EP_LOCAL_DEVICE_IDS"
 ENV_INIT_TIMEOUT = "JAX_EP_INIT_TIMEOUT"
 ENV_HEARTBEAT_TIMEOUT = "JAX_EP_HEARTBEAT_TIMEOUT"
 ENV_SHUTDOWN_TIMEOUT = "JAX_EP_SHUTDOWN_TIMEOUT"
@@ -146,6 +147,7 @@ def init_distributed_from_env() -> tuple[int, int]:
             local_devices = _int_env(ENV_LOCAL_DEVICES, 1)
             if platform == "cpu":
                 _configure_cpu(local_devices)
+            device_ids = os.environ.get(ENV_LOCAL_DEVICE_IDS)
             jax.distributed.initialize(
                 coordinator,
                 num_processes=num_processes,
@@ -157,6 +159,8 @@ def init_distributed_from_env() -> tuple[int, int]:
                 heartbeat_timeout_seconds=heartbeat,
                 shutdown_timeout_seconds=shutdown_timeout,
                 coordinator_bind_address=coordinator,
+                local_device_ids=([int(d) for d in device_ids.split(",")]
+                                  if device_ids else None),
             )
             _joined = (process_id, num_processes)
         elif cluster_env_present():

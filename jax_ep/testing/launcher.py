@@ -170,21 +170,32 @@ def _platform_env(platform: str, num_processes: int, local_devices: int) -> dict
             "JAX_NUM_CPU_DEVICES": str(local_devices),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
         }
+    one_host_gpu = {
+        "JAX_PLATFORMS": "cuda",
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "NVSHMEM_REMOTE_TRANSPORT": "none",
+        "NVSHMEM_DISABLE_NCCL": "1",
+        "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+    }
     if platform == "gpu":
         if local_devices != 1:
             raise ValueError(
                 "platform='gpu' runs every process on GPU 0 (one local device "
                 f"each); local_devices={local_devices} is not supported")
-        return {
-            "JAX_PLATFORMS": "cuda",
-            "CUDA_VISIBLE_DEVICES": "0",
-            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{max(0.05, 0.8 / num_processes):.3f}",
-            "NVSHMEM_REMOTE_TRANSPORT": "none",
-            "NVSHMEM_DISABLE_NCCL": "1",
-            "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
-        }
-    raise ValueError(f"platform must be 'cpu' or 'gpu', got {platform!r}")
+        return dict(one_host_gpu, CUDA_VISIBLE_DEVICES="0",
+                    XLA_PYTHON_CLIENT_MEM_FRACTION=f"{max(0.05, 0.8 / num_processes):.3f}")
+    if platform in ("gpu-per-process", "gpu-all"):
+        # Every GPU stays visible to every process: CUDA IPC between GPUs needs it.
+        return dict(one_host_gpu)
+    raise ValueError(f"platform must be 'cpu', 'gpu', 'gpu-per-process' or 'gpu-all', "
+                     f"got {platform!r}")
+
+
+def _process_env(platform: str, process_id: int) -> dict[str, str]:
+    env = {_dist.ENV_PROCESS_ID: str(process_id)}
+    if platform == "gpu-per-process":  # process i drives GPU i
+        env[_dist.ENV_LOCAL_DEVICE_IDS] = str(process_id)
+    return env
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -239,6 +250,12 @@ def launch(target: str, num_processes: int, *, local_devices: int = 1,
     passed to the function as strings.  ``init_timeout`` bounds
     ``jax.distributed.initialize``; ``fail_fast_grace`` is how long the others
     may run on once one worker failed.
+
+    ``platform``: ``"cpu"`` (gloo, ``local_devices`` virtual devices each);
+    ``"gpu"`` (every process on GPU 0, sharing it under CUDA MPS: the one-GPU
+    test host); ``"gpu-per-process"`` (process i drives GPU i, all GPUs stay
+    visible for CUDA IPC: the usual multi-GPU launch); ``"gpu-all"`` (each
+    process owns every local GPU; use one process).
     """
     if ":" not in target:
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
@@ -280,7 +297,7 @@ def launch(target: str, num_processes: int, *, local_devices: int = 1,
             err = open(os.path.join(log_dir, f"worker{i}.stderr"), "wb")
             files += [out, err]
             procs.append(subprocess.Popen(
-                cmd, env=dict(child_env, **{_dist.ENV_PROCESS_ID: str(i)}),
+                cmd, env=dict(child_env, **_process_env(platform, i)),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, cwd=cwd))
         first_failure = None

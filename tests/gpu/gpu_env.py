@@ -15,3 +15,10 @@ def gpu_present() -> bool:
     if not shutil.which("nvidia-smi") or not shutil.which("nvidia-cuda-mps-control"):
         return False
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def gpu_count() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())

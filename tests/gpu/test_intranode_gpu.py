@@ -14,7 +14,7 @@ import pytest
 from jax_ep import _ffi
 from jax_ep.testing import external_launch, run_multiprocess
 
-from gpu_env import GPU_DIR, gpu_present
+from gpu_env import GPU_DIR, gpu_count, gpu_present
 from silent_peer import silent_peer_output
 
 
@@ -54,6 +54,29 @@ def test_ranks_as_processes(mps, ranks):
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks and "gradients" in res.result["checked"]
+
+
+multi_gpu = pytest.mark.skipif(gpu_count() < 2, reason="needs a host with several GPUs")
+
+
+@multi_gpu
+def test_one_process_per_gpu():
+    """The usual multi-GPU launch: peers on other GPUs mapped by CUDA IPC."""
+    n = gpu_count()
+    results = run_multiprocess("gpu_workers:dispatch_combine", n, platform="gpu-per-process",
+                               timeout=400, env={"PYTHONPATH": GPU_DIR})
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == n and "gradients" in res.result["checked"]
+
+
+@multi_gpu
+def test_one_process_owning_all_gpus():
+    """One process per host: peers by pointer with peer access, one thread per GPU."""
+    results = run_multiprocess("gpu_workers:dispatch_combine", 1, platform="gpu-all",
+                               timeout=400, env={"PYTHONPATH": GPU_DIR})
+    assert results[0].ok, results[0].describe()
+    assert results[0].result["ranks"] == gpu_count(), results[0].result
 
 
 def test_rank_that_never_calls_times_out_with_a_message(mps):
