@@ -8,6 +8,12 @@ into the output), compared with a device-to-device copy measured in the same
 run. The reference backend runs in the same process where it can (one rank;
 XLA collectives cannot run between processes sharing one GPU).
 
+With --all-local-gpus and more than one GPU, BF16 dispatch is also compared
+with what a JAX user would write by hand: `ragged_dispatch`, built on
+`jax.lax.ragged_all_to_all` (NCCL; XLA:CPU lacks it). It moves only the x rows
+(no top-k ids or weights), into the same [R*T, H] layout as jax_ep.dispatch.
+Other ops and modes print "n/a" in that column.
+
     python benchmarks/bench_intranode.py                   # one rank, this GPU
     python benchmarks/bench_intranode.py --ranks 8         # 8 processes on one GPU (MPS)
     python benchmarks/bench_intranode.py --all-local-gpus  # one process, every local GPU
@@ -43,25 +49,34 @@ def _routing(seed, n, tokens):
     return [p[1] for p in per], [p[2] for p in per]
 
 
-def measure(backend, n, mesh, tokens, iters, seed=0):
-    """{op: (seconds, deepep_bytes_of_my_ranks)} for the ranks of this process."""
+def _inputs(n, mesh, tokens, seed):
+    """x bf16, topk_idx, topk_weights: global arrays sharded over 'ep'."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    idxs, ws = _routing(seed, n, tokens)
+    put = putter(mesh)
+    rng = np.random.default_rng(seed)
+    if jax.process_count() == 1:
+        x = jax.device_put(jnp.asarray(rng.standard_normal((n * tokens, H), np.float32),
+                                       jnp.bfloat16), NamedSharding(mesh, P("ep")))
+    else:
+        x = put([rng.standard_normal((tokens, H), np.float32).astype(jnp.bfloat16)
+                 for _ in range(n)])
+    return x, put(idxs), put(ws)
+
+
+def measure(backend, n, mesh, tokens, iters, seed=0):
+    """{op: (seconds, deepep_bytes_of_my_ranks)} for the ranks of this process."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
     import jax_ep
 
     spec = P("ep")
-    sharding = NamedSharding(mesh, spec)
-    idxs, ws = _routing(seed, n, tokens)
-    put = putter(mesh)
-
-    rng = np.random.default_rng(seed)
-    x = jax.device_put(jnp.asarray(rng.standard_normal((n * tokens, H), np.float32),
-                                   jnp.bfloat16), sharding) if jax.process_count() == 1 else \
-        put([rng.standard_normal((tokens, H), np.float32).astype(jnp.bfloat16)
-             for _ in range(n)])
-    idx, w = put(idxs), put(ws)
+    x, idx, w = _inputs(n, mesh, tokens, seed)
 
     def fp8(v):
         b = v.astype(jnp.float32).reshape(v.shape[0], H // 128, 128)
@@ -96,6 +111,76 @@ def measure(backend, n, mesh, tokens, iters, seed=0):
     return out
 
 
+# --- ragged_all_to_all baseline ------------------------------------------------
+
+def ragged_send_plan(topk_idx, *, num_experts, num_ranks):
+    """Send buffer layout of one rank (pure; no collectives).
+
+    Returns (gather [R*T] int32, counts [R] int32): row j of the send buffer is
+    x[gather[j]]; rows are grouped by destination rank, in token order, one per
+    (token, rank) where some valid expert (0 <= id < E) of the token lives on
+    that rank (expert e on rank e // (E / R)). Rows past sum(counts) are unused.
+    """
+    import jax.numpy as jnp
+
+    T = topk_idx.shape[0]
+    R = num_ranks
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    dest = jnp.where(valid, topk_idx // (num_experts // R), R)      # R: nowhere
+    to = jnp.zeros((T, R + 1), bool).at[jnp.arange(T)[:, None], dest].set(True)[:, :R]
+    flat = to.T.reshape(-1)                                            # r-major, then t
+    gather = jnp.nonzero(flat, size=R * T, fill_value=0)[0] % T
+    return gather.astype(jnp.int32), to.sum(0, dtype=jnp.int32)
+
+
+def ragged_offsets(counts_all, me):
+    """The four index arrays of ragged_all_to_all for rank `me` (pure).
+
+    counts_all is C [R, R], C[s, r] = rows source s sends to rank r. Receivers
+    lay out rows by source rank, then token, like jax_ep.dispatch.
+    output_offsets are where *my* rows land in each *receiver's* output
+    (sum_{s < me} C[s, r]): jax 0.11.2 takes them in the sender's view and
+    all_to_alls them itself (see lax.ragged_all_to_all's docstring).
+    """
+    import jax.numpy as jnp
+
+    send_sizes = counts_all[me]
+    input_offsets = jnp.cumsum(send_sizes) - send_sizes
+    output_offsets = (jnp.cumsum(counts_all, 0) - counts_all)[me]
+    recv_sizes = counts_all[:, me]
+    return input_offsets, send_sizes, output_offsets, recv_sizes
+
+
+def ragged_dispatch(x, topk_idx, *, num_experts, axis_name):
+    """Dispatch x [T, H] with lax.ragged_all_to_all, inside shard_map.
+
+    Returns (recv_x [R*T, H], rows received): rows ordered by source rank, then
+    token (jax_ep.dispatch's order); zeros past the received rows.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    R = lax.axis_size(axis_name)
+    gather, counts = ragged_send_plan(topk_idx, num_experts=num_experts, num_ranks=R)
+    counts_all = lax.all_gather(counts, axis_name)                     # [R, R]
+    offs = ragged_offsets(counts_all, lax.axis_index(axis_name))
+    out = jnp.zeros((R * x.shape[0], x.shape[1]), x.dtype)
+    out = lax.ragged_all_to_all(x[gather], out, *offs, axis_name=axis_name)
+    return out, offs[3].sum()
+
+
+def measure_ragged(n, mesh, tokens, iters, seed=0):
+    """Seconds per call of ragged_dispatch (BF16) on the same inputs as `measure`."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    x, idx, _ = _inputs(n, mesh, tokens, seed)
+    f = jax.jit(jax.shard_map(
+        lambda xx, i: ragged_dispatch(xx, i, num_experts=E, axis_name="ep")[0],
+        mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    return time_per_call(f, x, idx, iters=iters)
+
+
 def _init(mesh, tokens):
     import jax_ep
 
@@ -103,15 +188,21 @@ def _init(mesh, tokens):
                       hidden=H, top_k=K, dtype="bfloat16")
 
 
-def _row(mode, op, n, sec, nbytes, hbm_bytes, ref_sec, copy_bw):
+def _vs(base_sec, sec):
+    """'<base µs> <speedup of jax_ep over it>x', or n/a."""
+    return f"{base_sec * 1e6:9.1f} {base_sec / sec:6.2f}x" if base_sec else f"{'n/a':>9} {'':>7}"
+
+
+def _row(mode, op, n, sec, nbytes, hbm_bytes, ref_sec, copy_bw, ragged_sec=None):
     hbm = hbm_bytes / sec
-    ref = f"{ref_sec * 1e6:9.1f} {ref_sec / sec:6.2f}x" if ref_sec else f"{'n/a':>9} {'':>7}"
     return (f"| {mode:<14} | {op:<13} | {n:>2} | {sec * 1e6:9.1f} | {nbytes / sec / 1e9:8.1f} | "
-            f"{hbm / 1e9:8.1f} | {100 * hbm / copy_bw:5.1f}% | {ref} |")
+            f"{hbm / 1e9:8.1f} | {100 * hbm / copy_bw:5.1f}% | {_vs(ref_sec, sec)} | "
+            f"{_vs(ragged_sec, sec)} |")
 
 
 HEADER = ("| mode           | op            |  R | time (µs) | DeepEP GB/s | HBM GB/s | % copy"
-          " | reference µs / speedup |\n|---|---|---|---|---|---|---|---|")
+          " | reference µs / speedup | ragged_all_to_all µs / speedup |"
+          "\n|---|---|---|---|---|---|---|---|---|")
 
 
 def run_local(devices, mode, iters, tokens):
@@ -120,13 +211,17 @@ def run_local(devices, mode, iters, tokens):
     mesh = mesh_of(devices)
     copy_bw = copy_bandwidth()
     ref = measure("reference", len(devices), mesh, tokens, iters)
+    ragged = {}
+    if len(devices) > 1:
+        ragged["dispatch_bf16"] = measure_ragged(len(devices), mesh, tokens, iters)
     _init(mesh, tokens)
     cuda = measure("cuda", len(devices), mesh, tokens, iters)
     jax_ep.shutdown()
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(HEADER)
     for op, (sec, nbytes, hbm) in cuda.items():
-        print(_row(mode, op, len(devices), sec, nbytes, hbm, ref[op][0], copy_bw))
+        print(_row(mode, op, len(devices), sec, nbytes, hbm, ref[op][0], copy_bw,
+                   ragged.get(op)))
 
 
 def worker(iters="50", tokens=str(T)):
