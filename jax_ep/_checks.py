@@ -133,6 +133,18 @@ def low_latency_fp8(x, use_fp8, op):
                          f"per {FP8_BLOCK} channels); got hidden {x.shape[1]}.")
 
 
+def low_latency_dispatch_args(x, ids, num_experts, axis_name, max_tokens_per_rank,
+                              use_fp8, op):
+    """All checks of a low-latency dispatch: (num_experts, int32 ids, M)."""
+    num_ranks = axis_size(axis_name, op)
+    num_experts = experts(num_experts, num_ranks, op)
+    dense(x, op)
+    idx = topk_idx(ids, x.shape[0], num_experts, op)
+    m = max_tokens(max_tokens_per_rank, x.shape[0], op)
+    low_latency_fp8(x, use_fp8, op)
+    return num_experts, idx, m
+
+
 def combine_y(y, expected_shape, op, what):
     """y must have exactly `expected_shape` except its last (hidden) dim."""
     want = tuple(expected_shape) + ("hidden",)

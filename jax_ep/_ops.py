@@ -209,13 +209,9 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
       ordered by (source rank, source token); a token naming an expert twice
       occupies one row. Other rows are zero.
     """
-    op = "low_latency_dispatch"
-    num_ranks = _checks.axis_size(axis_name, op)
-    num_experts = _checks.experts(num_experts, num_ranks, op)
-    _checks.dense(x, op)
-    idx = _checks.topk_idx(topk_idx, x.shape[0], num_experts, op)
-    m = _checks.max_tokens(max_tokens_per_rank, x.shape[0], op)
-    _checks.low_latency_fp8(x, use_fp8, op)
+    num_experts, idx, m = _checks.low_latency_dispatch_args(
+        x, topk_idx, num_experts, axis_name, max_tokens_per_rank, use_fp8,
+        "low_latency_dispatch")
     cfg = _Config(num_experts, axis_name, m, backend, bool(use_fp8))
     recv_parts, recv_count, handle = _ll_dispatch(x, idx, cfg)
     recv_x = tuple(recv_parts) if use_fp8 else recv_parts[0]

@@ -37,12 +37,8 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
                               use_fp8=False, backend=None):
     """First half of `low_latency_dispatch` (same arguments); returns a pending op."""
     op = "low_latency_dispatch_send"
-    num_ranks = _checks.axis_size(axis_name, op)
-    num_experts = _checks.experts(num_experts, num_ranks, op)
-    _checks.dense(x, op)
-    idx = _checks.topk_idx(topk_idx, x.shape[0], num_experts, op)
-    m = _checks.max_tokens(max_tokens_per_rank, x.shape[0], op)
-    _checks.low_latency_fp8(x, use_fp8, op)
+    num_experts, idx, m = _checks.low_latency_dispatch_args(
+        x, topk_idx, num_experts, axis_name, max_tokens_per_rank, use_fp8, op)
     x = _not_differentiable(op)(x)
     kw = dict(num_experts=num_experts, axis_name=axis_name, max_tokens_per_rank=m,
               use_fp8=bool(use_fp8))
