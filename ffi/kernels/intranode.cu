@@ -32,13 +32,14 @@
 //     reach e+2 before I announce e+1.
 //  2. send (num_blocks blocks): rows are copied straight into the peers' data
 //     areas with 16-byte vector loads/stores (4- or 1-byte when rows or
-//     pointers are not aligned). The last block to finish (atomic counter,
-//     __threadfence_system before it) release-stores data[me] = e into every
-//     peer.
+//     pointers are not aligned). A rank's rows for itself skip the data area:
+//     dispatch writes them into its own outputs, combine leaves them in y.
+//     The last block to finish (atomic counter, __threadfence_system before
+//     it) release-stores data[me] = e into every peer.
 //  3. recv: every block waits for data[s] >= e of all senders (acquire), then
 //     dispatch copies rows [0, num_recv) of its data area into the XLA outputs
-//     and zeroes the rest; combine sums, per token and in rank order, the rows
-//     its peers sent back, in fp32.
+//     (all but its own rows) and zeroes the rest; combine sums, per token and
+//     in rank order, the rows its peers sent back (its own from y), in fp32.
 // Every spin-wait reads %globaltimer; past the timeout it writes a
 // TimeoutRecord into host-mapped memory and traps (device_sync.cuh), and a
 // host watchdog (ffi/runtime/watchdog.h, messages in comm_context.cc)
@@ -202,12 +203,15 @@ __device__ __forceinline__ void GridCopyThenZero(const V* __restrict__ src, V* _
 }
 
 // One warp copies a row of n vectors to every destination in the list: each
-// chunk of the source is loaded once and stored n_dest times.
+// chunk of the source is loaded once and stored n_dest times. Rows for peers
+// go into their data areas; my own rows go straight into my output `self_dst`
+// (the receive copy skips them), so a rank's tokens for itself move once.
 template <typename V>
 __device__ __forceinline__ void WarpScatterRow(const V* __restrict__ src, int64_t n,
                                                uint8_t* const* peer_data, const int32_t* dest_rank,
                                                const int64_t* dest_row, int n_dest,
-                                               uint64_t area_offset, int64_t row_bytes, int lane) {
+                                               uint64_t area_offset, uint8_t* self_dst, int me,
+                                               int64_t row_bytes, int lane) {
   for (int64_t base = 0; base < n; base += 32 * kUnroll) {
     V v[kUnroll];
 #pragma unroll
@@ -216,8 +220,9 @@ __device__ __forceinline__ void WarpScatterRow(const V* __restrict__ src, int64_
       v[u] = i < n ? __ldg(src + i) : V{};
     }
     for (int k = 0; k < n_dest; ++k) {
-      V* dst = reinterpret_cast<V*>(peer_data[dest_rank[k]] + area_offset +
-                                    dest_row[k] * row_bytes);
+      const int r = dest_rank[k];
+      uint8_t* rows = r == me ? self_dst : peer_data[r] + area_offset;
+      V* dst = reinterpret_cast<V*>(rows + dest_row[k] * row_bytes);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + u * 32 + lane;
@@ -234,8 +239,8 @@ struct PartDesc {
   uint8_t* dst;          // [capacity, row_bytes]
   int64_t row_bytes;
   uint64_t area_offset;  // of the sub-area inside the data area
-  int32_t send_vec;      // 16, 4 or 1: access width for the src rows
-  int32_t recv_vec;      // 16, 4 or 1: access width for the dst rows
+  int32_t send_vec;      // 16, 4 or 1: access width of the send (src, area and dst rows)
+  int32_t recv_vec;      // 16, 4 or 1: access width of the receive copy (area and dst rows)
 };
 
 struct DispatchKernelArgs {
@@ -317,13 +322,16 @@ __global__ void __launch_bounds__(kThreads)
       const uint8_t* src = part.src + t * rb;
       if (part.send_vec == 16) {
         WarpScatterRow(reinterpret_cast<const uint4*>(src), rb / 16, s_peer_data,
-                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, rb, lane);
+                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, part.dst, me, rb,
+                       lane);
       } else if (part.send_vec == 4) {
         WarpScatterRow(reinterpret_cast<const unsigned int*>(src), rb / 4, s_peer_data,
-                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, rb, lane);
+                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, part.dst, me, rb,
+                       lane);
       } else {
         WarpScatterRow(reinterpret_cast<const unsigned char*>(src), rb, s_peer_data,
-                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, rb, lane);
+                       s_dest_rank[warp], s_dest_row[warp], n_dest, part.area_offset, part.dst, me, rb,
+                       lane);
       }
     }
     __syncwarp();  // the destination list is rewritten for the next token
@@ -334,13 +342,20 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     DispatchRecvKernel(IntranodeComm c, DispatchKernelArgs a, int32_t op) {
   __shared__ PartDesc s_parts[kMaxParts];
-  __shared__ int64_t s_num_recv;
+  __shared__ int64_t s_num_recv, s_self_lo, s_self_hi;
   const int R = c.num_ranks;
   const int me = c.rank;
   if (threadIdx.x == 0) {
-    int64_t total = 0;
-    for (int s = 0; s < R; ++s) total += max(a.rank_counts[s * R + me], 0);
-    s_num_recv = min(total, a.capacity);
+    int64_t total = 0, self_lo = 0;
+    for (int s = 0; s < R; ++s) {
+      if (s == me) self_lo = total;
+      total += max(a.rank_counts[s * R + me], 0);
+    }
+    const int64_t num_recv = min(total, a.capacity);
+    s_num_recv = num_recv;
+    // My rows for myself: the send kernel wrote them into the outputs already.
+    s_self_lo = min(self_lo, num_recv);
+    s_self_hi = min(self_lo + max(a.rank_counts[me * R + me], 0), num_recv);
   }
   LoadParts(a, s_parts);
   WaitForAllSenders(c, op);  // ends with __syncthreads
@@ -351,18 +366,30 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int p = 0; p < a.num_parts; ++p) {
     const PartDesc& part = s_parts[p];
-    const uint8_t* src = data + part.area_offset;
-    const int64_t valid = num_recv * part.row_bytes;
-    const int64_t total = a.capacity * part.row_bytes;
+    const int64_t rb = part.row_bytes;
+    // Rows [0, self_lo) and [self_hi, num_recv) come from the data area, rows
+    // [num_recv, capacity) are zeroed.
+    const uint8_t* head = data + part.area_offset;
+    const int64_t head_bytes = s_self_lo * rb;
+    const uint8_t* tail = head + s_self_hi * rb;
+    uint8_t* tail_dst = part.dst + s_self_hi * rb;
+    const int64_t tail_valid = (num_recv - s_self_hi) * rb;
+    const int64_t tail_total = (a.capacity - s_self_hi) * rb;
     if (part.recv_vec == 16) {
-      GridCopyThenZero(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(part.dst),
-                       valid / 16, total / 16, gtid, stride);
+      GridCopyThenZero(reinterpret_cast<const uint4*>(head), reinterpret_cast<uint4*>(part.dst),
+                       head_bytes / 16, head_bytes / 16, gtid, stride);
+      GridCopyThenZero(reinterpret_cast<const uint4*>(tail), reinterpret_cast<uint4*>(tail_dst),
+                       tail_valid / 16, tail_total / 16, gtid, stride);
     } else if (part.recv_vec == 4) {
-      GridCopyThenZero(reinterpret_cast<const unsigned int*>(src),
-                       reinterpret_cast<unsigned int*>(part.dst), valid / 4, total / 4, gtid,
-                       stride);
+      GridCopyThenZero(reinterpret_cast<const unsigned int*>(head),
+                       reinterpret_cast<unsigned int*>(part.dst), head_bytes / 4, head_bytes / 4,
+                       gtid, stride);
+      GridCopyThenZero(reinterpret_cast<const unsigned int*>(tail),
+                       reinterpret_cast<unsigned int*>(tail_dst), tail_valid / 4, tail_total / 4,
+                       gtid, stride);
     } else {
-      GridCopyThenZero(src, part.dst, valid, total, gtid, stride);
+      GridCopyThenZero(head, part.dst, head_bytes, head_bytes, gtid, stride);
+      GridCopyThenZero(tail, tail_dst, tail_valid, tail_total, gtid, stride);
     }
   }
 }
@@ -384,8 +411,8 @@ struct CombineKernelArgs {
 
 // Row i < num_recv of y came from source s with begin[s] <= i < begin[s+1]
 // (begin = exclusive prefix of C[:, me]) as s's (i - begin[s])-th token for
-// me: the rows for one source are contiguous on both sides, so the send is R
-// flat copies into area[me] of each source.
+// me: the rows for one source are contiguous on both sides, so the send is
+// R - 1 flat copies into area[me] of each other source.
 __global__ void __launch_bounds__(kThreads) CombineSendKernel(IntranodeComm c, CombineKernelArgs a) {
   __shared__ int64_t s_begin[kMaxRanks + 1];
   __shared__ uint8_t* s_dst[kMaxRanks];
@@ -414,7 +441,8 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(IntranodeComm c, C
   for (int s = 0; s < R; ++s) {
     const int64_t begin = s_begin[s];
     const int64_t end = min(s_begin[s + 1], num_recv);
-    if (end <= begin) continue;
+    // My own rows stay in y: the receive kernel reads them there.
+    if (end <= begin || s == me) continue;
     const uint8_t* src = a.y + begin * rb;
     const int64_t bytes = (end - begin) * rb;
     if (a.send_vec == 16) {
@@ -432,8 +460,8 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(IntranodeComm c, C
 
 // Element types (Bf16Elem, F16Elem, F32Elem, F8E4M3Elem): elem_types.cuh.
 
-// out[t] = sum over r in 0..R-1 of (slot[t, r] >= 0 ? area[r][slot] : 0) in
-// fp32. The accumulator starts at -0.0f and every absent rank adds +0.0f, so
+// out[t] = sum over r in 0..R-1 of (slot[t, r] >= 0 ? row(r, slot) : 0) in
+// fp32, row(r, j) = area[r][j] for peers and y[begin[me] + j] for myself. The accumulator starts at -0.0f and every absent rank adds +0.0f, so
 // the result is bitwise the reference's acc = term(0); acc += term(r): adding
 // +0.0f only matters for a -0.0f sum, so one add per gap is enough.
 template <typename Elem, int kVec>
@@ -446,10 +474,26 @@ __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: <= 128 reg
   __shared__ int32_t s_count[kMaxTokensPerChunk];
   __shared__ int32_t s_rank[kMaxTokensPerChunk][kMaxRanks];
   __shared__ int32_t s_slot[kMaxTokensPerChunk][kMaxRanks];
+  __shared__ int64_t s_self_begin, s_self_end;  // my rows for myself in y
 
+  if (threadIdx.x == 0) {
+    // The same clamped prefix as CombineSendKernel's begin[].
+    int64_t begin = 0;
+    for (int s = 0; s < c.rank; ++s) {
+      begin += min(static_cast<int64_t>(max(a.rank_counts[s * c.num_ranks + c.rank], 0)),
+                   a.num_tokens);
+    }
+    const int64_t mine = min(
+        static_cast<int64_t>(max(a.rank_counts[c.rank * c.num_ranks + c.rank], 0)), a.num_tokens);
+    s_self_begin = begin;
+    s_self_end = min(begin + mine, a.capacity);
+  }
   WaitForAllSenders(c, kOpCombine);
 
   const int R = c.num_ranks;
+  const int me = c.rank;
+  const int64_t self_begin = s_self_begin;
+  const int64_t self_end = s_self_end;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -470,8 +514,10 @@ __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: <= 128 reg
       const int32_t* slot_row = a.token_slot + (t0 + g) * R;
       const int32_t s_lo = lane < R ? slot_row[lane] : -1;
       const int32_t s_hi = lane + 32 < R ? slot_row[lane + 32] : -1;
-      const bool v_lo = s_lo >= 0 && s_lo < T;
-      const bool v_hi = s_hi >= 0 && s_hi < T;
+      // A slot on myself must also name a row of y (bounds, not semantics).
+      const bool v_lo = s_lo >= 0 && s_lo < T && (lane != me || self_begin + s_lo < self_end);
+      const bool v_hi =
+          s_hi >= 0 && s_hi < T && (lane + 32 != me || self_begin + s_hi < self_end);
       const unsigned lo = __ballot_sync(kFullMask, v_lo);
       const unsigned hi = __ballot_sync(kFullMask, v_hi);
       const int n_lo = __popc(lo);
@@ -523,8 +569,10 @@ __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: <= 128 reg
           for (int u = 0; u < kRankUnroll; ++u) {
             const int k = k0 + u;
             if (k < n[i]) {
-              const int64_t row = static_cast<int64_t>(s_rank[g[i]][k]) * T + s_slot[g[i]][k];
-              v[i][u] = __ldcg(reinterpret_cast<const V*>(area + row * rb + byte_in_row[i]));
+              const int r = s_rank[g[i]][k];
+              const int64_t j = s_slot[g[i]][k];
+              const uint8_t* row = r == me ? a.y + (self_begin + j) * rb : area + (r * T + j) * rb;
+              v[i][u] = __ldcg(reinterpret_cast<const V*>(row + byte_in_row[i]));
             } else {
               v[i][u] = V{};
             }
@@ -684,7 +732,8 @@ bool PrepareDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& arg
     d.dst = static_cast<uint8_t*>(in.dst);
     d.row_bytes = in.row_bytes;
     d.area_offset = offset;
-    d.send_vec = AccessWidth(in.row_bytes, in.src, offset);
+    d.send_vec = std::min(AccessWidth(in.row_bytes, in.src, offset),
+                          AccessWidth(in.row_bytes, in.dst));
     d.recv_vec = AccessWidth(in.row_bytes, in.dst, offset);
     offset += static_cast<uint64_t>(args.capacity) * static_cast<uint64_t>(in.row_bytes);
     *recv_bytes += args.capacity * in.row_bytes;
@@ -718,7 +767,8 @@ bool PrepareCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
   k->hidden = args.hidden;
   k->row_bytes = rb;
   k->send_vec = AccessWidth(rb, args.y);
-  *vectorized = AccessWidth(rb, args.out) == 16;
+  // The receive reads my own rows from y and writes out: both must allow 16 B.
+  *vectorized = AccessWidth(rb, args.out) == 16 && AccessWidth(rb, args.y) == 16;
   k->tokens_per_chunk = TokensPerChunk(args.hidden / (*vectorized ? 16 / elem_bytes : 1));
   return true;
 }

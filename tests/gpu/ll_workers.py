@@ -52,7 +52,7 @@ def _expected_recv_src(idxs, me, n):
     out = np.full((L, n * M), -1, np.int32)
     for l in range(L):
         e = me * L + l
-        rows = [s * M + t for s in range(n) for t in range(T)
+        rows = [s * M + t for s in range(n) for t in range(len(idxs[s]))
                 if np.any(np.asarray(idxs[s])[t] == e)]
         out[l, :len(rows)] = rows
     return out
@@ -226,7 +226,7 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
     _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E,
-                                    top_k=K, timeout_s=3)
+                                    top_k=K, itemsize=4, timeout_s=3)  # x is float32
     xs, idxs, _ = oracle.make_inputs(0, n, T, H, E, K)
     sharding = NamedSharding(mesh, P("ep"))
     put = lambda per: jax.make_array_from_callback(

@@ -25,6 +25,7 @@ def run_without_peer(compiled, args, skipper, wait_s, last_error):
         raised = str(err)
     message = last_error()
     print("jax_ep timeout message:", message, flush=True)
+    print("the call raised:", raised, flush=True)
     return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
 
 

@@ -1,6 +1,6 @@
 """The NVSHMEM low-latency kernels on a real GPU against the numpy oracle.
 
-One PE, then 2 and 4 PEs as processes sharing the GPU under CUDA MPS (NVSHMEM
+One PE, then 2, 4 and 8 PEs as processes sharing the GPU under CUDA MPS (NVSHMEM
 multi-process-per-GPU), each run with direct stores and with every row moved
 by NVSHMEM puts (force_put); then a PE that never calls (the timeout message,
 not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_low_latency_ranks_as_processes(mps, ranks):
     results = run_multiprocess("ll_workers:low_latency", ranks, platform="gpu", timeout=500,
                                env={"PYTHONPATH": GPU_DIR})
@@ -33,7 +33,7 @@ def test_low_latency_ranks_as_processes(mps, ranks):
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_public_low_latency_api_on_cuda(mps, ranks):
     results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
                                env={"PYTHONPATH": GPU_DIR})
