@@ -8,16 +8,23 @@ import time
 import numpy as np
 
 
-def time_per_call(fn, *args, iters, warm_s=0.5, repeats=5):
+def time_per_call(fn, *args, iters, warm_s=0.5, repeats=5, warm_calls=None):
     """Seconds per call: best of `repeats` runs of `iters` back-to-back calls.
 
     Warms up for `warm_s` seconds first: an idle GPU needs that long to reach
     its clocks (a 3-call warm-up measured a copy at a fifth of its speed).
+    Processes that run collective ops must make the same number of calls:
+    they pass `warm_calls` instead (a timed warm-up would end after different
+    counts, and the extra calls of one rank would wait for peers forever).
     """
     import jax
 
+    if warm_calls is not None:
+        for _ in range(warm_calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
     start = time.perf_counter()
-    while time.perf_counter() - start < warm_s:
+    while warm_calls is None and time.perf_counter() - start < warm_s:
         jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -61,3 +68,52 @@ def drop(handle):
     import jax
 
     return jax.tree.map(lambda a: a[0] if a.shape == (1,) else a, handle)
+
+
+def device_kernels(fn, *args, calls=20):
+    """Per-call GPU kernel times of `fn`, from a jax.profiler trace.
+
+    Returns (rows, busy_s): rows are (kernel name, seconds per call, launches
+    per call) sorted by time, busy_s the summed kernel time per call. Empty
+    when the trace has no GPU plane (no GPU, or no CUPTI).
+    """
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        data = ProfileData.from_file(paths[0]) if paths else None
+        total = collections.defaultdict(float)
+        count = collections.Counter()
+        for plane in (data.planes if data else []):
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if "stream" not in line.name.lower():
+                    continue
+                for ev in line.events:
+                    total[ev.name] += ev.duration_ns * 1e-9
+                    count[ev.name] += 1
+    rows = sorted(((name, sec / calls, count[name] / calls) for name, sec in total.items()),
+                  key=lambda r: -r[1])
+    return rows, sum(r[1] for r in rows)
+
+
+def print_kernels(title, fn, *args, calls=20, top=12):
+    """Prints `device_kernels` as a small table (the `top` slowest kernels)."""
+    rows, busy = device_kernels(fn, *args, calls=calls)
+    if not rows:
+        print(f"{title}: no GPU kernels in the profile (no GPU plane)")
+        return
+    print(f"{title}: {busy * 1e6:.1f} µs of kernels per call, {len(rows)} kinds")
+    for name, sec, n in rows[:top]:
+        print(f"    {sec * 1e6:8.1f} µs  x{n:4.1f}  {name[:90]}")

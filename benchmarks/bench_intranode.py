@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from _timing import drop, lift, mesh_of, putter, time_per_call
+from _timing import drop, lift, mesh_of, print_kernels, putter, time_per_call
 
 H, K, E, T = 7168, 8, 256, 4096
 
@@ -67,7 +67,7 @@ def _inputs(n, mesh, tokens, seed):
     return x, put(idxs), put(ws)
 
 
-def measure(backend, n, mesh, tokens, iters, seed=0):
+def measure(backend, n, mesh, tokens, iters, seed=0, profile=False, warm_calls=None):
     """{op: (seconds, deepep_bytes_of_my_ranks)} for the ranks of this process."""
     import jax
     import jax.numpy as jnp
@@ -94,19 +94,36 @@ def measure(backend, n, mesh, tokens, iters, seed=0):
     recv, handle = with_handle(x, idx, w)
     comb = smap(lambda y, h: jax_ep.combine(y, drop(h), backend=backend))
 
+    if profile:
+        print_kernels(f"{backend} dispatch_bf16", disp_bf16, x, idx, w)
+        print_kernels(f"{backend} dispatch_fp8", disp_fp8, q, s, idx, w)
+        print_kernels(f"{backend} combine_bf16", comb, recv, handle)
     rows = sum(int(np.asarray(sh.data)[0]) for sh in handle.num_recv_tokens.addressable_shards)
+    # A rank's rows for itself move once (no comm buffer in between).
+    self_rows = 0
+    if backend == "cuda":
+        for sh in handle.rank_counts.addressable_shards:  # [R, R] each, rank = shard number
+            r = (sh.index[0].start or 0) // n
+            self_rows += int(np.asarray(sh.data)[r, r])
     local_tokens = tokens * len(x.addressable_shards)
     # HBM traffic of the kernels: dispatch reads each row, writes it into the
     # receiver's buffer, which copies it out (2 reads + 2 writes); combine reads
     # each row, writes it into the source's buffer, which reads it and writes one
-    # output row per token.
+    # output row per token. Rows a rank sends itself skip the buffer (1 + 1, and
+    # for combine 1 read).
     out = {}
-    for op, sec, nbytes in [
-        ("dispatch_bf16", time_per_call(disp_bf16, x, idx, w, iters=iters), rows * H * 2),
-        ("dispatch_fp8", time_per_call(disp_fp8, q, s, idx, w, iters=iters), rows * H * (1 + 4 / 128)),
-        ("combine_bf16", time_per_call(comb, recv, handle, iters=iters), rows * H * 2),
+    timed = lambda f, *a: time_per_call(f, *a, iters=iters, warm_calls=warm_calls)
+    for op, sec, row_bytes in [
+        ("dispatch_bf16", timed(disp_bf16, x, idx, w), H * 2),
+        ("dispatch_fp8", timed(disp_fp8, q, s, idx, w), H * (1 + 4 / 128)),
+        ("combine_bf16", timed(comb, recv, handle), H * 2),
     ]:
-        hbm = 3 * nbytes + local_tokens * H * 2 if op.startswith("combine") else 4 * nbytes
+        nbytes = rows * row_bytes
+        peer = (rows - self_rows) * row_bytes
+        if op.startswith("combine"):
+            hbm = 3 * peer + self_rows * row_bytes + local_tokens * H * 2
+        else:
+            hbm = 4 * peer + 2 * self_rows * row_bytes
         out[op] = (sec, nbytes, hbm)
     return out
 
@@ -205,17 +222,17 @@ HEADER = ("| mode           | op            |  R | time (µs) | DeepEP GB/s | HB
           "\n|---|---|---|---|---|---|---|---|---|")
 
 
-def run_local(devices, mode, iters, tokens):
+def run_local(devices, mode, iters, tokens, profile=False):
     import jax_ep
 
     mesh = mesh_of(devices)
     copy_bw = copy_bandwidth()
-    ref = measure("reference", len(devices), mesh, tokens, iters)
+    ref = measure("reference", len(devices), mesh, tokens, iters, profile=profile)
     ragged = {}
     if len(devices) > 1:
         ragged["dispatch_bf16"] = measure_ragged(len(devices), mesh, tokens, iters)
     _init(mesh, tokens)
-    cuda = measure("cuda", len(devices), mesh, tokens, iters)
+    cuda = measure("cuda", len(devices), mesh, tokens, iters, profile=profile)
     jax_ep.shutdown()
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(HEADER)
@@ -230,7 +247,8 @@ def worker(iters="50", tokens=str(T)):
 
     mesh = mesh_of(jax.devices())
     _init(mesh, int(tokens))
-    res = measure("cuda", jax.device_count(), mesh, int(tokens), int(iters))
+    # A fixed warm-up count: every process must make the same number of calls.
+    res = measure("cuda", jax.device_count(), mesh, int(tokens), int(iters), warm_calls=100)
     import jax_ep
     jax_ep.shutdown()
     return {"ops": {k: list(v) for k, v in res.items()}}
@@ -265,6 +283,8 @@ def main(argv=None):
     p.add_argument("--all-local-gpus", action="store_true")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--tokens", type=int, default=T)
+    p.add_argument("--profile", action="store_true",
+                   help="also print each op's GPU kernels and their times (one process)")
     p.add_argument("--copy-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.copy_only:
@@ -277,7 +297,7 @@ def main(argv=None):
         return run_processes(args.ranks, args.iters, args.tokens)
 
     devices = jax.local_devices() if args.all_local_gpus else jax.local_devices()[:1]
-    run_local(devices, f"{len(devices)} GPU(s)", args.iters, args.tokens)
+    run_local(devices, f"{len(devices)} GPU(s)", args.iters, args.tokens, args.profile)
 
 
 if __name__ == "__main__":

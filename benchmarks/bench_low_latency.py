@@ -16,12 +16,12 @@ import argparse
 import os
 import sys
 
-from _timing import drop, lift, mesh_of, putter, time_per_call
+from _timing import drop, lift, mesh_of, print_kernels, putter, time_per_call
 
 H, K, E, M = 7168, 8, 256, 128
 
 
-def measure(backend, iters, tokens=M, seed=0):
+def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
     """{op: seconds per call} for this process's rank."""
     import jax
     import ml_dtypes
@@ -46,27 +46,41 @@ def measure(backend, iters, tokens=M, seed=0):
     comb = smap(lambda y, i, ww, h: jax_ep.low_latency_combine(y, i, ww, drop(h),
                                                                 backend=backend))
     y, handle = with_handle(x, idx)
+    # Every rank makes the same number of calls (see time_per_call).
+    timed = lambda f, *a: time_per_call(f, *a, iters=iters, warm_calls=warm_calls)
+    if profile:
+        print_kernels(f"{backend} dispatch_fp8", disp_fp8, x, idx)
+        print_kernels(f"{backend} dispatch_bf16", disp_bf16, x, idx)
+        print_kernels(f"{backend} combine_bf16", comb, y, idx, w, handle)
     return {
-        "dispatch_fp8": time_per_call(disp_fp8, x, idx, iters=iters),
-        "dispatch_bf16": time_per_call(disp_bf16, x, idx, iters=iters),
-        "combine_bf16": time_per_call(comb, y, idx, w, handle, iters=iters),
+        "dispatch_fp8": timed(disp_fp8, x, idx),
+        "dispatch_bf16": timed(disp_bf16, x, idx),
+        "combine_bf16": timed(comb, y, idx, w, handle),
     }
 
 
-def worker(iters="200", with_reference="0"):
-    """One rank's process: its timings (and the reference's, when asked)."""
+def worker(iters="200", with_reference="0", profile="0"):
+    """One rank's process: its timings (and the reference's, when asked);
+    rank 0 also returns the kernel profile text when `profile` is "1"."""
+    import contextlib
+    import io
+
     import jax
 
     import jax_ep
 
     out = {}
-    if with_reference == "1":
-        out["reference"] = measure("reference", int(iters))
-    jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
-                      max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
-                      dtype="bfloat16", low_latency=True)
-    out["cuda"] = measure("cuda", int(iters))
-    jax_ep.shutdown()
+    text = io.StringIO()
+    profile = profile == "1" and jax.process_index() == 0
+    with contextlib.redirect_stdout(text):
+        if with_reference == "1":
+            out["reference"] = measure("reference", int(iters), profile=profile)
+        jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
+                          max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
+                          dtype="bfloat16", low_latency=True)
+        out["cuda"] = measure("cuda", int(iters), profile=profile)
+        jax_ep.shutdown()
+    out["profile"] = text.getvalue()
     return out
 
 
@@ -74,6 +88,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--profile", action="store_true",
+                   help="also print rank 0's GPU kernels per op and their times")
     args = p.parse_args(argv)
     from jax_ep.testing import launch, mps_daemon
 
@@ -81,7 +97,9 @@ def main(argv=None):
     with mps_daemon():
         results = launch("bench_low_latency:worker", args.ranks, platform="gpu", timeout=560,
                          env={"PYTHONPATH": here},
-                         args=(str(args.iters), "1" if args.ranks == 1 else "0"))
+                         args=(str(args.iters), "1" if args.ranks == 1 else "0",
+                               "1" if args.profile else "0"))
+    print(results[0].result["profile"], end="")
     print("| R | op | jax_ep cuda (µs) | reference (µs) | speedup |\n|---|---|---|---|---|")
     for op in results[0].result["cuda"]:
         sec = max(r.result["cuda"][op] for r in results)  # the slowest rank bounds the op

@@ -61,8 +61,8 @@ def _expected_recv_src(idxs, me, n):
 def _expected_gather(ys, idxs, slots, me, n):
     L = E // n
     ids = np.asarray(idxs[me])
-    out = np.zeros((T, K, H), np.float32)
-    for t in range(T):
+    out = np.zeros((len(ids), K, H), np.float32)
+    for t in range(len(ids)):
         for k in range(K):
             e = ids[t, k]
             if 0 <= e < E:
