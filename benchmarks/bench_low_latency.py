@@ -1,7 +1,9 @@
 """Benchmark of the low-latency (decode) ops in DeepEP's setting (DESIGN.md §7).
 
 128 tokens per rank, hidden 7168, top-8 of 256 experts; FP8 dispatch, BF16
-combine (BF16 dispatch too). Reports µs per op (the slowest rank) for N ranks
+combine (BF16 dispatch too). Dispatch runs with zero_padding=False, like
+DeepEP (rows past each expert's count unwritten); "dispatch_fp8_zero_padded"
+is the default, which also zeroes the rest of the [L, R*M, H] output. Reports µs per op (the slowest rank) for N ranks
 as N processes sharing GPU 0 under CUDA MPS, one NVSHMEM PE each. With one
 rank the reference backend runs in the same process for comparison (XLA
 collectives cannot run between processes sharing one GPU).
@@ -39,8 +41,13 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
     smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
     kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, backend=backend)
 
-    disp_fp8 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **kw)[0][0])
-    disp_bf16 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, **kw)[0])
+    # DeepEP leaves the rows past each expert's count unwritten: zero_padding=False
+    # is the comparable setting; the default (zeroed, E * M * H elements) is shown too.
+    fast = dict(kw, zero_padding=False)
+    disp_fp8 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **fast)[0][0])
+    disp_bf16 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, **fast)[0])
+    disp_fp8_zeroed = smap(
+        lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **kw)[0][0])
     with_handle = smap(lambda x, i: (lambda o: (o[0], lift(o[2])))(
         jax_ep.low_latency_dispatch(x, i, **kw)))
     comb = smap(lambda y, i, ww, h: jax_ep.low_latency_combine(y, i, ww, drop(h),
@@ -55,6 +62,7 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
     return {
         "dispatch_fp8": timed(disp_fp8, x, idx),
         "dispatch_bf16": timed(disp_bf16, x, idx),
+        "dispatch_fp8_zero_padded": timed(disp_fp8_zeroed, x, idx),
         "combine_bf16": timed(comb, y, idx, w, handle),
     }
 

@@ -15,7 +15,7 @@ from jax import lax
 
 from . import _ffi, _runtime
 from ._handles import LowLatencyHandle
-from ._routing import handle_from_counts, localize, route, valid_ids
+from ._routing import Routing, handle_from_counts, localize, valid_ids
 
 # Ops whose kernels talk to peers: they need the buffers set up by initialize.
 _INTRANODE_OPS = frozenset({"dispatch", "combine"})
@@ -68,7 +68,9 @@ def get_dispatch_layout(topk_idx, *, num_experts, num_ranks):
 
 def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity):
     num_ranks = lax.axis_size(axis_name)
-    routing = route(topk_idx, num_experts, num_ranks)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
+    slot, sent = _ffi.route_ffi(topk_idx, num_experts=num_experts, num_ranks=num_ranks)
+    routing = Routing(idx, num_invalid, slot, sent)
     payloads = list(parts) + [routing.idx, topk_weights]
     _runtime.check_buffer("dispatch", axis_name, _ffi.dispatch_bytes(payloads, capacity))
     rank_counts, *recv = _ffi.intranode_dispatch(routing.slot, routing.sent, payloads,
@@ -145,7 +147,7 @@ def _ll_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_nam
 
 
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8):
+                         use_fp8, zero_padding=True):
     from . import _nvshmem
 
     num_ranks = lax.axis_size(axis_name)
@@ -153,7 +155,7 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
     idx, num_invalid = valid_ids(topk_idx, num_experts)
     recv, count, recv_src, slot = _nvshmem.ll_dispatch(
         x, idx, num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
-        use_fp8=use_fp8, num_ranks=num_ranks)
+        use_fp8=use_fp8, zero_fill=zero_padding, num_ranks=num_ranks)
     handle = _ll_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
                         axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
     return (list(recv) if use_fp8 else [recv]), count, handle
@@ -173,13 +175,14 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
 
 
 def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_experts,
-                              axis_name, max_tokens_per_rank, use_fp8):
+                              axis_name, max_tokens_per_rank, use_fp8, zero_padding=True):
     from . import _nvshmem
 
     num_ranks = lax.axis_size(axis_name)
     recv, count, recv_src, slot = _nvshmem.ll_dispatch_recv(
         token, idx, hidden=hidden, x_dtype=x_dtype, num_experts=num_experts,
-        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, num_ranks=num_ranks)
+        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, zero_fill=zero_padding,
+        num_ranks=num_ranks)
     handle = _ll_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
                         axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
     return (list(recv) if use_fp8 else [recv]), count, handle

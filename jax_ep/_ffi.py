@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 GET_DISPATCH_LAYOUT = "jax_ep_get_dispatch_layout"
+ROUTE = "jax_ep_route"
 
 _register_lock = threading.Lock()
 _registered_targets: tuple[str, ...] = ()
@@ -204,6 +205,19 @@ def get_dispatch_layout_ffi(
     # a batched operand ("expand_dims"/"broadcast_all") would be wrong;
     # "sequential" loops and stays correct.
     call = jax.ffi.ffi_call(GET_DISPATCH_LAYOUT, result_types, vmap_method="sequential")
+    return call(topk_idx, num_experts=np.int64(num_experts), num_ranks=np.int64(num_ranks))
+
+
+def route_ffi(topk_idx: jax.Array, *, num_experts: int, num_ranks: int):
+    """Custom call ``jax_ep_route`` (CUDA only): the slot and sent arrays of
+    ``_routing.route`` (int32 ``[T, R]``, ``[R]``) without XLA's slow cumsum."""
+    ensure_cuda_targets_registered()
+    operand_type = jax.typeof(topk_idx)
+    result_types = (
+        _result_type(operand_type, (operand_type.shape[0], num_ranks), jnp.int32),
+        _result_type(operand_type, (num_ranks,), jnp.int32),
+    )
+    call = jax.ffi.ffi_call(ROUTE, result_types)
     return call(topk_idx, num_experts=np.int64(num_experts), num_ranks=np.int64(num_ranks))
 
 

@@ -33,6 +33,7 @@ class _Config:
     size: int  # capacity (normal mode) or max_tokens_per_rank (low-latency mode)
     backend: str | None
     use_fp8: bool = False
+    zero_padding: bool = True  # low-latency dispatch: zero the rows past recv_count
 
 
 # --------------------------------------------------------------------------
@@ -192,7 +193,7 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8=False, backend=None):
+                         use_fp8=False, zero_padding=True, backend=None):
     """Decode-style dispatch into static per-expert slots (inside shard_map).
 
     Args:
@@ -201,18 +202,25 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
       max_tokens_per_rank: M, static; every local expert gets R * M rows.
       use_fp8: cast to float8_e4m3fn with one float32 scale per 128 channels
         (scale = max(amax, 1e-4) * float32(1/448), q = x / scale). Not differentiable.
+      zero_padding: zero the rows past recv_count (default). False leaves them
+        unspecified, as DeepEP does: recv_x is L * R * M rows (E * M * H
+        elements, 470 MB in bf16 at DeepEP's decode setting), and zeroing it
+        costs more than the dispatch itself on the cuda backend. Only pass
+        False when nothing reads those rows: no reductions over all of recv_x,
+        and no gradients through weights applied to them (0 * NaN = NaN).
+        The reference backend always zeroes.
 
     Returns:
       recv_x [L, R * M, H] (or the pair (e4m3 [L, R*M, H], scales
       [L, R*M, H // 128])), recv_count int32[L], handle (LowLatencyHandle).
       For local expert l, rows [0, recv_count[l]) are the tokens routed to it,
       ordered by (source rank, source token); a token naming an expert twice
-      occupies one row. Other rows are zero.
+      occupies one row. Other rows are zero (see zero_padding).
     """
     num_experts, idx, m = _checks.low_latency_dispatch_args(
         x, topk_idx, num_experts, axis_name, max_tokens_per_rank, use_fp8,
         "low_latency_dispatch")
-    cfg = _Config(num_experts, axis_name, m, backend, bool(use_fp8))
+    cfg = _Config(num_experts, axis_name, m, backend, bool(use_fp8), bool(zero_padding))
     recv_parts, recv_count, handle = _ll_dispatch(x, idx, cfg)
     recv_x = tuple(recv_parts) if use_fp8 else recv_parts[0]
     return recv_x, recv_count, handle
@@ -228,7 +236,8 @@ def _ll(cfg, name):
 def _ll_dispatch_impl(x, idx, cfg):
     dispatch = functools.partial(
         _ll(cfg, "low_latency_dispatch"), num_experts=cfg.num_experts,
-        axis_name=cfg.axis_name, max_tokens_per_rank=cfg.size, use_fp8=cfg.use_fp8)
+        axis_name=cfg.axis_name, max_tokens_per_rank=cfg.size, use_fp8=cfg.use_fp8,
+        zero_padding=cfg.zero_padding)
     recv, count, handle = dispatch(x, idx)
     return tuple(recv), count, handle
 

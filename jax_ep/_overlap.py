@@ -34,7 +34,7 @@ def _not_differentiable(op):
 
 
 def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                              use_fp8=False, backend=None):
+                              use_fp8=False, zero_padding=True, backend=None):
     """First half of `low_latency_dispatch` (same arguments); returns a pending op."""
     op = "low_latency_dispatch_send"
     num_experts, idx, m = _checks.low_latency_dispatch_args(
@@ -45,7 +45,8 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
     if _backend.resolve(backend, "low_latency_dispatch") == "cuda":
         arrays = _cuda.low_latency_dispatch_send(x, idx, **kw)
         meta = tuple(sorted(kw.items())) + (("hidden", x.shape[1]),
-                                            ("x_dtype", np.dtype(x.dtype).name))
+                                            ("x_dtype", np.dtype(x.dtype).name),
+                                            ("zero_padding", bool(zero_padding)))
         return LowLatencyPending(arrays=tuple(arrays), kind="dispatch", backend="cuda",
                                  meta=meta)
     recv_x, count, handle = _ops.low_latency_dispatch(x, idx, backend="reference", **kw)

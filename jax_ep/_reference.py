@@ -250,7 +250,8 @@ def low_latency_gather_rows(y, handle):
 
 
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8):
+                         use_fp8, zero_padding=True):
+    del zero_padding  # rows past the count are always zero here
     handle = make_low_latency_handle(topk_idx, num_experts=num_experts, axis_name=axis_name,
                                      max_tokens_per_rank=max_tokens_per_rank)
     parts = list(fp8_quantize(x)) if use_fp8 else [x]

@@ -87,6 +87,29 @@ def test_low_latency_repeated_calls_with_changing_routing():
             np.testing.assert_array_equal(rank(got, r)["recv_x"], exp[r]["recv_x"])
 
 
+def test_zero_padding_false_is_accepted_and_keeps_the_valid_rows():
+    # The reference zeroes the padding either way; the cuda backend leaves it
+    # unspecified with zero_padding=False (checked on the GPU).
+    xs, idxs, ws = inputs(25, none_prob=0.1)
+
+    def fn(x, idx, w):
+        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, axis_name="ep",
+                                                   max_tokens_per_rank=M, zero_padding=False)
+        split_rx = jax_ep.low_latency_dispatch_recv(pending)[0]
+        rx, cnt, _ = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                 max_tokens_per_rank=M, zero_padding=False)
+        return rx, cnt, split_rx
+
+    got = run_ep(fn, xs, idxs, ws, mesh=ep_mesh(R))
+    exp = oracle.low_latency_dispatch(xs, idxs, E, M)
+    for r in range(R):
+        rx, cnt, split_rx = rank(got, r)
+        valid = np.arange(R * M)[None, :] < exp[r]["recv_count"][:, None]
+        np.testing.assert_array_equal(cnt, exp[r]["recv_count"])
+        np.testing.assert_array_equal(rx[valid], exp[r]["recv_x"][valid])
+        np.testing.assert_array_equal(split_rx[valid], exp[r]["recv_x"][valid])
+
+
 def test_split_send_recv_matches_fused_ops_and_refuses_gradients():
     xs, idxs, ws = inputs(30, none_prob=0.1)
 

@@ -24,6 +24,7 @@ namespace {
 nb::dict Registrations() {
   return jax_ep::FfiRegistrations({
       {"jax_ep_get_dispatch_layout", JaxEpGetDispatchLayout},
+      {"jax_ep_route", JaxEpRoute},
       {"jax_ep_intranode_dispatch", JaxEpIntranodeDispatch},
       {"jax_ep_intranode_dispatch_cached", JaxEpIntranodeDispatchCached},
       {"jax_ep_intranode_combine", JaxEpIntranodeCombine},

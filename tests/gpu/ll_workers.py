@@ -285,6 +285,19 @@ def public_api(seed="0"):
     exp_out = oracle.low_latency_combine(ys, idxs, ws, E, M)
     valid = np.arange(n * M)[None, :] < exp[me]["recv_count"][:, None]
     _same(rx[0][valid], exp[me]["recv_x"][valid], "recv_x")
+    assert not np.any(rx[0][~valid].astype(np.float32)), "rows past recv_count must be zero"
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+    def unpadded(x, idx):
+        rx, cnt, _ = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                 max_tokens_per_rank=M, zero_padding=False,
+                                                 backend="cuda")
+        return rx[None], cnt[None]
+
+    urx, ucnt = (mine(a) for a in unpadded(put(xs), put(idxs)))
+    _same(urx[0][valid], rx[0][valid], "zero_padding=False: the valid rows")
+    _same(ucnt, cnt, "zero_padding=False: recv_count")
     _same(cnt[0], exp[me]["recv_count"], "recv_count")
     np.testing.assert_allclose(out.astype(np.float32), exp_out[me].astype(np.float32),
                                rtol=1e-2, atol=1e-2, err_msg="combine (bf16 output)")
@@ -345,4 +358,5 @@ def public_api(seed="0"):
     np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
                                rtol=1e-4, atol=1e-4, err_msg="dw")
     jax_ep.shutdown()
-    return {"ranks": n, "checked": ["dispatch", "combine", "split", "fp8", "gradients"]}
+    return {"ranks": n, "checked": ["dispatch", "padding", "combine", "split", "fp8",
+                                    "gradients"]}

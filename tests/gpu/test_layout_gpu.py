@@ -137,3 +137,26 @@ def test_handler_rejects_bad_arguments(num_tokens):
         _raw_layout_call(idx, 8192, 4, [(4,), (8192,), (num_tokens, 4)])
     with pytest.raises(Exception, match="divide num_experts"):
         _raw_layout_call(idx, 16, 3, [(3,), (16,), (num_tokens, 3)])
+
+
+def numpy_route(idx: np.ndarray, num_experts: int, num_ranks: int):
+    """(slot [T, R], sent [R]): position of t among the tokens going to r, or -1."""
+    in_rank = numpy_layout(idx, num_experts, num_ranks)[2]
+    before = np.cumsum(in_rank, axis=0) - in_rank
+    return np.where(in_rank, before, -1).astype(np.int32), in_rank.sum(0).astype(np.int32)
+
+
+_route = jax.jit(_ffi.route_ffi, static_argnames=("num_experts", "num_ranks"))
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 1023, 1024, 4096, 5000])
+@pytest.mark.parametrize("num_experts, num_ranks, num_topk",
+                         [(256, 1, 8), (256, 8, 8), (1024, 64, 32), (7, 7, 3)])
+def test_route_matches_numpy(num_tokens, num_experts, num_ranks, num_topk):
+    rng = np.random.default_rng(num_tokens + num_ranks)
+    idx = random_topk(rng, num_tokens, num_topk, num_experts)
+    idx[: num_tokens // 3] = rng.integers(-2, num_experts + 2, (num_tokens // 3, num_topk))
+    slot, sent = _route(jnp.asarray(idx), num_experts=num_experts, num_ranks=num_ranks)
+    want_slot, want_sent = numpy_route(idx, num_experts, num_ranks)
+    np.testing.assert_array_equal(np.asarray(slot), want_slot)
+    np.testing.assert_array_equal(np.asarray(sent), want_sent)
