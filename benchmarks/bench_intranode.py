@@ -27,7 +27,8 @@ import sys
 
 import numpy as np
 
-from _timing import drop, lift, mesh_of, print_kernels, putter, time_per_call
+from _timing import (device_kernels, drop, lift, mesh_of, print_kernels, putter,
+                     time_per_call)
 
 H, K, E, T = 7168, 8, 256, 4096
 
@@ -67,8 +68,11 @@ def _inputs(n, mesh, tokens, seed):
     return x, put(idxs), put(ws)
 
 
-def measure(backend, n, mesh, tokens, iters, seed=0, profile=False, warm_calls=None):
-    """{op: (seconds, deepep_bytes_of_my_ranks)} for the ranks of this process."""
+def measure(backend, n, mesh, tokens, iters, seed=0, profile=False, warm_calls=None,
+            kernel_time=False):
+    """{op: (seconds, deepep_bytes, hbm_bytes, gpu_seconds)} for the ranks of this
+    process; gpu_seconds (kernel time per call from a profile) only with
+    kernel_time, else None."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -113,18 +117,20 @@ def measure(backend, n, mesh, tokens, iters, seed=0, profile=False, warm_calls=N
     # for combine 1 read).
     out = {}
     timed = lambda f, *a: time_per_call(f, *a, iters=iters, warm_calls=warm_calls)
-    for op, sec, row_bytes in [
-        ("dispatch_bf16", timed(disp_bf16, x, idx, w), H * 2),
-        ("dispatch_fp8", timed(disp_fp8, q, s, idx, w), H * (1 + 4 / 128)),
-        ("combine_bf16", timed(comb, recv, handle), H * 2),
+    gpu = lambda f, *a: device_kernels(f, *a)[1] or None if kernel_time else None
+    for op, fn, args, row_bytes in [
+        ("dispatch_bf16", disp_bf16, (x, idx, w), H * 2),
+        ("dispatch_fp8", disp_fp8, (q, s, idx, w), H * (1 + 4 / 128)),
+        ("combine_bf16", comb, (recv, handle), H * 2),
     ]:
+        sec = timed(fn, *args)
         nbytes = rows * row_bytes
         peer = (rows - self_rows) * row_bytes
         if op.startswith("combine"):
             hbm = 3 * peer + self_rows * row_bytes + local_tokens * H * 2
         else:
             hbm = 4 * peer + 2 * self_rows * row_bytes
-        out[op] = (sec, nbytes, hbm)
+        out[op] = (sec, nbytes, hbm, gpu(fn, *args))
     return out
 
 
@@ -210,16 +216,21 @@ def _vs(base_sec, sec):
     return f"{base_sec * 1e6:9.1f} {base_sec / sec:6.2f}x" if base_sec else f"{'n/a':>9} {'':>7}"
 
 
-def _row(mode, op, n, sec, nbytes, hbm_bytes, ref_sec, copy_bw, ragged_sec=None):
+def _us(sec):
+    return f"{sec * 1e6:9.1f}" if sec else f"{'n/a':>9}"
+
+
+def _row(mode, op, n, sec, nbytes, hbm_bytes, gpu_sec, ref, copy_bw, ragged_sec=None):
+    """ref: (seconds, gpu_seconds) of the reference backend, or (None, None)."""
     hbm = hbm_bytes / sec
-    return (f"| {mode:<14} | {op:<13} | {n:>2} | {sec * 1e6:9.1f} | {nbytes / sec / 1e9:8.1f} | "
-            f"{hbm / 1e9:8.1f} | {100 * hbm / copy_bw:5.1f}% | {_vs(ref_sec, sec)} | "
-            f"{_vs(ragged_sec, sec)} |")
+    return (f"| {mode:<14} | {op:<13} | {n:>2} | {sec * 1e6:9.1f} | {_us(gpu_sec)} | "
+            f"{nbytes / sec / 1e9:8.1f} | {hbm / 1e9:8.1f} | {100 * hbm / copy_bw:5.1f}% | "
+            f"{_vs(ref[0], sec)} | {_us(ref[1])} | {_vs(ragged_sec, sec)} |")
 
 
-HEADER = ("| mode           | op            |  R | time (µs) | DeepEP GB/s | HBM GB/s | % copy"
-          " | reference µs / speedup | ragged_all_to_all µs / speedup |"
-          "\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| mode           | op            |  R | time (µs) | GPU µs | DeepEP GB/s | HBM GB/s"
+          " | % copy | reference µs / speedup | reference GPU µs"
+          " | ragged_all_to_all µs / speedup |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def run_local(devices, mode, iters, tokens, profile=False):
@@ -227,18 +238,20 @@ def run_local(devices, mode, iters, tokens, profile=False):
 
     mesh = mesh_of(devices)
     copy_bw = copy_bandwidth()
-    ref = measure("reference", len(devices), mesh, tokens, iters, profile=profile)
+    ref = measure("reference", len(devices), mesh, tokens, iters, profile=profile,
+                  kernel_time=True)
     ragged = {}
     if len(devices) > 1:
         ragged["dispatch_bf16"] = measure_ragged(len(devices), mesh, tokens, iters)
     _init(mesh, tokens)
-    cuda = measure("cuda", len(devices), mesh, tokens, iters, profile=profile)
+    cuda = measure("cuda", len(devices), mesh, tokens, iters, profile=profile,
+                   kernel_time=True)
     jax_ep.shutdown()
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(HEADER)
-    for op, (sec, nbytes, hbm) in cuda.items():
-        print(_row(mode, op, len(devices), sec, nbytes, hbm, ref[op][0], copy_bw,
-                   ragged.get(op)))
+    for op, (sec, nbytes, hbm, gpu_sec) in cuda.items():
+        print(_row(mode, op, len(devices), sec, nbytes, hbm, gpu_sec, (ref[op][0], ref[op][3]),
+                   copy_bw, ragged.get(op)))
 
 
 def worker(iters="50", tokens=str(T)):
@@ -274,7 +287,7 @@ def run_processes(n, iters, tokens):
         sec = max(r.result["ops"][op][0] for r in results)  # the slowest rank bounds the op
         nbytes = sum(r.result["ops"][op][1] for r in results)
         hbm = sum(r.result["ops"][op][2] for r in results)
-        print(_row(f"{n} procs/1 GPU", op, n, sec, nbytes, hbm, None, copy_bw))
+        print(_row(f"{n} procs/1 GPU", op, n, sec, nbytes, hbm, None, (None, None), copy_bw))
 
 
 def main(argv=None):

@@ -18,13 +18,15 @@ import argparse
 import os
 import sys
 
-from _timing import drop, lift, mesh_of, print_kernels, putter, time_per_call
+from _timing import (device_kernels, drop, lift, mesh_of, print_kernels, putter,
+                     time_per_call)
 
 H, K, E, M = 7168, 8, 256, 128
 
 
 def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
-    """{op: seconds per call} for this process's rank."""
+    """{op: (seconds per call, GPU kernel seconds per call or None)} for this
+    process's rank."""
     import jax
     import ml_dtypes
     from jax.sharding import PartitionSpec as P
@@ -53,8 +55,16 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
     comb = smap(lambda y, i, ww, h: jax_ep.low_latency_combine(y, i, ww, drop(h),
                                                                 backend=backend))
     y, handle = with_handle(x, idx)
+
     # Every rank makes the same number of calls (see time_per_call).
-    timed = lambda f, *a: time_per_call(f, *a, iters=iters, warm_calls=warm_calls)
+    def timed(f, *args):
+        sec = time_per_call(f, *args, iters=iters, warm_calls=warm_calls)
+        try:  # kernel time from a profile (DeepEP reports kernel times)
+            gpu = device_kernels(f, *args)[1] or None
+        except Exception:  # noqa: BLE001 - no CUPTI here: wall time only
+            gpu = None
+        return sec, gpu
+
     if profile:
         print_kernels(f"{backend} dispatch_fp8", disp_fp8, x, idx)
         print_kernels(f"{backend} dispatch_bf16", disp_bf16, x, idx)
@@ -108,12 +118,18 @@ def main(argv=None):
                          args=(str(args.iters), "1" if args.ranks == 1 else "0",
                                "1" if args.profile else "0"))
     print(results[0].result["profile"], end="")
-    print("| R | op | jax_ep cuda (µs) | reference (µs) | speedup |\n|---|---|---|---|---|")
+    print("| R | op | jax_ep cuda µs | GPU µs | reference µs | speedup | reference GPU µs |"
+          "\n|---|---|---|---|---|---|---|")
+    us = lambda v: f"{v * 1e6:.1f}" if v else "n/a"
     for op in results[0].result["cuda"]:
-        sec = max(r.result["cuda"][op] for r in results)  # the slowest rank bounds the op
-        ref = results[0].result.get("reference", {}).get(op)
-        ref_s = f"{ref * 1e6:.1f} | {ref / sec:.1f}x" if ref else "n/a | "
-        print(f"| {args.ranks} | {op} | {sec * 1e6:.1f} | {ref_s} |")
+        # The slowest rank bounds the op.
+        sec = max(r.result["cuda"][op][0] for r in results)
+        gpus = [r.result["cuda"][op][1] for r in results]
+        gpu = max(gpus) if all(gpus) else None
+        ref, ref_gpu = results[0].result.get("reference", {}).get(op, (None, None))
+        speedup = f"{ref / sec:.1f}x" if ref else ""
+        print(f"| {args.ranks} | {op} | {us(sec)} | {us(gpu)} | {us(ref)} | {speedup} | "
+              f"{us(ref_gpu)} |")
 
 
 if __name__ == "__main__":
