@@ -24,9 +24,12 @@ from _timing import (device_kernels, drop, lift, mesh_of, print_kernels, putter,
 H, K, E, M = 7168, 8, 256, 128
 
 
-def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
+def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
+            kernel_time=False):
     """{op: (seconds per call, GPU kernel seconds per call or None)} for this
-    process's rank."""
+    process's rank. Kernel times come from a profile, with kernel_time only:
+    under MPS the profiled run of several processes is much slower than the
+    timed one (a kernel also spins while it waits for its peers)."""
     import jax
     import ml_dtypes
     from jax.sharding import PartitionSpec as P
@@ -59,10 +62,12 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000):
     # Every rank makes the same number of calls (see time_per_call).
     def timed(f, *args):
         sec = time_per_call(f, *args, iters=iters, warm_calls=warm_calls)
-        try:  # kernel time from a profile (DeepEP reports kernel times)
-            gpu = device_kernels(f, *args)[1] or None
-        except Exception:  # noqa: BLE001 - no CUPTI here: wall time only
-            gpu = None
+        gpu = None
+        if kernel_time:  # DeepEP reports kernel times
+            try:
+                gpu = device_kernels(f, *args)[1] or None
+            except Exception:  # noqa: BLE001 - no CUPTI here: wall time only
+                pass
         return sec, gpu
 
     if profile:
@@ -91,12 +96,14 @@ def worker(iters="200", with_reference="0", profile="0"):
     text = io.StringIO()
     profile = profile == "1" and jax.process_index() == 0
     with contextlib.redirect_stdout(text):
+        alone = jax.process_count() == 1
         if with_reference == "1":
-            out["reference"] = measure("reference", int(iters), profile=profile)
+            out["reference"] = measure("reference", int(iters), profile=profile,
+                                       kernel_time=alone)
         jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
                           max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
                           dtype="bfloat16", low_latency=True)
-        out["cuda"] = measure("cuda", int(iters), profile=profile)
+        out["cuda"] = measure("cuda", int(iters), profile=profile, kernel_time=alone)
         jax_ep.shutdown()
     out["profile"] = text.getvalue()
     return out
