@@ -7,6 +7,7 @@
 //   results  slot      s32[T, R]
 //            sent      s32[R]
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -23,9 +24,9 @@ namespace {
 using jax_ep::ffi_util::CudaError;
 using jax_ep::ffi_util::Dims;
 
-ffi::Error Route(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> topk_idx, int64_t num_experts,
-                 int64_t num_ranks, ffi::ResultBuffer<ffi::S32, 2> slot,
-                 ffi::ResultBuffer<ffi::S32, 1> sent) {
+ffi::Error Route(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                 ffi::Buffer<ffi::S32, 2> topk_idx, int64_t num_experts, int64_t num_ranks,
+                 ffi::ResultBuffer<ffi::S32, 2> slot, ffi::ResultBuffer<ffi::S32, 1> sent) {
   const std::string where = "jax_ep_route: ";
   if (num_ranks < 1 || num_ranks > jax_ep::kRouteMaxRanks || num_experts < 1 ||
       num_experts % num_ranks != 0) {
@@ -51,7 +52,15 @@ ffi::Error Route(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> topk_idx, int64_t
   params.num_topk = idx_dims[1];
   params.num_experts = num_experts;
   params.num_ranks = num_ranks;
-  const cudaError_t err = jax_ep::LaunchRoute(params, stream);
+  const int64_t scratch_ints = jax_ep::RouteScratchInts(params.num_tokens, num_ranks);
+  const std::optional<void*> counts = scratch.Allocate(scratch_ints * sizeof(int32_t), 16);
+  if (!counts.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      where + "could not allocate " + std::to_string(scratch_ints * 4) +
+                          " bytes of scratch");
+  }
+  const cudaError_t err =
+      jax_ep::LaunchRoute(params, static_cast<int32_t*>(counts.value()), stream);
   if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
@@ -61,6 +70,7 @@ ffi::Error Route(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> topk_idx, int64_t
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpRoute, Route,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("num_ranks")

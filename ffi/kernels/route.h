@@ -8,8 +8,9 @@
 
 namespace jax_ep {
 
-// Largest EP group the routing kernel supports (one block per rank).
-inline constexpr int64_t kRouteMaxRanks = 1024;
+// Largest EP group the routing kernels support (a token's destinations are a
+// 64-bit mask; the intranode kernels stop at 64 ranks too).
+inline constexpr int64_t kRouteMaxRanks = 64;
 
 struct RouteParams {
   const int32_t* topk_idx;  // [num_tokens, num_topk], global expert ids
@@ -26,6 +27,9 @@ struct RouteParams {
 // (other ids mean "no expert"); slot[t, r] counts the tokens before t that go
 // to r. Same values as jax_ep._routing.route. Returns cudaErrorInvalidValue
 // for parameters outside the limits above, else the launch status.
-cudaError_t LaunchRoute(const RouteParams& params, cudaStream_t stream);
+// `scratch` holds RouteScratchInts(num_tokens, num_ranks) int32 (per-chunk
+// counts between the two kernels).
+int64_t RouteScratchInts(int64_t num_tokens, int64_t num_ranks);
+cudaError_t LaunchRoute(const RouteParams& params, int32_t* scratch, cudaStream_t stream);
 
 }  // namespace jax_ep
