@@ -91,3 +91,13 @@ def test_bad_arguments(shape, dtype, e, r, err):
         with pytest.raises(err):
             jax.eval_shape(lambda t: _layout(t, e, r), jax.ShapeDtypeStruct(shape, dtype))
 
+
+
+def test_route_custom_call_in_cuda_lowering():
+    text = _cuda_hlo(lambda t: _ffi.route_ffi(t, num_experts=256, num_ranks=8),
+                     jax.ShapeDtypeStruct((4096, 8), jnp.int32))
+    calls = [line for line in text.splitlines() if "custom_call @jax_ep_route" in line]
+    assert len(calls) == 1, text
+    call = calls[0]
+    assert "num_experts = 256 : i64" in call and "num_ranks = 8 : i64" in call
+    assert "(tensor<4096x8xi32>) -> (tensor<4096x8xi32>, tensor<8xi32>)" in call
