@@ -1,11 +1,13 @@
 """The CUDA backend: maps public ops onto FFI custom calls (see `_ffi`).
 
 Functions here have the same signatures as their `_reference` twins so that
-`_backend.select` can swap them. Routing and handle arithmetic are shared with
-the reference (`_routing`); the custom calls only exchange counts and move
-rows, so no XLA collective runs (several processes may share one GPU, where
-NCCL refuses to run). `SUPPORTED_OPS` lists what this build's kernels cover;
-everything else stays on the reference backend.
+`_backend.select` can swap them. Handle arithmetic is shared with the
+reference (`_routing`); dispatch's slot / sent come from the `jax_ep_route`
+kernel (the same values as `_routing.route`, whose cumsum is slow in XLA). The
+custom calls only exchange counts and move rows, so no XLA collective runs
+(several processes may share one GPU, where NCCL refuses to run).
+`supported_ops()` says what this build's kernels cover; everything else stays
+on the reference backend.
 """
 
 from __future__ import annotations
