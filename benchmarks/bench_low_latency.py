@@ -22,6 +22,7 @@ from _timing import (device_kernels, drop, lift, mesh_of, print_kernels, putter,
                      time_per_call)
 
 H, K, E, M = 7168, 8, 256, 128
+CHAIN = 20  # calls per program in the chained timing
 
 
 def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
@@ -49,37 +50,57 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
     # DeepEP leaves the rows past each expert's count unwritten: zero_padding=False
     # is the comparable setting; the default (zeroed, E * M * H elements) is shown too.
     fast = dict(kw, zero_padding=False)
-    disp_fp8 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **fast)[0][0])
-    disp_bf16 = smap(lambda x, i: jax_ep.low_latency_dispatch(x, i, **fast)[0])
-    disp_fp8_zeroed = smap(
-        lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **kw)[0][0])
+    # Each op returns all its outputs but the handle (the reference backend's
+    # unused outputs would otherwise not be computed at all).
+    ops = {
+        "dispatch_fp8": lambda x, i: jax_ep.low_latency_dispatch(x, i, use_fp8=True, **fast)[:2],
+        "dispatch_bf16": lambda x, i: jax_ep.low_latency_dispatch(x, i, **fast)[:2],
+        "dispatch_fp8_zero_padded": lambda x, i: jax_ep.low_latency_dispatch(
+            x, i, use_fp8=True, **kw)[:2],
+        "combine_bf16": lambda y, i, ww, h: jax_ep.low_latency_combine(y, i, ww, drop(h),
+                                                                       backend=backend),
+    }
     with_handle = smap(lambda x, i: (lambda o: (o[0], lift(o[2])))(
         jax_ep.low_latency_dispatch(x, i, **kw)))
-    comb = smap(lambda y, i, ww, h: jax_ep.low_latency_combine(y, i, ww, drop(h),
-                                                                backend=backend))
     y, handle = with_handle(x, idx)
 
     # Every rank makes the same number of calls (see time_per_call).
-    def timed(f, *args):
+    def timed(f, chain, *args):
         sec = time_per_call(f, *args, iters=iters, warm_calls=warm_calls)
+        in_chain = time_per_call(chain, *args, iters=max(1, iters // CHAIN),
+                                 warm_calls=max(1, warm_calls // CHAIN)) / CHAIN
         gpu = None
         if kernel_time:  # DeepEP reports kernel times
             try:
                 gpu = device_kernels(f, *args)[1] or None
             except Exception:  # noqa: BLE001 - no CUPTI here: wall time only
                 pass
-        return sec, gpu
+        return sec, gpu, in_chain
 
-    if profile:
-        print_kernels(f"{backend} dispatch_fp8", disp_fp8, x, idx)
-        print_kernels(f"{backend} dispatch_bf16", disp_bf16, x, idx)
-        print_kernels(f"{backend} combine_bf16", comb, y, idx, w, handle)
-    return {
-        "dispatch_fp8": timed(disp_fp8, x, idx),
-        "dispatch_bf16": timed(disp_bf16, x, idx),
-        "dispatch_fp8_zero_padded": timed(disp_fp8_zeroed, x, idx),
-        "combine_bf16": timed(comb, y, idx, w, handle),
-    }
+    results = {}
+    for name, op in ops.items():
+        args = (y, idx, w, handle) if name.startswith("combine") else (x, idx)
+        single = smap(op)
+        if profile and name != "dispatch_fp8_zero_padded":
+            print_kernels(f"{backend} {name}", single, *args)
+        results[name] = timed(single, smap(chained(op, CHAIN)), *args)
+    return results
+
+
+def chained(op, calls):
+    """`calls` calls of op in one program, each call's topk_idx passed with
+    the previous call's outputs through an optimization barrier: XLA runs
+    them in order, cannot merge them or drop any output, and no host work
+    or extra kernel runs between calls."""
+    import jax
+
+    def run(first, idx, *rest):
+        for _ in range(calls):
+            out = op(first, idx, *rest)
+            out, idx = jax.lax.optimization_barrier((out, idx))
+        return out
+
+    return run
 
 
 def worker(iters="200", with_reference="0", profile="0"):
@@ -125,19 +146,26 @@ def main(argv=None):
                          args=(str(args.iters), "1" if args.ranks == 1 else "0",
                                "1" if args.profile else "0"))
     print(results[0].result["profile"], end="")
-    print("| R | op | jax_ep cuda µs | GPU µs | reference µs | speedup | reference GPU µs |"
-          "\n|---|---|---|---|---|---|---|")
+    print(f"wall: µs per jitted call (host dispatch included); chained: µs per call in a "
+          f"program of {CHAIN} dependent calls (no host work between calls); GPU: kernel time per call from "
+          f"a profile (one process only); the slowest rank counts.")
+    print("| R | op | jax_ep wall | jax_ep chained | jax_ep GPU | reference wall | "
+          "reference chained | reference GPU | speedup wall / chained |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     us = lambda v: f"{v * 1e6:.1f}" if v else "n/a"
     for op in results[0].result["cuda"]:
-        # The slowest rank bounds the op.
-        sec = max(r.result["cuda"][op][0] for r in results)
-        gpus = [r.result["cuda"][op][1] for r in results]
-        gpu = max(gpus) if all(gpus) else None
-        ref, ref_gpu = results[0].result.get("reference", {}).get(op, (None, None))
-        speedup = f"{ref / sec:.1f}x" if ref else ""
-        print(f"| {args.ranks} | {op} | {us(sec)} | {us(gpu)} | {us(ref)} | {speedup} | "
-              f"{us(ref_gpu)} |")
+        sec, gpu, chain = (_slowest([r.result["cuda"][op][i] for r in results])
+                           for i in range(3))
+        ref, ref_gpu, ref_chain = results[0].result.get("reference", {}).get(
+            op, (None, None, None))
+        speedup = f"{ref / sec:.1f}x / {ref_chain / chain:.1f}x" if ref else ""
+        print(f"| {args.ranks} | {op} | {us(sec)} | {us(chain)} | {us(gpu)} | {us(ref)} | "
+              f"{us(ref_chain)} | {us(ref_gpu)} | {speedup} |")
 
+
+def _slowest(values):
+    """The largest of the ranks' values, None when any rank has none."""
+    return max(values) if all(values) else None
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -99,7 +99,8 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;
+constexpr int kUnroll = 4;   // vectors per lane in flight in warp copies
+constexpr int kKChunk = 8;   // combine rows per thread in flight
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kFp8Max = 448.0f;
 constexpr float kFp8MinAmax = 1e-4f;
@@ -307,13 +308,13 @@ __device__ __forceinline__ void Load8(const typename Elem::Raw* p, float v[8]) {
 // kPeer: the source was written by another agent in this op (LoadVec,
 // device_copy.cuh), else it is a read-only input.
 
-// n vectors by one warp, kUnroll per lane in flight. Not StridedCopy
+// Vectors [begin, n) by one warp, kUnroll per lane in flight. Not StridedCopy
 // (device_copy.cuh): there the registers of vectors past n are zeroed, which
 // nvcc compiles differently; this loop keeps the code the GPU runs tested.
 template <bool kPeer, typename V>
-__device__ __forceinline__ void WarpCopyVec(V* __restrict__ dst, const V* __restrict__ src,
-                                            int64_t n, int lane) {
-  for (int64_t base = lane; base < n; base += 32 * kUnroll) {
+__device__ __forceinline__ void WarpCopyVecRange(V* __restrict__ dst, const V* __restrict__ src,
+                                                 int64_t begin, int64_t n, int lane) {
+  for (int64_t base = begin + lane; base < n; base += 32 * kUnroll) {
     V v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -326,6 +327,11 @@ __device__ __forceinline__ void WarpCopyVec(V* __restrict__ dst, const V* __rest
       if (i < n) dst[i] = v[u];
     }
   }
+}
+template <bool kPeer, typename V>
+__device__ __forceinline__ void WarpCopyVec(V* __restrict__ dst, const V* __restrict__ src,
+                                            int64_t n, int lane) {
+  WarpCopyVecRange<kPeer>(dst, src, 0, n, lane);
 }
 
 // One warp copies n bytes with the widest access both pointers and n allow.
@@ -403,85 +409,119 @@ __device__ __forceinline__ void WarpScaleRow(uint8_t* dst, const uint8_t* src, i
   }
 }
 
-// FP8 cast of one row (hidden % 128 == 0): half-warp per 128-channel block,
-// 8 channels per lane. scale = max(amax, 1e-4) * (1/448) (float32),
-// q = satfinite_e4m3(x / scale), round to nearest even.
-template <typename Elem>
-__device__ __forceinline__ void WarpCastRowFp8(const typename Elem::Raw* __restrict__ src,
-                                               uint8_t* q_dst, float* scale_dst, int64_t hidden,
-                                               int lane) {
-  constexpr int kU = 2;
-  const int half = lane >> 4;
-  const int l16 = lane & 15;
-  const int num_blocks = static_cast<int>(hidden / kLLFp8Block);
-  const float inv_max = 1.0f / kFp8Max;
-  for (int it = 0; it < num_blocks; it += 2 * kU) {
-    float v[kU][8];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int blk = it + 2 * u + half;
-      if (blk < num_blocks) {
-        Load8<Elem>(src + static_cast<int64_t>(blk) * kLLFp8Block + l16 * 8, v[u]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[u][i] = 0.0f;
-      }
+// ------------------------------------------------------------ sharing a row between warps
+
+// Units [begin, end) of a row of `units` units that part `part` of `parts`
+// takes (units: 16-byte vectors or FP8 blocks).
+struct UnitRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ UnitRange PartOf(int64_t units, int part, int parts) {
+  return {units * part / parts, units * (part + 1) / parts};
+}
+
+// Warps per row: when rows are fewer than the warps of the grid, several
+// warps share a row (at most one per `min_units` units) so that every warp
+// has loads in flight; 1 when rows are many.
+__device__ __forceinline__ int PartsPerRow(int64_t rows, int64_t warps, int64_t units,
+                                           int64_t min_units) {
+  if (rows <= 0) return 1;
+  const int64_t most = max(int64_t{1}, units / min_units);
+  return static_cast<int>(max(int64_t{1}, min(warps / rows, most)));
+}
+
+// Largest i with a[i] <= v in the non-decreasing a[0..n] (a[0] <= v).
+__device__ __forceinline__ int UpperIndex(const int32_t* a, int n, int32_t v) {
+  int lo = 0, hi = n;  // a[lo] <= v, answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (a[mid] <= v) {
+      lo = mid;
+    } else {
+      hi = mid;
     }
+  }
+  return lo;
+}
+
+// out[i] = value(0) + ... + value(i - 1) for i <= n (out[n] = total), by
+// warp 0 of the block; every thread returns after a __syncthreads.
+template <typename Value>
+__device__ __forceinline__ void BlockExclusiveScan(int64_t n, const Value& value, int32_t* out) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int32_t carry = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += 32) {
+      const int64_t i = i0 + lane;
+      const int32_t v = i < n ? value(i) : 0;
+      int32_t incl = v;
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int blk = it + 2 * u + half;
-      float amax = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[u][i]));
-      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 8));
-      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 4));
-      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 2));
-      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 1));
-      const float scale = __fmul_rn(fmaxf(amax, kFp8MinAmax), inv_max);
-      unsigned int packed[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-            make_float2(__fdiv_rn(v[u][4 * i], scale), __fdiv_rn(v[u][4 * i + 1], scale)),
-            __NV_SATFINITE, __NV_E4M3);
-        const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-            make_float2(__fdiv_rn(v[u][4 * i + 2], scale), __fdiv_rn(v[u][4 * i + 3], scale)),
-            __NV_SATFINITE, __NV_E4M3);
-        packed[i] = static_cast<unsigned int>(lo) | (static_cast<unsigned int>(hi) << 16);
+      for (int d = 1; d < 32; d <<= 1) {
+        const int32_t o = __shfl_up_sync(kFull, incl, d);
+        if (lane >= d) incl += o;
       }
-      if (blk < num_blocks) {
-        *reinterpret_cast<uint2*>(q_dst + static_cast<int64_t>(blk) * kLLFp8Block + l16 * 8) =
-            make_uint2(packed[0], packed[1]);
-        if (l16 == 0) scale_dst[blk] = scale;
-      }
+      if (i < n) out[i] = carry + incl - v;
+      carry += __shfl_sync(kFull, incl, 31);
     }
+    if (lane == 0) out[n] = carry;
+  }
+  __syncthreads();
+}
+
+// n bytes at dst zeroed by all threads of the grid (16-byte stores when
+// aligned).
+__device__ __forceinline__ void GridZero(uint8_t* dst, int64_t n, int64_t gtid, int64_t gthreads) {
+  if (n <= 0) return;
+  if (((reinterpret_cast<uintptr_t>(dst) | static_cast<uint64_t>(n)) & 15) == 0) {
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (int64_t i = gtid; i < n / 16; i += gthreads) d[i] = make_uint4(0, 0, 0, 0);
+  } else {
+    for (int64_t i = gtid; i < n; i += gthreads) dst[i] = 0;
   }
 }
 
 // ------------------------------------------------------------ routing helpers
 
-// Number of tokens t' < upto whose top-k row names expert e (each token once).
-__device__ __forceinline__ int CountTokensWith(const int32_t* __restrict__ idx, int64_t upto,
-                                               int64_t K, int32_t e, int lane) {
-  int count = 0;
-  const bool vec4 = (K & 3) == 0 && (reinterpret_cast<uintptr_t>(idx) & 15) == 0;
-  for (int64_t base = 0; base < upto; base += 32) {
-    const int64_t t = base + lane;
-    bool has = false;
-    if (t < upto) {
-      const int32_t* row = idx + t * K;
-      if (vec4) {
-        for (int64_t k = 0; k < K; k += 4) {
-          const int4 v = __ldg(reinterpret_cast<const int4*>(row + k));
-          has |= (v.x == e) | (v.y == e) | (v.z == e) | (v.w == e);
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) has |= __ldg(row + k) == e;
+// Token t's distinct experts, one per lane: lane k < K holds idx[t, k], or -1
+// when that id is out of range or an earlier k names the same expert.
+__device__ __forceinline__ int32_t ExpertOfLane(const int32_t* __restrict__ idx, int64_t t,
+                                                int64_t K, int64_t E, int lane) {
+  const int32_t mine = lane < K ? __ldg(idx + t * K + lane) : -1;
+  bool earlier_same = false;
+  for (int k = 0; k < K; ++k) {
+    const int32_t other = __shfl_sync(kFull, mine, k);
+    earlier_same |= k < lane && other == mine;
+  }
+  return (lane < K && !earlier_same && mine >= 0 && mine < E) ? mine : -1;
+}
+
+// For the expert e of each lane (-1: none): how many tokens t' < t name e
+// (each token once), i.e. token t's position among this PE's tokens for e.
+// One pass over the earlier tokens serves all K experts. s_e: 32 ints of
+// shared memory that belong to this warp.
+__device__ __forceinline__ int TokensBefore(const int32_t* __restrict__ idx, int64_t t, int64_t K,
+                                            int32_t e, int32_t* s_e, int lane) {
+  s_e[lane] = e;
+  __syncwarp();
+  int j = 0;
+  for (int64_t base = 0; base < t; base += 32) {
+    const int64_t u = base + lane;
+    unsigned int names = 0u;  // bit k: token u names s_e[k]
+    if (u < t) {
+      const int32_t* row = idx + u * K;
+      for (int64_t k2 = 0; k2 < K; ++k2) {
+        const int32_t id = __ldg(row + k2);
+        if (id < 0) continue;
+        for (int k = 0; k < K; ++k) names |= static_cast<unsigned int>(id == s_e[k]) << k;
       }
     }
-    count += __popc(__ballot_sync(kFull, has));
+    for (int k = 0; k < K; ++k) {
+      const int c = __popc(__ballot_sync(kFull, (names >> k) & 1u));
+      if (lane == k) j += c;
+    }
   }
-  return count;
+  __syncwarp();
+  return j;
 }
 
 // The pair (t, k) as seen by a whole warp: its expert, or -1 when the id is
@@ -497,6 +537,111 @@ __device__ __forceinline__ int32_t FirstExpertOfPair(const int32_t* __restrict__
 
 // ------------------------------------------------------------ dispatch
 
+// The rows a dispatch warp writes one token to: lane k's row in a mapped
+// peer (nullptr: no expert, or reached by put) and the staging row of the
+// token (nullptr: nothing goes by put). rows(write) calls write(row) for each.
+struct TokenRows {
+  uint8_t* lane_row;
+  unsigned int mask;  // lanes with a lane_row
+  uint8_t* staged;
+  template <typename Write>
+  __device__ __forceinline__ void operator()(const Write& write) const {
+    for (unsigned int m = mask; m != 0u; m &= m - 1u) {
+      const int k = __ffs(m) - 1;
+      write(reinterpret_cast<uint8_t*>(
+          __shfl_sync(kFull, reinterpret_cast<unsigned long long>(lane_row), k)));
+    }
+    if (staged != nullptr) write(staged);
+  }
+};
+
+// FP8 cast of blocks [blk0, blk1) of one token row (hidden % 128 == 0),
+// written to every row of `rows` (layout: header, H e4m3, H / 128 f32
+// scales). Half-warp per 128-channel block, 8 channels per lane; scale =
+// max(amax, 1e-4) * (1/448) (float32), q = satfinite_e4m3(x / scale), round
+// to nearest even.
+template <typename Elem>
+__device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restrict__ src,
+                                              int64_t hidden, int64_t blk0, int64_t blk1,
+                                              int lane, const TokenRows& rows) {
+  constexpr int kU = 4;
+  const int half = lane >> 4;
+  const int l16 = lane & 15;
+  const float inv_max = 1.0f / kFp8Max;
+  for (int64_t it = blk0; it < blk1; it += 2 * kU) {
+    float v[kU][8];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t blk = it + 2 * u + half;
+      if (blk < blk1) {
+        Load8<Elem>(src + blk * kLLFp8Block + l16 * 8, v[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[u][i] = 0.0f;
+      }
+    }
+    uint2 q[kU];
+    float scale[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[u][i]));
+      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 8));
+      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 4));
+      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 2));
+      amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 1));
+      scale[u] = __fmul_rn(fmaxf(amax, kFp8MinAmax), inv_max);
+      unsigned int packed[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fdiv_rn(v[u][4 * i], scale[u]), __fdiv_rn(v[u][4 * i + 1], scale[u])),
+            __NV_SATFINITE, __NV_E4M3);
+        const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fdiv_rn(v[u][4 * i + 2], scale[u]), __fdiv_rn(v[u][4 * i + 3], scale[u])),
+            __NV_SATFINITE, __NV_E4M3);
+        packed[i] = static_cast<unsigned int>(lo) | (static_cast<unsigned int>(hi) << 16);
+      }
+      q[u] = make_uint2(packed[0], packed[1]);
+    }
+    rows([&](uint8_t* row) {
+      uint8_t* q_dst = row + kLLRowHeaderBytes;
+      float* scale_dst = reinterpret_cast<float*>(q_dst + hidden);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t blk = it + 2 * u + half;
+        if (blk < blk1) {
+          *reinterpret_cast<uint2*>(q_dst + blk * kLLFp8Block + l16 * 8) = q[u];
+          if (l16 == 0) scale_dst[blk] = scale[u];
+        }
+      }
+    });
+  }
+}
+
+// 16-byte vectors [v0, v1) of one token row, written to the payload of every
+// row of `rows`.
+__device__ __forceinline__ void CopyToRows(const uint4* __restrict__ src, int64_t v0, int64_t v1,
+                                           int lane, const TokenRows& rows) {
+  for (int64_t base = v0 + lane; base < v1; base += 32 * kUnroll) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + 32 * u;
+      if (i < v1) v[u] = __ldg(src + i);
+    }
+    rows([&](uint8_t* row) {
+      uint4* dst = reinterpret_cast<uint4*>(row + kLLRowHeaderBytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + 32 * u;
+        if (i < v1) dst[i] = v[u];
+      }
+    });
+  }
+}
+
 struct DispatchParams {
   LLShape s;
   const uint8_t* x;
@@ -505,6 +650,8 @@ struct DispatchParams {
   int32_t zero_fill;
   int32_t x_bytes;
   int32_t phase;
+  int32_t vec_x;          // x rows are whole 16-byte vectors (aligned, H * x_bytes % 16 == 0)
+  int32_t vec_out;        // so are the rows of recv_x
   int64_t stride;         // staging row bytes (header + payload, multiple of 16)
   int64_t payload_bytes;  // H * x_bytes, or H + 4 * H / 128
   uint8_t* recv_x;
@@ -516,10 +663,18 @@ struct DispatchParams {
   const int32_t* token_in;
 };
 
+// Send: one warp per (token, part of its row); the row is read (and FP8-cast)
+// once and written to the slot of each distinct expert of the token. The
+// per-expert counts grow by atomicMax(j + 1) in scratch, which the last block
+// broadcasts and then zeroes for the next op of this parity.
+// Receive: one warp per (valid received row, part), rows compacted from
+// [l][s][j] into (s, j) order; the padding rows are marked (and zeroed) by
+// all threads.
 template <typename XElem>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, DispatchParams p) {
-  extern __shared__ int32_t s_prefix[];  // [L][R + 1] (receive)
+  extern __shared__ int32_t s_prefix[];  // [L][R + 1], then [L + 1] (receive)
   __shared__ uint8_t* s_peer[kLLMaxRanks];
+  __shared__ int32_t s_expert[kThreads];  // 32 per warp (TokensBefore)
 
   const LLLayout& lay = c.layout;
   const int R = c.num_ranks;
@@ -545,33 +700,59 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     WriteToken(p.token_out, n);
     WaitReleased(c, n, kOpLLDispatch);  // ends with __syncthreads (s_peer ready)
 
-    // My per-expert token counts (broadcast by the last block). Taken by the
-    // warps at the end of the grid, the pair copies start at its front.
-    for (int64_t e = W - 1 - gw; e < E; e += W) {
-      const int count = CountTokensWith(p.idx, T, K, static_cast<int32_t>(e), lane);
-      if (lane == 0) scratch[e] = count;
-    }
-    for (int64_t q = gw; q < T * K; q += W) {
-      const int64_t t = q / K;
-      const int k = static_cast<int>(q - t * K);
-      const int32_t e = FirstExpertOfPair(p.idx, t, k, K, E, lane);
-      if (e < 0) continue;
-      const int j = CountTokensWith(p.idx, t, K, e, lane);
-      if (lane == 0) jpos[t * K + k] = j;
-      const int r = static_cast<int>(e / L);
-      const int64_t l = e - r * L;
-      const size_t off = set_off + static_cast<size_t>((l * R + me) * M + j) * p.stride;
-      uint8_t* mapped = s_peer[r];
-      uint8_t* row = mapped != nullptr ? mapped + off : StagingRow(c, q, p.stride);
-      if (lane == 0) *reinterpret_cast<int4*>(row) = make_int4(static_cast<int>(t), 0, 0, 0);
-      if (p.use_fp8) {
-        WarpCastRowFp8<XElem>(
-            reinterpret_cast<const typename XElem::Raw*>(p.x) + t * H, row + kLLRowHeaderBytes,
-            reinterpret_cast<float*>(row + kLLRowHeaderBytes + H), H, lane);
-      } else {
-        WarpCopy<false>(row + kLLRowHeaderBytes, p.x + t * H * p.x_bytes, H * p.x_bytes, lane);
+    const int64_t units = p.use_fp8 ? H / kLLFp8Block : (p.vec_x ? H * p.x_bytes / 16 : 1);
+    const int parts =
+        c.any_put ? 1 : PartsPerRow(T, W, units, p.use_fp8 ? 8 : 32 * kUnroll);
+    int32_t* s_e = s_expert + (threadIdx.x & ~31);
+    for (int64_t q = gw; q < T * parts; q += W) {
+      const int64_t t = q / parts;
+      const int part = static_cast<int>(q - t * parts);
+      const int32_t e = ExpertOfLane(p.idx, t, K, E, lane);
+      if (__ballot_sync(kFull, e >= 0) == 0u) continue;
+      const int j = TokensBefore(p.idx, t, K, e, s_e, lane);
+      TokenRows rows{nullptr, 0u, nullptr};
+      size_t off = 0;
+      int r = 0;
+      if (e >= 0) {
+        r = static_cast<int>(e / L);
+        const int64_t l = e - r * L;
+        off = set_off + static_cast<size_t>((l * R + me) * M + j) * p.stride;
+        if (s_peer[r] != nullptr) rows.lane_row = s_peer[r] + off;
+        if (part == 0) {
+          jpos[t * K + lane] = j;
+          atomicMax(scratch + e, j + 1);
+        }
       }
-      if (mapped == nullptr) PutStagedRow(c, off, row, kLLRowHeaderBytes + p.payload_bytes, r);
+      rows.mask = __ballot_sync(kFull, rows.lane_row != nullptr);
+      const unsigned int put_mask = __ballot_sync(kFull, e >= 0 && rows.lane_row == nullptr);
+      if (put_mask != 0u) rows.staged = StagingRow(c, t, p.stride);
+      if (part == 0) {
+        const int4 header = make_int4(static_cast<int>(t), 0, 0, 0);
+        if (rows.lane_row != nullptr) *reinterpret_cast<int4*>(rows.lane_row) = header;
+        if (rows.staged != nullptr && lane == 0) *reinterpret_cast<int4*>(rows.staged) = header;
+      }
+      const UnitRange range = PartOf(units, part, parts);
+      if (p.use_fp8) {
+        CastFp8ToRows<XElem>(reinterpret_cast<const typename XElem::Raw*>(p.x) + t * H, H,
+                             range.begin, range.end, lane, rows);
+      } else if (p.vec_x) {
+        CopyToRows(reinterpret_cast<const uint4*>(p.x + t * H * p.x_bytes), range.begin,
+                   range.end, lane, rows);
+      } else {
+        const int64_t row_bytes = H * p.x_bytes;
+        const uint8_t* src = p.x + t * row_bytes;
+        rows([&](uint8_t* row) { WarpCopy<false>(row + kLLRowHeaderBytes, src, row_bytes, lane); });
+      }
+      if (put_mask != 0u) {  // one staged row, put to each expert reached by put
+        __threadfence_system();
+        __syncwarp();
+        for (unsigned int m = put_mask; m != 0u; m &= m - 1u) {
+          const int k = __ffs(m) - 1;
+          const size_t off_k = __shfl_sync(kFull, static_cast<unsigned long long>(off), k);
+          PutRowWarp(c.base + off_k, rows.staged, kLLRowHeaderBytes + p.payload_bytes,
+                     __shfl_sync(kFull, r, k));
+        }
+      }
     }
 
     if (ArriveLast(SendArrive(c.base))) {
@@ -602,7 +783,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
           }
         }
       }
-      FinishSend(c, s_peer, n, kOpLLDispatch);
+      FinishSend(c, s_peer, n, kOpLLDispatch);  // drains the puts of scratch, then syncs
+      for (int64_t e = threadIdx.x; e < E; e += blockDim.x) scratch[e] = 0;
     }
   }
   if (p.phase == kLLSendOnly) return;
@@ -620,42 +802,64 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     s_prefix[l * (R + 1) + R] = acc;
   }
   __syncthreads();
+  int32_t* s_lbase = s_prefix + L * (R + 1);  // received rows before local expert l
+  BlockExclusiveScan(L, [&](int64_t l) { return s_prefix[l * (R + 1) + R]; }, s_lbase);
   if (blockIdx.x == 0) {
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) p.recv_count[l] = s_prefix[l * (R + 1) + R];
   }
   const uint8_t* set = c.base + set_off;
   const int64_t out_row_bytes = p.use_fp8 ? H : H * p.x_bytes;
   const int64_t scale_row_bytes = p.use_fp8 ? (H / kLLFp8Block) * 4 : 0;
-  for (int64_t row = gw; row < L * RM; row += W) {
-    const int64_t l = row / RM;
-    const int32_t pos = static_cast<int32_t>(row - l * RM);
+  const int64_t total = s_lbase[L];
+  const int64_t out_units = p.vec_out ? out_row_bytes / 16 : 1;
+  const int rparts = p.vec_out ? PartsPerRow(total, W, out_units, 32 * kUnroll) : 1;
+  for (int64_t i = gw; i < total * rparts; i += W) {
+    const int64_t v = i / rparts;
+    const int part = static_cast<int>(i - v * rparts);
+    const int l = UpperIndex(s_lbase, static_cast<int>(L), static_cast<int32_t>(v));
+    const int32_t pos = static_cast<int32_t>(v - s_lbase[l]);
     const int32_t* pre = s_prefix + l * (R + 1);
+    const int s = UpperIndex(pre, R, pos);
+    const uint8_t* src = set + ((l * R + s) * M + (pos - pre[s])) * p.stride;
+    const int64_t row = l * RM + pos;
     uint8_t* out = p.recv_x + row * out_row_bytes;
-    if (pos < pre[R]) {
-      int s = 0;
-      while (s + 1 < R && pre[s + 1] <= pos) ++s;
-      const int64_t j = pos - pre[s];
-      const uint8_t* src = set + ((l * R + s) * M + j) * p.stride;
-      const int32_t t = __ldcg(reinterpret_cast<const int32_t*>(src));
-      WarpCopy<true>(out, src + kLLRowHeaderBytes, out_row_bytes, lane);
-      if (p.use_fp8) {
-        WarpCopy<true>(reinterpret_cast<uint8_t*>(p.recv_scales) + row * scale_row_bytes,
-                       src + kLLRowHeaderBytes + H, scale_row_bytes, lane);
+    if (part == 0) {
+      if (lane == 0) {
+        p.recv_src[row] = static_cast<int32_t>(s * M + __ldcg(reinterpret_cast<const int32_t*>(src)));
       }
-      if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
+      if (p.use_fp8) {  // H / 128 scales (a plain loop: WarpCopy here makes the kernel spill)
+        const float* scales = reinterpret_cast<const float*>(src + kLLRowHeaderBytes + H);
+        float* scales_out = p.recv_scales + row * (H / kLLFp8Block);
+        for (int64_t i = lane; i < H / kLLFp8Block; i += 32) scales_out[i] = __ldcg(scales + i);
+      }
+    }
+    if (p.vec_out) {
+      const UnitRange range = PartOf(out_units, part, rparts);
+      WarpCopyVecRange<true>(reinterpret_cast<uint4*>(out),
+                             reinterpret_cast<const uint4*>(src + kLLRowHeaderBytes), range.begin,
+                             range.end, lane);
     } else {
-      if (lane == 0) p.recv_src[row] = -1;
-      if (p.zero_fill) {
-        WarpZero(out, out_row_bytes, lane);
-        if (p.use_fp8) {
-          WarpZero(reinterpret_cast<uint8_t*>(p.recv_scales) + row * scale_row_bytes,
-                   scale_row_bytes, lane);
-        }
+      WarpCopy<true>(out, src + kLLRowHeaderBytes, out_row_bytes, lane);
+    }
+  }
+  // Padding rows: recv_src = -1 (and zeros), by every thread of the grid.
+  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
+  for (int64_t i = gtid; i < L * RM; i += gthreads) {
+    const int64_t l = i / RM;
+    if (i - l * RM >= s_prefix[l * (R + 1) + R]) p.recv_src[i] = -1;
+  }
+  if (p.zero_fill) {
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t count = s_prefix[l * (R + 1) + R];
+      GridZero(p.recv_x + (l * RM + count) * out_row_bytes, (RM - count) * out_row_bytes, gtid,
+               gthreads);
+      if (p.use_fp8) {
+        GridZero(reinterpret_cast<uint8_t*>(p.recv_scales) + (l * RM + count) * scale_row_bytes,
+                 (RM - count) * scale_row_bytes, gtid, gthreads);
       }
     }
   }
   // slot[t, k] = rows of sources before me for its expert + my position.
-  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
   for (int64_t q = gtid; q < T * K; q += gthreads) {
     const int64_t t = q / K;
     const int64_t k = q - t * K;
@@ -682,6 +886,7 @@ struct CombineParams {
   int32_t gather;
   int32_t phase;
   int32_t y_bytes;
+  int32_t vec_y;      // rows of y are whole 16-byte vectors (aligned, H * y_bytes % 16 == 0)
   int64_t stride;     // row bytes in the set and the send buffer (multiple of 16)
   int64_t send_rows;  // capacity of the send buffer in rows
   const uint8_t* y;
@@ -694,43 +899,14 @@ struct CombineParams {
   const int32_t* token_in;
 };
 
-// Largest i with a[i] <= v in the non-decreasing a[0..n] (a[0] <= v).
-__device__ __forceinline__ int UpperIndex(const int32_t* a, int n, int32_t v) {
-  int lo = 0, hi = n;  // a[lo] <= v, answer in [lo, hi)
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (a[mid] <= v) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 // s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
 __device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
                                          int32_t* s_base) {
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    int32_t carry = 0;
-    for (int64_t l0 = 0; l0 < L; l0 += 32) {
-      const int64_t l = l0 + lane;
-      const int32_t v = l < L ? min(max(__ldg(count + l), 0), cap) : 0;
-      int32_t incl = v;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int32_t o = __shfl_up_sync(kFull, incl, d);
-        if (lane >= d) incl += o;
-      }
-      if (l < L) s_base[l] = carry + incl - v;
-      carry += __shfl_sync(kFull, incl, 31);
-    }
-    if (lane == 0) s_base[L] = carry;
-  }
-  __syncthreads();
+  BlockExclusiveScan(L, [&](int64_t l) { return min(max(__ldg(count + l), 0), cap); }, s_base);
 }
 
+// One thread per (token, kNE channels): the K rows are loaded kKChunk at a
+// time (all of them for K <= 8), then summed in k order.
 template <typename Elem, int kNE>
 __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint8_t* set,
                                               int64_t gtid, int64_t gthreads) {
@@ -747,12 +923,12 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
     float acc[kNE];
 #pragma unroll
     for (int i = 0; i < kNE; ++i) acc[i] = 0.0f;
-    for (int64_t k0 = 0; k0 < K; k0 += 4) {
-      V v[4];
-      float w[4];
-      bool ok[4];
+    for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+      V v[kKChunk];
+      float w[kKChunk];
+      bool ok[kKChunk];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < kKChunk; ++u) {
         const int64_t k = k0 + u;
         const int32_t e = k < K ? __ldg(idx_row + k) : -1;
         ok[u] = e >= 0 && e < E;
@@ -762,7 +938,7 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
         }
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < kKChunk; ++u) {
         if (!ok[u]) continue;
         Raw raw[kNE];
         memcpy(raw, &v[u], sizeof(V));
@@ -826,7 +1002,11 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
     RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
     const int64_t total = s_base[L];
     const int64_t row_bytes = H * p.y_bytes;
-    for (int64_t i = gw; i < total; i += W) {
+    const int64_t units = p.vec_y ? row_bytes / 16 : 1;
+    const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, 32 * kUnroll);
+    for (int64_t task = gw; task < total * parts; task += W) {
+      const int64_t i = task / parts;
+      const int part = static_cast<int>(task - i * parts);
       const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
       const int64_t pos = i - s_base[l];
       const int32_t code = __ldg(p.recv_src + l * RM + pos);
@@ -838,7 +1018,11 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       const size_t off = set_off + static_cast<size_t>(e * M + t) * p.stride;
       const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
       uint8_t* mapped = s_peer[s];
-      if (mapped != nullptr) {
+      if (mapped != nullptr && parts > 1) {
+        const UnitRange range = PartOf(units, part, parts);
+        WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
+                                reinterpret_cast<const uint4*>(src), range.begin, range.end, lane);
+      } else if (mapped != nullptr) {
         WarpCopy<false>(mapped + off, src, row_bytes, lane);
       } else if (i < p.send_rows) {
         uint8_t* staged = StagingRow(c, i, p.stride);
@@ -1115,6 +1299,9 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   p.stride = LLDispatchRowStride(a.shape.hidden, xb, a.use_fp8);
   p.payload_bytes = a.use_fp8 ? a.shape.hidden + 4 * (a.shape.hidden / kLLFp8Block)
                               : a.shape.hidden * xb;
+  p.vec_x = (a.shape.hidden * xb) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  p.vec_out = p.use_fp8 ? a.shape.hidden % 16 == 0 : (a.shape.hidden * xb) % 16 == 0;
+  p.vec_out = p.vec_out && reinterpret_cast<uintptr_t>(a.recv_x) % 16 == 0;
   p.recv_x = static_cast<uint8_t*>(a.recv_x);
   p.recv_scales = a.recv_scales;
   p.recv_count = a.recv_count;
@@ -1123,7 +1310,7 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   p.token_out = phase == kLLSendOnly ? a.token_out : nullptr;
   p.token_in = a.token_in;
   const int64_t L = a.shape.num_experts / comm.num_ranks;
-  const size_t smem = recv ? static_cast<size_t>(L * (comm.num_ranks + 1)) * 4 : 0;
+  const size_t smem = recv ? static_cast<size_t>(L * (comm.num_ranks + 1) + L + 1) * 4 : 0;
   const int grid = GridFor(comm);
   switch (a.dtype) {
     case LLDtype::kBF16:
@@ -1156,6 +1343,7 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   p.y_bytes = yb;
   p.stride = LLPlainRowStride(a.shape.hidden, yb);
   p.send_rows = p.stride > 0 ? static_cast<int64_t>(comm.layout.send_bytes) / p.stride : 0;
+  p.vec_y = (a.shape.hidden * yb) % 16 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   p.y = static_cast<const uint8_t*>(a.y);
   p.recv_src = a.recv_src;
   p.recv_count = a.recv_count;
