@@ -89,16 +89,18 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
 
 def chained(op, calls):
     """`calls` calls of op in one program, each call's topk_idx passed with
-    the previous call's outputs through an optimization barrier: XLA runs
-    them in order, cannot merge them or drop any output, and no host work
-    or extra kernel runs between calls."""
+    the previous call's outputs through an optimization barrier, and every
+    output returned: XLA runs them in order, cannot merge them or drop any
+    output, and no host work or extra kernel runs between calls."""
     import jax
 
     def run(first, idx, *rest):
+        outs = []
         for _ in range(calls):
             out = op(first, idx, *rest)
             out, idx = jax.lax.optimization_barrier((out, idx))
-        return out
+            outs.append(out)
+        return outs  # every output is used: nothing can be left out
 
     return run
 

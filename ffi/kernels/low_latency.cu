@@ -100,6 +100,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;   // vectors per lane in flight in warp copies
+constexpr int kPartVectors = 128;  // fewest 16-byte vectors per row part
 constexpr int kKChunk = 8;   // combine rows per thread in flight
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kFp8Max = 448.0f;
@@ -702,7 +703,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
 
     const int64_t units = p.use_fp8 ? H / kLLFp8Block : (p.vec_x ? H * p.x_bytes / 16 : 1);
     const int parts =
-        c.any_put ? 1 : PartsPerRow(T, W, units, p.use_fp8 ? 8 : 32 * kUnroll);
+        c.any_put ? 1 : PartsPerRow(T, W, units, p.use_fp8 ? 8 : kPartVectors);
     int32_t* s_e = s_expert + (threadIdx.x & ~31);
     for (int64_t q = gw; q < T * parts; q += W) {
       const int64_t t = q / parts;
@@ -812,7 +813,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
   const int64_t scale_row_bytes = p.use_fp8 ? (H / kLLFp8Block) * 4 : 0;
   const int64_t total = s_lbase[L];
   const int64_t out_units = p.vec_out ? out_row_bytes / 16 : 1;
-  const int rparts = p.vec_out ? PartsPerRow(total, W, out_units, 32 * kUnroll) : 1;
+  const int rparts = p.vec_out ? PartsPerRow(total, W, out_units, kPartVectors) : 1;
   for (int64_t i = gw; i < total * rparts; i += W) {
     const int64_t v = i / rparts;
     const int part = static_cast<int>(i - v * rparts);
@@ -1003,7 +1004,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
     const int64_t total = s_base[L];
     const int64_t row_bytes = H * p.y_bytes;
     const int64_t units = p.vec_y ? row_bytes / 16 : 1;
-    const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, 32 * kUnroll);
+    const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, kPartVectors);
     for (int64_t task = gw; task < total * parts; task += W) {
       const int64_t i = task / parts;
       const int part = static_cast<int>(task - i * parts);
