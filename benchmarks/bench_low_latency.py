@@ -26,13 +26,14 @@ CHAIN = 20  # calls per program in the chained timing
 
 
 def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
-            kernel_time=False):
+            kernel_time=False, chain=True):
     """{op: (seconds per call, GPU kernel seconds per call or None)} for this
     process's rank. Kernel times come from a profile, with kernel_time only:
     under MPS the profiled run of several processes is much slower than the
     timed one (a kernel also spins while it waits for its peers)."""
     import jax
     import ml_dtypes
+    import numpy as np
     from jax.sharding import PartitionSpec as P
 
     import jax_ep
@@ -64,11 +65,16 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
         jax_ep.low_latency_dispatch(x, i, **kw)))
     y, handle = with_handle(x, idx)
 
+    # A program argument no output element equals (NaN), for `chained`.
+    never = put([np.full(1, np.nan, np.float32)] * n)
+
     # Every rank makes the same number of calls (see time_per_call).
     def timed(f, chain, *args):
         sec = time_per_call(f, *args, iters=iters, warm_calls=warm_calls)
-        in_chain = time_per_call(chain, *args, iters=max(1, iters // CHAIN),
-                                 warm_calls=max(1, warm_calls // CHAIN)) / CHAIN
+        in_chain = None
+        if chain is not None:
+            in_chain = time_per_call(chain, *args, never, iters=max(1, iters // CHAIN),
+                                     warm_calls=max(1, warm_calls // CHAIN)) / CHAIN
         gpu = None
         if kernel_time:  # DeepEP reports kernel times
             try:
@@ -78,34 +84,40 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
         return sec, gpu, in_chain
 
     results = {}
+    chain_ok = chain
     for name, op in ops.items():
         args = (y, idx, w, handle) if name.startswith("combine") else (x, idx)
         single = smap(op)
         if profile and name != "dispatch_fp8_zero_padded":
             print_kernels(f"{backend} {name}", single, *args)
-        results[name] = timed(single, smap(chained(op, CHAIN)), *args)
+        # The reference's earlier calls in a chain would be cut down to the
+        # one element the next call depends on: chained timing for cuda only.
+        chain = smap(chained(op, CHAIN)) if backend == "cuda" and chain_ok else None
+        results[name] = timed(single, chain, *args)
     return results
 
 
 def chained(op, calls):
-    """`calls` calls of op in one program, each call's topk_idx passed with
-    the previous call's outputs through an optimization barrier, and every
-    output returned: XLA runs them in order, cannot merge them or drop any
-    output, and no host work or extra kernel runs between calls."""
+    """`calls` calls of op in one program: each call's topk_idx depends on the
+    previous call's first output element, compared with `never` (a program
+    argument, NaN), which XLA cannot fold away, so the calls run in order and
+    cannot be merged; no host work between calls, one tiny elementwise kernel
+    per call. Custom calls run whole, so the time is the op's."""
     import jax
+    import jax.numpy as jnp
 
     def run(first, idx, *rest):
-        outs = []
+        *rest, never = rest
         for _ in range(calls):
             out = op(first, idx, *rest)
-            out, idx = jax.lax.optimization_barrier((out, idx))
-            outs.append(out)
-        return outs  # every output is used: nothing can be left out
+            probe = jax.tree.leaves(out)[0].reshape(-1)[0].astype(jnp.float32)
+            idx = jnp.where(probe == never[0], -1, idx)
+        return out
 
     return run
 
 
-def worker(iters="200", with_reference="0", profile="0"):
+def worker(iters="200", with_reference="0", profile="0", chain="1"):
     """One rank's process: its timings (and the reference's, when asked);
     rank 0 also returns the kernel profile text when `profile` is "1"."""
     import contextlib
@@ -126,7 +138,8 @@ def worker(iters="200", with_reference="0", profile="0"):
         jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
                           max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
                           dtype="bfloat16", low_latency=True)
-        out["cuda"] = measure("cuda", int(iters), profile=profile, kernel_time=alone)
+        out["cuda"] = measure("cuda", int(iters), profile=profile, kernel_time=alone,
+                              chain=chain == "1")
         jax_ep.shutdown()
     out["profile"] = text.getvalue()
     return out
@@ -136,6 +149,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--no-chain", action="store_true", help="skip the chained timing")
+    p.add_argument("--timeout", type=float, default=560,
+                   help="seconds before the workers are stopped (their output tails are shown)")
     p.add_argument("--profile", action="store_true",
                    help="also print rank 0's GPU kernels per op and their times")
     args = p.parse_args(argv)
@@ -143,10 +159,10 @@ def main(argv=None):
 
     here = os.path.dirname(os.path.abspath(__file__))
     with mps_daemon():
-        results = launch("bench_low_latency:worker", args.ranks, platform="gpu", timeout=560,
+        results = launch("bench_low_latency:worker", args.ranks, platform="gpu", timeout=args.timeout,
                          env={"PYTHONPATH": here},
                          args=(str(args.iters), "1" if args.ranks == 1 else "0",
-                               "1" if args.profile else "0"))
+                               "1" if args.profile else "0", "0" if args.no_chain else "1"))
     print(results[0].result["profile"], end="")
     print(f"wall: µs per jitted call (host dispatch included); chained: µs per call in a "
           f"program of {CHAIN} dependent calls (no host work between calls); GPU: kernel time per call from "
