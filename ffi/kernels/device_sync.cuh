@@ -96,18 +96,16 @@ __device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64
 // block does next. Whoever owns `counter` resets it for the next grid.
 __device__ __forceinline__ bool ArriveLast(unsigned int* counter) {
   __shared__ bool s_last;
-  // One fence per block, by the thread that arrives: the barrier orders the
-  // other threads' writes before it, and fences are cumulative (the pattern
-  // of cooperative groups' grid sync).
+  __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
     const unsigned int prev = atomicAdd(counter, 1u);
     s_last = prev == gridDim.x - 1;
-    if (s_last) __threadfence_system();
   }
   __syncthreads();
-  return s_last;
+  if (!s_last) return false;
+  __threadfence_system();
+  return true;
 }
 
 }  // namespace jax_ep

@@ -100,7 +100,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;   // vectors per lane in flight in warp copies
-constexpr int kRowUnroll = 8;  // the same in the row copies of the hot loops
 constexpr int kPartVectors = 128;  // fewest 16-byte vectors per row part
 constexpr int kKChunk = 8;   // combine rows per thread in flight
 constexpr unsigned kFull = 0xffffffffu;
@@ -313,25 +312,20 @@ __device__ __forceinline__ void Load8(const typename Elem::Raw* p, float v[8]) {
 // Vectors [begin, n) by one warp, kUnroll per lane in flight. Not StridedCopy
 // (device_copy.cuh): there the registers of vectors past n are zeroed, which
 // nvcc compiles differently; this loop keeps the code the GPU runs tested.
-template <bool kPeer, int kU = kUnroll, typename V>
+template <bool kPeer, typename V>
 __device__ __forceinline__ void WarpCopyVecRange(V* __restrict__ dst, const V* __restrict__ src,
                                                  int64_t begin, int64_t n, int lane) {
-  // 32-bit offsets from begin: fewer registers (rows are far below 2^31 vectors)
-  dst += begin;
-  src += begin;
-  const int count = static_cast<int>(n - begin);
-#pragma unroll 1
-  for (int base = lane; base < count; base += 32 * kU) {
-    V v[kU];
+  for (int64_t base = begin + lane; base < n; base += 32 * kUnroll) {
+    V v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int i = base + 32 * u;
-      if (i < count) v[u] = LoadVec<kPeer>(src + i);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + 32 * u;
+      if (i < n) v[u] = LoadVec<kPeer>(src + i);
     }
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int i = base + 32 * u;
-      if (i < count) dst[i] = v[u];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + 32 * u;
+      if (i < n) dst[i] = v[u];
     }
   }
 }
@@ -631,22 +625,19 @@ __device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restri
 // row of `rows`.
 __device__ __forceinline__ void CopyToRows(const uint4* __restrict__ src, int64_t v0, int64_t v1,
                                            int lane, const TokenRows& rows) {
-  src += v0;
-  const int count = static_cast<int>(v1 - v0);
-#pragma unroll 1
-  for (int base = lane; base < count; base += 32 * kRowUnroll) {
-    uint4 v[kRowUnroll];
+  for (int64_t base = v0 + lane; base < v1; base += 32 * kUnroll) {
+    uint4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      const int i = base + 32 * u;
-      if (i < count) v[u] = __ldg(src + i);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + 32 * u;
+      if (i < v1) v[u] = __ldg(src + i);
     }
     rows([&](uint8_t* row) {
-      uint4* dst = reinterpret_cast<uint4*>(row + kLLRowHeaderBytes) + v0;
+      uint4* dst = reinterpret_cast<uint4*>(row + kLLRowHeaderBytes);
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
-        const int i = base + 32 * u;
-        if (i < count) dst[i] = v[u];
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + 32 * u;
+        if (i < v1) dst[i] = v[u];
       }
     });
   }
@@ -845,7 +836,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
     if (p.vec_out) {
       const UnitRange range = PartOf(out_units, part, rparts);
-      WarpCopyVecRange<true, kRowUnroll>(reinterpret_cast<uint4*>(out),
+      WarpCopyVecRange<true>(reinterpret_cast<uint4*>(out),
                              reinterpret_cast<const uint4*>(src + kLLRowHeaderBytes), range.begin,
                              range.end, lane);
     } else {
@@ -1030,7 +1021,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       uint8_t* mapped = s_peer[s];
       if (mapped != nullptr && parts > 1) {
         const UnitRange range = PartOf(units, part, parts);
-        WarpCopyVecRange<false, kRowUnroll>(reinterpret_cast<uint4*>(mapped + off),
+        WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
                                 reinterpret_cast<const uint4*>(src), range.begin, range.end, lane);
       } else if (mapped != nullptr) {
         WarpCopy<false>(mapped + off, src, row_bytes, lane);
