@@ -14,7 +14,8 @@
 //            +256  u64 done[2][64]  done[b][s] = (n << 4) | op of source s's op n
 //            +1280 u64 ack[2][64]   ack[b][r]  = n once PE r finished reading set b of op n
 //   counts   int32 [2][R][E]        counts[b][s][e] = tokens source s sent to expert e in op n
-//   scratch  int32 [2][E]           my per-expert counts (local, then broadcast)
+//   scratch  int32 [2][E]           my per-expert counts (local, then broadcast; all zero
+//                                   between ops: the op that used it zeroes it)
 //   jpos     int32 [2][M*K]         j(t, k): position of token t among my tokens for its expert
 //   sets     [2][set_bytes]         receive area of ops with parity b:
 //              dispatch:  rows [L][R][M] of (16-byte header {t} + payload), payload = x row or
@@ -26,7 +27,8 @@
 //                         twice reads the same row twice: no special case)
 //              cached:    rows [L][R*M]: the source writes straight to the final row (slot)
 //   send     staging rows for NVSHMEM puts (only with a send buffer): the source of a put
-//            must be symmetric memory, so rows are built here and then put.
+//            must be symmetric memory, so rows are built here and then put (dispatch:
+//            one row per token, put to each of its experts; combine: one per row).
 // Sizes (allocation maxima M, H, E, K, itemsize; stride = round16(16 + H * itemsize),
 // which also covers the FP8 row 16 + H + 4 H / 128):
 //   set_bytes  = E * M * stride                       (x2: double buffered)
@@ -44,16 +46,21 @@
 //  send phase (all blocks):
 //   1. n = op counter + 1; wait until ack[b][r] >= n - 2 for every r: every PE
 //      has finished reading set b of op n - 2, the previous user of set b.
-//   2. write rows into set b of their owners (dispatch: also my per-expert
-//      counts into scratch; jpos for my slots).
+//   2. write rows into set b of their owners. Dispatch: one warp per (token,
+//      part of its row) reads the token once (FP8 cast once) and stores it
+//      into the slot of each distinct expert of its top-k; j(t, e) comes from
+//      one pass over the earlier tokens' ids; jpos for my slots; the
+//      per-expert counts as atomicMax(scratch[e], j + 1).
 //   3. the last block to finish (atomic counter after __threadfence_system;
 //      it runs nvshmem_quiet() first when some rows went by put) broadcasts
 //      scratch into counts[b][me][*] of every PE (dispatch), then sets
-//      done[b][me] = (n << 4) | op in every PE, and stores n in the op counter.
+//      done[b][me] = (n << 4) | op in every PE, stores n in the op counter,
+//      and zeroes scratch for the next dispatch of parity b.
 //  receive phase (all blocks):
 //   4. wait until done[b][s] >> 4 >= n for every s (and check the op kind).
-//   5. read set b into the XLA outputs (dispatch: compact [l][s][j] into
-//      rows ordered by (s, j) using counts[b][*][e], zero the rest; compute
+//   5. read set b into the XLA outputs (dispatch: one warp per (received
+//      row, part), compacting [l][s][j] into rows ordered by (s, j) using
+//      counts[b][*][e]; all threads mark and zero the padding rows; compute
 //      slot = sum_{s<me} counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
