@@ -11,6 +11,10 @@ import numpy as np
 from silent_peer import run_without_peer
 
 T, H, K, E, M = 24, 256, 4, 16, 32
+# public_api's shapes: "small" (above) and "decode", DeepEP's decode hidden
+# size and top-k with 128 tokens: long rows that several warps share (a
+# 256-wide row is always one warp's).
+SHAPES = {"small": (T, H, K, E, M), "decode": (128, 7168, 8, 64, 128)}
 
 
 def _env():
@@ -243,9 +247,10 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
                             _ffi.nvshmem_module().ll_last_error)
 
 
-def public_api(seed="0"):
+def public_api(seed="0", shape="small"):
     """jax_ep.low_latency_dispatch / low_latency_combine on backend='cuda' (set up by
-    jax_ep.initialize(low_latency=True)): outputs, FP8 and the VJPs vs the oracle."""
+    jax_ep.initialize(low_latency=True)): outputs, FP8 and the VJPs (small shape
+    only) vs the oracle, at one of SHAPES."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
@@ -254,6 +259,7 @@ def public_api(seed="0"):
     import jax_ep
     from jax_ep.testing import oracle
 
+    T, H, K, E, M = SHAPES[shape]
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
     jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=M, hidden=H,
@@ -329,6 +335,10 @@ def public_api(seed="0"):
     eq, es = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=True)[me]["recv_x"]
     _same(sc[valid], es[valid], "fp8 scales")
     _same(q[valid], eq[valid], "fp8 values")
+    checked = ["dispatch", "padding", "combine", "split", "fp8"]
+    if shape != "small":
+        jax_ep.shutdown()
+        return {"ranks": n, "checked": checked, "shape": [T, H, K, E, M]}
 
     # VJPs, float32.
     xs32 = [np.asarray(x, np.float32) for x in xs]
@@ -358,5 +368,4 @@ def public_api(seed="0"):
     np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
                                rtol=1e-4, atol=1e-4, err_msg="dw")
     jax_ep.shutdown()
-    return {"ranks": n, "checked": ["dispatch", "padding", "combine", "split", "fp8",
-                                    "gradients"]}
+    return {"ranks": n, "checked": checked + ["gradients"], "shape": [T, H, K, E, M]}

@@ -42,6 +42,19 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
         assert res.result["ranks"] == ranks, res.result
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_public_low_latency_api_on_cuda_at_decode_shape(mps, ranks):
+    """Hidden 7168, top-8, 128 tokens: rows long enough that several warps
+    share one (send, receive and combine), which the small shape never does."""
+    results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": GPU_DIR}, args=("0", "decode"))
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == ranks, res.result
+        assert res.result["shape"] == [128, 7168, 8, 64, 128], res.result
+        assert "fp8" in res.result["checked"], res.result
+
+
 def test_pe_that_never_calls_times_out_with_a_message(mps):
     if external_launch():
         pytest.skip("needs to control which PE calls; run without a scheduler")
