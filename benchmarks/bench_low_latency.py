@@ -90,31 +90,33 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
         single = smap(op)
         if profile and name != "dispatch_fp8_zero_padded":
             print_kernels(f"{backend} {name}", single, *args)
-        # Chained timing for the cuda dispatch only. The reference's earlier
-        # calls in a chain would be cut down to the one element the next call
-        # depends on; a chain of cuda combines measured less than one call's
-        # kernel time (XLA merged the calls; not understood yet).
-        chain = (smap(chained(op, CHAIN)) if backend == "cuda" and chain_ok
-                 and name.startswith("dispatch") else None)
+        # Chained timing for cuda only: the reference's earlier calls in a
+        # chain would be cut down to the one element the next call depends on.
+        # The dependency enters through an argument the custom call reads:
+        # topk_idx for dispatch, topk_weights for combine (whose ids come from
+        # the handle; a chain through topk_idx let XLA merge the combines).
+        through = 2 if name.startswith("combine") else 1
+        chain = smap(chained(op, CHAIN, through)) if backend == "cuda" and chain_ok else None
         results[name] = timed(single, chain, *args)
     return results
 
 
-def chained(op, calls):
-    """`calls` calls of op in one program: each call's topk_idx depends on the
-    previous call's first output element, compared with `never` (a program
-    argument, NaN), which XLA cannot fold away, so the calls run in order and
-    cannot be merged; no host work between calls, one tiny elementwise kernel
-    per call. Custom calls run whole, so the time is the op's."""
+def chained(op, calls, through):
+    """`calls` calls of op in one program: argument `through` of each call
+    depends on the previous call's first output element, compared with
+    `never` (a program argument, NaN), which XLA cannot fold away, so the
+    calls run in order and cannot be merged; no host work between calls, one
+    tiny elementwise kernel per call. Custom calls run whole, so the time is
+    the op's."""
     import jax
     import jax.numpy as jnp
 
-    def run(first, idx, *rest):
-        *rest, never = rest
+    def run(*args):
+        *args, never = args
         for _ in range(calls):
-            out = op(first, idx, *rest)
+            out = op(*args)
             probe = jax.tree.leaves(out)[0].reshape(-1)[0].astype(jnp.float32)
-            idx = jnp.where(probe == never[0], -1, idx)
+            args[through] = jnp.where(probe == never[0], -1, args[through])
         return out
 
     return run
