@@ -1,11 +1,11 @@
 // Device-side synchronisation shared by the intranode kernels (intranode.cu)
-// and the low-latency kernels (low_latency.cu): system-scope acquire / release
+// and the low-latency kernels (low_latency_*.cu): system-scope acquire / release
 // of 64-bit flags, the %globaltimer clock, the timeout record + trap, the
 // spin-wait with a timeout, and the election of the last block of a grid.
 //
 // Header-only (inline device functions): intranode.cu is compiled whole-
-// program, low_latency.cu with relocatable device code in its own library;
-// each gets its own copy.
+// program, the low-latency kernels with relocatable device code in their own
+// library; each file gets its own copy.
 #pragma once
 
 #include <cstdint>

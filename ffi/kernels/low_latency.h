@@ -3,7 +3,7 @@
 // fill these structs from XLA buffers, the runtime
 // (ffi/runtime/nvshmem_context.*) owns the NVSHMEM symmetric region the
 // kernels communicate through. Buffer layout and protocol: the comment at the
-// top of low_latency.cu.
+// top of low_latency_device.cuh.
 #pragma once
 
 #include <cstddef>
@@ -25,7 +25,7 @@ inline constexpr int64_t kLLFp8Block = 128;      // channels per FP8 scale
 inline constexpr int64_t kLLRowHeaderBytes = 16; // dispatch rows: int32 source token + padding
 
 // ------------------------------------------------------------------ region layout
-// Byte offsets inside the region (identical on every PE; see low_latency.cu).
+// Byte offsets inside the region (identical on every PE; see low_latency_device.cuh).
 inline constexpr size_t kLLOpCounterOffset = 0;    // u64: LL ops started on this PE (owner only)
 inline constexpr size_t kLLSendArriveOffset = 8;   // u32: last-block counter of send phases
 inline constexpr size_t kLLRecvArriveOffset = 12;  // u32: last-block counter of receive phases

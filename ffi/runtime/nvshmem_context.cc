@@ -1,5 +1,5 @@
 // NVSHMEM runtime of the low-latency ops (see nvshmem_context.h and the
-// protocol comment at the top of ffi/kernels/low_latency.cu).
+// protocol comment at the top of ffi/kernels/low_latency_device.cuh).
 //
 // Bootstrap: NVSHMEM's init code is `static inline` in its headers and calls
 // nvshmemi_init_thread from libnvshmem_device.a, which registers the device

@@ -1,0 +1,230 @@
+// Low-latency combine and gather (fused, or send / receive halves): expert
+// rows back to their source tokens, reduced with fp32 weights in k order
+// (combine) or returned per (token, k) (gather, for gradients). Protocol and
+// region: low_latency_device.cuh.
+#include "ffi/kernels/low_latency_device.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kKChunk = 8;  // combine rows per thread in flight
+
+// ------------------------------------------------------------ combine / gather
+
+struct CombineParams {
+  LLShape s;
+  int32_t gather;
+  int32_t phase;
+  int32_t y_bytes;
+  int32_t vec_y;      // rows of y are whole 16-byte vectors (aligned, H * y_bytes % 16 == 0)
+  int64_t stride;     // row bytes in the set and the send buffer (multiple of 16)
+  int64_t send_rows;  // capacity of the send buffer in rows
+  const uint8_t* y;
+  const int32_t* recv_src;
+  const int32_t* recv_count;
+  const int32_t* idx;
+  const float* w;
+  uint8_t* out;
+  int32_t* token_out;
+  const int32_t* token_in;
+};
+
+// s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
+__device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
+                                         int32_t* s_base) {
+  BlockExclusiveScan(L, [&](int64_t l) { return min(max(__ldg(count + l), 0), cap); }, s_base);
+}
+
+// One thread per (token, kNE channels): the K rows are loaded kKChunk at a
+// time (all of them for K <= 8), then summed in k order.
+template <typename Elem, int kNE>
+__device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint8_t* set,
+                                              int64_t gtid, int64_t gthreads) {
+  using Raw = typename Elem::Raw;
+  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
+  const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
+  const int64_t M = p.s.max_tokens;
+  const int64_t chunks = H / kNE;
+  const int64_t items = T * chunks;
+  for (int64_t item = gtid; item < items; item += gthreads) {
+    const int64_t t = item / chunks;
+    const int64_t c = item - t * chunks;
+    const int32_t* idx_row = p.idx + t * K;
+    float acc[kNE];
+#pragma unroll
+    for (int i = 0; i < kNE; ++i) acc[i] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+      V v[kKChunk];
+      float w[kKChunk];
+      bool ok[kKChunk];
+#pragma unroll
+      for (int u = 0; u < kKChunk; ++u) {
+        const int64_t k = k0 + u;
+        const int32_t e = k < K ? __ldg(idx_row + k) : -1;
+        ok[u] = e >= 0 && e < E;
+        if (ok[u]) {
+          v[u] = __ldcg(reinterpret_cast<const V*>(set + (e * M + t) * p.stride) + c);
+          w[u] = __ldg(p.w + t * K + k);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kKChunk; ++u) {
+        if (!ok[u]) continue;
+        Raw raw[kNE];
+        memcpy(raw, &v[u], sizeof(V));
+#pragma unroll
+        for (int i = 0; i < kNE; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], Elem::ToFloat(raw[i])));
+      }
+    }
+    Raw res[kNE];
+#pragma unroll
+    for (int i = 0; i < kNE; ++i) res[i] = Elem::FromFloat(acc[i]);
+    V packed;
+    memcpy(&packed, res, sizeof(V));
+    reinterpret_cast<V*>(p.out + t * H * sizeof(Raw))[c] = packed;
+  }
+}
+
+template <typename Elem, int kNE>
+__device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t* set,
+                                           int64_t gtid, int64_t gthreads) {
+  using Raw = typename Elem::Raw;
+  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
+  const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
+  const int64_t M = p.s.max_tokens;
+  const int64_t chunks = H / kNE;
+  const int64_t items = T * K * chunks;
+  for (int64_t item = gtid; item < items; item += gthreads) {
+    const int64_t tk = item / chunks;
+    const int64_t c = item - tk * chunks;
+    const int64_t t = tk / K;
+    const int32_t e = __ldg(p.idx + tk);
+    V v{};
+    if (e >= 0 && e < E) v = __ldcg(reinterpret_cast<const V*>(set + (e * M + t) * p.stride) + c);
+    reinterpret_cast<V*>(p.out + tk * H * sizeof(Raw))[c] = v;
+  }
+}
+
+template <typename Elem, int kNE>
+__global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, CombineParams p) {
+  extern __shared__ int32_t s_base[];  // [L + 1] (send)
+  __shared__ uint8_t* s_peer[kLLMaxRanks];
+
+  const LLLayout& lay = c.layout;
+  const int R = c.num_ranks;
+  const int me = c.rank;
+  const int64_t H = p.s.hidden, E = p.s.num_experts, M = p.s.max_tokens;
+  const int64_t L = E / R;
+  const int64_t RM = R * M;
+  const int32_t op = p.gather ? kOpLLGather : kOpLLCombine;
+  const int lane = threadIdx.x & 31;
+  const int64_t gw = GlobalWarp(), W = GridWarps();
+  LoadPeers(c, s_peer);
+
+  const uint64_t n = p.phase == kLLRecvOnly ? TokenOp(p.token_in) : StartOp(c);
+  const int b = static_cast<int>(n & 1);
+  const size_t set_off = SetOffset(lay, b);
+
+  if (p.phase != kLLRecvOnly) {
+    // ---------------- send: expert rows back to their source tokens
+    WriteToken(p.token_out, n);
+    WaitReleased(c, n, op);
+    RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
+    const int64_t total = s_base[L];
+    const int64_t row_bytes = H * p.y_bytes;
+    const int64_t units = p.vec_y ? row_bytes / 16 : 1;
+    const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, kPartVectors);
+    for (int64_t task = gw; task < total * parts; task += W) {
+      const int64_t i = task / parts;
+      const int part = static_cast<int>(task - i * parts);
+      const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
+      const int64_t pos = i - s_base[l];
+      const int32_t code = __ldg(p.recv_src + l * RM + pos);
+      if (code < 0) continue;
+      const int s = code / static_cast<int32_t>(M);
+      const int64_t t = code - static_cast<int64_t>(s) * M;
+      if (s >= R) continue;
+      const int64_t e = static_cast<int64_t>(me) * L + l;
+      const size_t off = set_off + static_cast<size_t>(e * M + t) * p.stride;
+      const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
+      uint8_t* mapped = s_peer[s];
+      if (mapped != nullptr && parts > 1) {
+        const UnitRange range = PartOf(units, part, parts);
+        WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
+                                reinterpret_cast<const uint4*>(src), range.begin, range.end, lane);
+      } else if (mapped != nullptr) {
+        WarpCopy<false>(mapped + off, src, row_bytes, lane);
+      } else if (i < p.send_rows) {
+        uint8_t* staged = StagingRow(c, i, p.stride);
+        WarpCopy<false>(staged, src, row_bytes, lane);
+        PutStagedRow(c, off, staged, row_bytes, s);
+      }
+    }
+    if (ArriveLast(SendArrive(c.base))) FinishSend(c, s_peer, n, op);
+  }
+  if (p.phase == kLLSendOnly) return;
+
+  // ---------------- receive: my tokens' rows, reduced in k order
+  WaitAllDone(c, n, op);
+  const uint8_t* set = c.base + set_off;
+  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
+  if (p.gather) {
+    GatherRows<Elem, kNE>(p, set, gtid, gthreads);
+  } else {
+    CombineReduce<Elem, kNE>(p, set, gtid, gthreads);
+  }
+  if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
+}
+
+}  // namespace
+
+cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase phase,
+                            cudaStream_t stream) {
+  const int yb = LLDtypeBytes(a.dtype);
+  if (yb == 0 || LLCheckCombine(comm, a.shape, yb) != nullptr) return cudaErrorInvalidValue;
+  const bool send = phase != kLLRecvOnly, recv = phase != kLLSendOnly;
+  const bool tokens = a.shape.num_tokens > 0;  // zero-sized XLA buffers may be null
+  if ((send && (a.y == nullptr || a.recv_src == nullptr || a.recv_count == nullptr)) ||
+      (recv && tokens &&
+       (a.topk_idx == nullptr || a.out == nullptr || (!a.gather && a.topk_weights == nullptr))) ||
+      (phase == kLLSendOnly && a.token_out == nullptr) ||
+      (phase == kLLRecvOnly && a.token_in == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  CombineParams p{};
+  p.s = a.shape;
+  p.gather = a.gather;
+  p.phase = phase;
+  p.y_bytes = yb;
+  p.stride = LLPlainRowStride(a.shape.hidden, yb);
+  p.send_rows = p.stride > 0 ? static_cast<int64_t>(comm.layout.send_bytes) / p.stride : 0;
+  p.vec_y = (a.shape.hidden * yb) % 16 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
+  p.y = static_cast<const uint8_t*>(a.y);
+  p.recv_src = a.recv_src;
+  p.recv_count = a.recv_count;
+  p.idx = a.topk_idx;
+  p.w = a.topk_weights;
+  p.out = static_cast<uint8_t*>(a.out);
+  p.token_out = phase == kLLSendOnly ? a.token_out : nullptr;
+  p.token_in = a.token_in;
+  const int64_t L = a.shape.num_experts / comm.num_ranks;
+  const size_t smem = send ? static_cast<size_t>(L + 1) * 4 : 0;
+  const int grid = GridFor(comm);
+  // 16-byte chunks when every row and the output are 16-byte aligned.
+  const bool vec = (a.shape.hidden * yb) % 16 == 0 &&
+                   (reinterpret_cast<uintptr_t>(a.out) % 16 == 0 || !recv);
+  switch (a.dtype) {
+    case LLDtype::kBF16:
+      return vec ? Launch(LLCombineKernel<Bf16Elem, 8>, grid, smem, stream, comm, p)
+                 : Launch(LLCombineKernel<Bf16Elem, 1>, grid, smem, stream, comm, p);
+    case LLDtype::kF16:
+      return vec ? Launch(LLCombineKernel<F16Elem, 8>, grid, smem, stream, comm, p)
+                 : Launch(LLCombineKernel<F16Elem, 1>, grid, smem, stream, comm, p);
+    case LLDtype::kF32:
+      return vec ? Launch(LLCombineKernel<F32Elem, 4>, grid, smem, stream, comm, p)
+                 : Launch(LLCombineKernel<F32Elem, 1>, grid, smem, stream, comm, p);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jax_ep
