@@ -3,13 +3,17 @@
 128 tokens per rank, hidden 7168, top-8 of 256 experts; FP8 dispatch, BF16
 combine (BF16 dispatch too). Dispatch runs with zero_padding=False, like
 DeepEP (rows past each expert's count unwritten); "dispatch_fp8_zero_padded"
-is the default, which also zeroes the rest of the [L, R*M, H] output. Reports µs per op (the slowest rank) for N ranks
-as N processes sharing GPU 0 under CUDA MPS, one NVSHMEM PE each. With one
-rank the reference backend runs in the same process for comparison (XLA
+is the default, which also zeroes the rest of the [L, R*M, H] output.
+Reports µs per op (the slowest rank) for N ranks as N processes sharing GPU 0
+under CUDA MPS, one NVSHMEM PE each: wall clock per jitted call, per call in
+a chain of CHAIN dependent calls inside one program (no host work between
+them; cuda only), and kernel time from a profile (one process only). With
+one rank the reference backend runs in the same process for comparison (XLA
 collectives cannot run between processes sharing one GPU).
 
     python benchmarks/bench_low_latency.py --ranks 1
     python benchmarks/bench_low_latency.py --ranks 8
+    python benchmarks/bench_low_latency.py --ranks 1 --profile   # kernels per op
 """
 
 from __future__ import annotations
