@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
   for (int64_t q = gw; q < T * K; q += W) {
     const int64_t t = q / K;
     const int k = static_cast<int>(q - t * K);
-    const int32_t e = FirstExpertOfPair(p.idx, t, k, K, E, lane);
+    const int32_t e = __shfl_sync(kFull, ExpertOfLane(p.idx, t, K, E, lane), k);
     if (e < 0) continue;
     const int32_t row_slot = __ldg(p.slot + q);
     if (row_slot < 0 || row_slot >= RM) continue;

@@ -429,14 +429,17 @@ __device__ __forceinline__ void GridZero(uint8_t* dst, int64_t n, int64_t gtid, 
 
 // ------------------------------------------------------------ routing helpers
 
-// out of range or an earlier k of the same token names the same expert.
-__device__ __forceinline__ int32_t FirstExpertOfPair(const int32_t* __restrict__ idx, int64_t t,
-                                                     int k, int64_t K, int64_t E, int lane) {
+// Token t's distinct experts, one per lane: lane k < K holds idx[t, k], or -1
+// when that id is out of range or an earlier k names the same expert.
+__device__ __forceinline__ int32_t ExpertOfLane(const int32_t* __restrict__ idx, int64_t t,
+                                                int64_t K, int64_t E, int lane) {
   const int32_t mine = lane < K ? __ldg(idx + t * K + lane) : -1;
-  const int32_t e = __shfl_sync(kFull, mine, k);
-  const bool earlier_same = lane < k && mine == e;
-  if (__ballot_sync(kFull, earlier_same) != 0u) return -1;
-  return (e >= 0 && e < E) ? e : -1;
+  bool earlier_same = false;
+  for (int k = 0; k < K; ++k) {
+    const int32_t other = __shfl_sync(kFull, mine, k);
+    earlier_same |= k < lane && other == mine;
+  }
+  return (lane < K && !earlier_same && mine >= 0 && mine < E) ? mine : -1;
 }
 
 // ------------------------------------------------------------ launch

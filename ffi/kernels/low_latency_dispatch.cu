@@ -34,19 +34,6 @@ __device__ __forceinline__ void Load8(const typename Elem::Raw* p, float v[8]) {
 
 // ------------------------------------------------------------ routing helpers
 
-// Token t's distinct experts, one per lane: lane k < K holds idx[t, k], or -1
-// when that id is out of range or an earlier k names the same expert.
-__device__ __forceinline__ int32_t ExpertOfLane(const int32_t* __restrict__ idx, int64_t t,
-                                                int64_t K, int64_t E, int lane) {
-  const int32_t mine = lane < K ? __ldg(idx + t * K + lane) : -1;
-  bool earlier_same = false;
-  for (int k = 0; k < K; ++k) {
-    const int32_t other = __shfl_sync(kFull, mine, k);
-    earlier_same |= k < lane && other == mine;
-  }
-  return (lane < K && !earlier_same && mine >= 0 && mine < E) ? mine : -1;
-}
-
 // For the expert e of each lane (-1: none): how many tokens t' < t name e
 // (each token once), i.e. token t's position among this PE's tokens for e.
 // One pass over the earlier tokens serves all K experts. s_e: 32 ints of
@@ -75,8 +62,6 @@ __device__ __forceinline__ int TokensBefore(const int32_t* __restrict__ idx, int
   __syncwarp();
   return j;
 }
-
-// The pair (t, k) as seen by a whole warp: its expert, or -1 when the id is
 
 // ------------------------------------------------------------ dispatch
 
