@@ -30,11 +30,12 @@ CHAIN = 20  # calls per program in the chained timing
 
 
 def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
-            kernel_time=False, chain=True):
-    """{op: (seconds per call, GPU kernel seconds per call or None)} for this
-    process's rank. Kernel times come from a profile, with kernel_time only:
-    under MPS the profiled run of several processes is much slower than the
-    timed one (a kernel also spins while it waits for its peers)."""
+            kernel_time=False, with_chain=True):
+    """{op: (seconds per call, GPU kernel seconds per call or None, seconds
+    per call in a chain or None)} for this process's rank. Kernel times come
+    from a profile, with kernel_time only: under MPS the profiled run of
+    several processes is much slower than the timed one (a kernel also spins
+    while it waits for its peers). Chains run for cuda with with_chain."""
     import jax
     import ml_dtypes
     import numpy as np
@@ -88,7 +89,6 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
         return sec, gpu, in_chain
 
     results = {}
-    chain_ok = chain
     for name, op in ops.items():
         args = (y, idx, w, handle) if name.startswith("combine") else (x, idx)
         single = smap(op)
@@ -100,7 +100,7 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
         # topk_idx for dispatch, topk_weights for combine (whose ids come from
         # the handle; a chain through topk_idx let XLA merge the combines).
         through = 2 if name.startswith("combine") else 1
-        chain = smap(chained(op, CHAIN, through)) if backend == "cuda" and chain_ok else None
+        chain = smap(chained(op, CHAIN, through)) if backend == "cuda" and with_chain else None
         results[name] = timed(single, chain, *args)
     return results
 
@@ -148,7 +148,7 @@ def worker(iters="200", with_reference="0", profile="0", chain="1"):
                           max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
                           dtype="bfloat16", low_latency=True)
         out["cuda"] = measure("cuda", int(iters), profile=profile, kernel_time=alone,
-                              chain=chain == "1")
+                              with_chain=chain == "1")
         jax_ep.shutdown()
     out["profile"] = text.getvalue()
     return out
@@ -177,18 +177,16 @@ def main(argv=None):
           f"program of {CHAIN} dependent calls (no host work between calls); GPU: kernel time per call from "
           f"a profile (one process only); the slowest rank counts.")
     print("| R | op | jax_ep wall | jax_ep chained | jax_ep GPU | reference wall | "
-          "reference chained | reference GPU | speedup |"
-          "\n|---|---|---|---|---|---|---|---|---|")
+          "reference GPU | speedup |\n|---|---|---|---|---|---|---|---|")
     us = lambda v: f"{v * 1e6:.1f}" if v else "n/a"
     for op in results[0].result["cuda"]:
         sec, gpu, chain = (_slowest([r.result["cuda"][op][i] for r in results])
                            for i in range(3))
-        ref, ref_gpu, ref_chain = results[0].result.get("reference", {}).get(
-            op, (None, None, None))
+        ref, ref_gpu, _ = results[0].result.get("reference", {}).get(op, (None, None, None))
         speedup = ", ".join(f"{what} {a / b:.1f}x" for what, a, b in
                             (("wall", ref, sec), ("GPU", ref_gpu, gpu)) if a and b)
         print(f"| {args.ranks} | {op} | {us(sec)} | {us(chain)} | {us(gpu)} | {us(ref)} | "
-              f"{us(ref_chain)} | {us(ref_gpu)} | {speedup} |")
+              f"{us(ref_gpu)} | {speedup} |")
 
 
 def _slowest(values):
