@@ -88,6 +88,26 @@ struct LLComm {
   int32_t any_put = 0;                   // some peer_base is nullptr (needs the send buffer)
   TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
   uint64_t timeout_ns = 0;
+  uint64_t* trace = nullptr;             // phase timestamps (JAX_EP_LL_TRACE), nullptr: off
+};
+
+// Phase trace (diagnostics, JAX_EP_LL_TRACE=<path>): thread 0 of every block
+// stores %globaltimer at each event into trace[op n % kLLTraceOps][block]
+// [event] (blocks past kLLTraceBlocks share the last row); event kLLTraceTag
+// holds (n << 8) | op kind, written by block 0. Written to <path>.pe<rank> at
+// finalize (nvshmem_context.cc); read by benchmarks/ll_phases.py.
+inline constexpr int kLLTraceOps = 256;
+inline constexpr int kLLTraceBlocks = 160;
+inline constexpr int kLLTraceEvents = 8;
+enum LLTraceEvent : int32_t {
+  kLLTraceStart = 0,      // kernel entry
+  kLLTraceReleased = 1,   // set b released by every PE (send)
+  kLLTraceSent = 2,       // this block's rows written (send)
+  kLLTraceSignalled = 3,  // done signals stored (last send block)
+  kLLTraceArrived = 4,    // every source's done seen (receive)
+  kLLTraceCopied = 5,     // this block's rows read out (receive)
+  kLLTraceEnd = 6,        // this block finished (receive)
+  kLLTraceTag = 7,
 };
 
 enum class LLDtype : int32_t { kBF16 = 0, kF16 = 1, kF32 = 2 };

@@ -124,11 +124,13 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   const uint64_t n = p.phase == kLLRecvOnly ? TokenOp(p.token_in) : StartOp(c);
   const int b = static_cast<int>(n & 1);
   const size_t set_off = SetOffset(lay, b);
+  TracePoint(c, n, kLLTraceStart, op);
 
   if (p.phase != kLLRecvOnly) {
     // ---------------- send: expert rows back to their source tokens
     WriteToken(p.token_out, n);
     WaitReleased(c, n, op);
+    TracePoint(c, n, kLLTraceReleased, op);
     RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
     const int64_t total = s_base[L];
     const int64_t row_bytes = H * p.y_bytes;
@@ -160,12 +162,17 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
         PutStagedRow(c, off, staged, row_bytes, s);
       }
     }
-    if (ArriveLast(SendArrive(c.base))) FinishSend(c, s_peer, n, op);
+    TracePoint(c, n, kLLTraceSent, op);
+    if (ArriveLast(SendArrive(c.base))) {
+      FinishSend(c, s_peer, n, op);
+      TracePoint(c, n, kLLTraceSignalled, op);
+    }
   }
   if (p.phase == kLLSendOnly) return;
 
   // ---------------- receive: my tokens' rows, reduced in k order
   WaitAllDone(c, n, op);
+  TracePoint(c, n, kLLTraceArrived, op);
   const uint8_t* set = c.base + set_off;
   const int64_t gtid = GlobalThread(), gthreads = GridThreads();
   if (p.gather) {
@@ -173,6 +180,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   } else {
     CombineReduce<Elem, kNE>(p, set, gtid, gthreads);
   }
+  TracePoint(c, n, kLLTraceCopied, op);
+  TracePoint(c, n, kLLTraceEnd, op);
   if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
 }
 

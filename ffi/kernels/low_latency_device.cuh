@@ -244,6 +244,16 @@ __device__ __forceinline__ void FinishRecv(const LLComm& c, uint8_t* const* s_pe
   if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned int*>(RecvArrive(c.base)) = 0u;
 }
 
+// Phase trace (LLComm::trace, low_latency.h): thread 0 of the block stamps
+// `event` of op n; block 0 also tags the op.
+__device__ __forceinline__ void TracePoint(const LLComm& c, uint64_t n, int event, int32_t op) {
+  if (c.trace == nullptr || threadIdx.x != 0) return;
+  const int block = min(static_cast<int>(blockIdx.x), kLLTraceBlocks - 1);
+  uint64_t* row = c.trace + ((n % kLLTraceOps) * kLLTraceBlocks + block) * kLLTraceEvents;
+  row[event] = GlobalTimerNs();
+  if (blockIdx.x == 0) row[kLLTraceTag] = (n << 8) | static_cast<uint64_t>(op & 255);
+}
+
 __device__ __forceinline__ void LoadPeers(const LLComm& c, uint8_t** s_peer) {
   for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) s_peer[r] = c.peer_base[r];
 }

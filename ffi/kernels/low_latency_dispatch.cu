@@ -222,11 +222,13 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
   int32_t* jpos = reinterpret_cast<int32_t*>(c.base + JposOffset(lay, b));
   int32_t* scratch = reinterpret_cast<int32_t*>(c.base + ScratchOffset(lay, b));
   const size_t set_off = SetOffset(lay, b);
+  TracePoint(c, n, kLLTraceStart, kOpLLDispatch);
 
   if (p.phase != kLLRecvOnly) {
     // ---------------- send
     WriteToken(p.token_out, n);
     WaitReleased(c, n, kOpLLDispatch);  // ends with __syncthreads (s_peer ready)
+    TracePoint(c, n, kLLTraceReleased, kOpLLDispatch);
 
     const int64_t units = p.use_fp8 ? H / kLLFp8Block : (p.vec_x ? H * p.x_bytes / 16 : 1);
     const int parts =
@@ -283,6 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       }
     }
 
+    TracePoint(c, n, kLLTraceSent, kOpLLDispatch);
     if (ArriveLast(SendArrive(c.base))) {
       // counts[b][me][*] of every PE <- scratch.
       const size_t counts_off = CountsOffset(lay, b, me, E);
@@ -312,6 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
         }
       }
       FinishSend(c, s_peer, n, kOpLLDispatch);  // drains the puts of scratch, then syncs
+      TracePoint(c, n, kLLTraceSignalled, kOpLLDispatch);
       for (int64_t e = threadIdx.x; e < E; e += blockDim.x) scratch[e] = 0;
     }
   }
@@ -319,6 +323,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
 
   // ---------------- receive
   WaitAllDone(c, n, kOpLLDispatch);
+  TracePoint(c, n, kLLTraceArrived, kOpLLDispatch);
   const int32_t* counts = reinterpret_cast<const int32_t*>(c.base + CountsOffset(lay, b, 0, E));
   const int me_e0 = me * static_cast<int>(L);
   for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
@@ -370,6 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       WarpCopy<true>(out, src + kLLRowHeaderBytes, out_row_bytes, lane);
     }
   }
+  TracePoint(c, n, kLLTraceCopied, kOpLLDispatch);
   // Padding rows: recv_src = -1 (and zeros), by every thread of the grid.
   const int64_t gtid = GlobalThread(), gthreads = GridThreads();
   for (int64_t i = gtid; i < L * RM; i += gthreads) {
@@ -404,6 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
     p.slot[q] = slot;
   }
+  TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
   if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
 }
 

@@ -43,6 +43,8 @@ struct LLContext {
   uint8_t** put_table = nullptr;    // device array of nullptr: every peer by put (force_put)
   TimeoutRecord* record_host = nullptr;
   TimeoutRecord* record_device = nullptr;
+  uint64_t* trace = nullptr;        // phase trace (JAX_EP_LL_TRACE), device memory
+  std::string trace_path;           // written to <trace_path>.pe<rank> at finalize
   bool reported = false;            // registry mutex
 };
 
@@ -160,12 +162,46 @@ void FreeLocalParts(LLContext& ctx) {
   if (cudaSetDevice(ctx.device) == cudaSuccess) {
     if (ctx.peer_table != nullptr) cudaFree(ctx.peer_table);
     if (ctx.put_table != nullptr) cudaFree(ctx.put_table);
+    if (ctx.trace != nullptr) cudaFree(ctx.trace);
   }
   if (ctx.record_host != nullptr) cudaFreeHost(ctx.record_host);
   ctx.peer_table = ctx.put_table = nullptr;
+  ctx.trace = nullptr;
   ctx.record_host = ctx.record_device = nullptr;
   cudaGetLastError();
   if (previous >= 0) cudaSetDevice(previous);
+}
+
+constexpr size_t kTraceBytes =
+    static_cast<size_t>(kLLTraceOps) * kLLTraceBlocks * kLLTraceEvents * sizeof(uint64_t);
+
+// Diagnostics: with JAX_EP_LL_TRACE=<path>, the kernels stamp their phases
+// (low_latency.h) into a zeroed device buffer.
+void AllocTrace(LLContext* ctx) {
+  const char* path = std::getenv("JAX_EP_LL_TRACE");
+  if (path == nullptr || *path == 0) return;
+  ctx->trace_path = path;
+  CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->trace), kTraceBytes), ctx->device,
+            "cudaMalloc of the phase trace");
+  CudaCheck(cudaMemset(ctx->trace, 0, kTraceBytes), ctx->device, "zeroing the phase trace");
+}
+
+// The trace as raw little-endian u64 [ops][blocks][events] in
+// <path>.pe<rank>; failures are reported on stderr only (diagnostics).
+void WriteTrace(const LLContext& ctx) {
+  if (ctx.trace == nullptr) return;
+  std::vector<uint64_t> host(kTraceBytes / sizeof(uint64_t));
+  if (cudaMemcpy(host.data(), ctx.trace, kTraceBytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
+    cudaGetLastError();
+    std::fprintf(stderr, "jax_ep: could not copy the low-latency phase trace\n");
+    return;
+  }
+  const std::string file = ctx.trace_path + ".pe" + std::to_string(ctx.rank);
+  std::FILE* f = std::fopen(file.c_str(), "wb");
+  if (f == nullptr || std::fwrite(host.data(), 1, kTraceBytes, f) != kTraceBytes) {
+    std::fprintf(stderr, "jax_ep: could not write the low-latency phase trace %s\n", file.c_str());
+  }
+  if (f != nullptr) std::fclose(f);
 }
 
 // The larger of NVSHMEM's same-GPU team and what Python found (hostname +
@@ -370,6 +406,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
               "cudaMalloc of the put table");
     CudaCheck(cudaMemset(ctx->put_table, 0, table_bytes), device, "zeroing the put table");
     AllocTimeoutRecord(device, &ctx->record_host, &ctx->record_device);
+    AllocTrace(ctx.get());
     CudaCheck(cudaDeviceSynchronize(), device, "setting up the low-latency context");
   } catch (...) {
     FreeLocalParts(*ctx);
@@ -435,6 +472,7 @@ void NvshmemFinalize() {
   cudaDeviceSynchronize();  // no kernel of ours may still use the region
   cudaGetLastError();
   if (ctx) {
+    WriteTrace(*ctx);
     nvshmem_free(ctx->region);  // collective
     FreeLocalParts(*ctx);
   }
@@ -496,6 +534,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->any_put = any_put ? 1 : 0;
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
+  comm->trace = ctx.trace;
   *hold = reg.ctx;
   return true;
 }
