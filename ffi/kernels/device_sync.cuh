@@ -91,21 +91,22 @@ __device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64
 // ------------------------------------------------------------ grid completion
 
 // Every block of the grid calls this at the end of a phase; true in the last
-// block to arrive. __threadfence_system before the count and again in the
-// last block: the writes of every block are ordered before whatever the last
-// block does next. Whoever owns `counter` resets it for the next grid.
+// block to arrive. Thread 0 fences (system scope) after a barrier, counts the
+// block in, and the last block fences again: the writes of every block are
+// ordered before whatever the last block does next (the pattern of
+// cooperative groups' grid sync: the barrier orders the block's writes
+// before thread 0's fence). Whoever owns `counter` resets it for the next grid.
 __device__ __forceinline__ bool ArriveLast(unsigned int* counter) {
   __shared__ bool s_last;
-  __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence_system();
     const unsigned int prev = atomicAdd(counter, 1u);
     s_last = prev == gridDim.x - 1;
+    if (s_last) __threadfence_system();
   }
   __syncthreads();
-  if (!s_last) return false;
-  __threadfence_system();
-  return true;
+  return s_last;
 }
 
 }  // namespace jax_ep

@@ -56,7 +56,9 @@
 //   2. write rows into set b of their owners. Dispatch: one warp per (token,
 //      part of its row) reads the token once (FP8 cast once) and stores it
 //      into the slot of each distinct expert of its top-k; j(t, e) comes from
-//      one pass over the earlier tokens' ids; jpos for my slots; the
+//      per-expert token bit masks in shared memory (popcount of the bits
+//      below t; one pass over the earlier tokens' ids when the masks do not
+//      fit); jpos for my slots; the
 //      per-expert counts as atomicMax(scratch[e], j + 1).
 //   3. the last block to finish (atomic counter after __threadfence_system;
 //      it runs nvshmem_quiet() first when some rows went by put) broadcasts
@@ -225,7 +227,10 @@ __device__ __forceinline__ void FinishSend(const LLComm& c, uint8_t* const* s_pe
     __syncthreads();
     if (threadIdx.x == 0) QuietAll();
   }
-  __threadfence_system();
+  // Mapped peers: the barrier orders this block's writes (dispatch: the
+  // counts) before each signal's release store (one fence per signal, not
+  // one per thread: measured 5-8 µs less per op at 8 PEs on one GPU).
+  if (c.any_put) __threadfence_system();
   __syncthreads();
   const int r = threadIdx.x;
   if (r < c.num_ranks) {
@@ -307,6 +312,18 @@ __device__ __forceinline__ int64_t GridWarps() {
 // ------------------------------------------------------------ warp copies
 // kPeer: the source was written by another agent in this op (LoadVec,
 // device_copy.cuh), else it is a read-only input.
+
+// L2 prefetch of bytes [p, p + n) by one warp, one prefetch per 128-byte
+// line: the loads that follow find their lines in L2 or on the way, so a
+// warp has a whole row part in flight rather than kUnroll vectors per lane
+// (the copies were latency-bound, and registers allow no deeper unroll).
+__device__ __forceinline__ void WarpPrefetchL2(const void* p, int64_t n, int lane) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t a = (reinterpret_cast<uintptr_t>(p) & ~uintptr_t{127}) + lane * 128; a < end;
+       a += 32 * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+  }
+}
 
 // Vectors [begin, n) by one warp, kUnroll per lane in flight. Not StridedCopy
 // (device_copy.cuh): there the registers of vectors past n are zeroed, which

@@ -9,6 +9,7 @@ namespace {
 
 constexpr float kFp8Max = 448.0f;      // largest finite e4m3
 constexpr float kFp8MinAmax = 1e-4f;   // floor of a block's amax (no zero scales)
+constexpr int64_t kMaskSmemBytes = 64 * 1024;  // largest token-mask table (else TokensBefore)
 
 // ------------------------------------------------------------ element types
 // (Bf16Elem, F16Elem, F32Elem: elem_types.cuh; VecOf: device_copy.cuh)
@@ -63,6 +64,34 @@ __device__ __forceinline__ int TokensBefore(const int32_t* __restrict__ idx, int
   return j;
 }
 
+// The same count from per-expert token masks in shared memory: bit t of
+// s_mask[e * words + t / 32] is set when token t names e. A few popcounts
+// instead of TokensBefore's pass over the earlier tokens' ids, whose serial
+// loads made the send phase latency-bound.
+__device__ __forceinline__ int TokensBeforeFromMasks(const uint32_t* s_mask, int64_t words,
+                                                     int64_t t, int32_t e) {
+  if (e < 0) return 0;
+  const uint32_t* m = s_mask + e * words;
+  int j = 0;
+  for (int64_t w = 0; w < (t >> 5); ++w) j += __popc(m[w]);
+  return j + __popc(m[t >> 5] & ((1u << (t & 31)) - 1u));
+}
+
+// Fills the masks of TokensBeforeFromMasks (E * words words) from idx [T, K]
+// with the whole block; a token naming e twice sets its bit twice.
+__device__ __forceinline__ void BuildTokenMasks(const int32_t* __restrict__ idx, int64_t T,
+                                                int64_t K, int64_t E, int64_t words,
+                                                uint32_t* s_mask) {
+  for (int64_t i = threadIdx.x; i < E * words; i += blockDim.x) s_mask[i] = 0u;
+  __syncthreads();
+  for (int64_t q = threadIdx.x; q < T * K; q += blockDim.x) {
+    const int32_t e = __ldg(idx + q);
+    const int64_t t = q / K;
+    if (e >= 0 && e < E) atomicOr(s_mask + e * words + (t >> 5), 1u << (t & 31));
+  }
+  __syncthreads();
+}
+
 // ------------------------------------------------------------ dispatch
 
 // The rows a dispatch warp writes one token to: lane k's row in a mapped
@@ -96,6 +125,9 @@ __device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restri
   const int half = lane >> 4;
   const int l16 = lane & 15;
   const float inv_max = 1.0f / kFp8Max;
+  if (blk1 - blk0 > 2 * kU) {
+    WarpPrefetchL2(src + blk0 * kLLFp8Block, (blk1 - blk0) * kLLFp8Block * sizeof(*src), lane);
+  }
   for (int64_t it = blk0; it < blk1; it += 2 * kU) {
     float v[kU][8];
 #pragma unroll
@@ -152,6 +184,7 @@ __device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restri
 // row of `rows`.
 __device__ __forceinline__ void CopyToRows(const uint4* __restrict__ src, int64_t v0, int64_t v1,
                                            int lane, const TokenRows& rows) {
+  if (v1 - v0 > 32 * kUnroll) WarpPrefetchL2(src + v0, (v1 - v0) * sizeof(uint4), lane);
   for (int64_t base = v0 + lane; base < v1; base += 32 * kUnroll) {
     uint4 v[kUnroll];
 #pragma unroll
@@ -180,6 +213,7 @@ struct DispatchParams {
   int32_t phase;
   int32_t vec_x;          // x rows are whole 16-byte vectors (aligned, H * x_bytes % 16 == 0)
   int32_t vec_out;        // so are the rows of recv_x
+  int32_t mask_words;     // words per expert of the send's token masks; 0: TokensBefore
   int64_t stride;         // staging row bytes (header + payload, multiple of 16)
   int64_t payload_bytes;  // H * x_bytes, or H + 4 * H / 128
   uint8_t* recv_x;
@@ -200,7 +234,9 @@ struct DispatchParams {
 // all threads.
 template <typename XElem>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, DispatchParams p) {
-  extern __shared__ int32_t s_prefix[];  // [L][R + 1], then [L + 1] (receive)
+  // Send: token masks [E][mask_words]; receive (after a barrier): [L][R + 1], then [L + 1].
+  extern __shared__ int32_t s_dyn[];
+  int32_t* s_prefix = s_dyn;
   __shared__ uint8_t* s_peer[kLLMaxRanks];
   __shared__ int32_t s_expert[kThreads];  // 32 per warp (TokensBefore)
 
@@ -234,12 +270,17 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     const int parts =
         c.any_put ? 1 : PartsPerRow(T, W, units, p.use_fp8 ? 8 : kPartVectors);
     int32_t* s_e = s_expert + (threadIdx.x & ~31);
+    uint32_t* s_mask = reinterpret_cast<uint32_t*>(s_dyn);
+    if (p.mask_words > 0 && static_cast<int64_t>(blockIdx.x) * kWarps < T * parts) {
+      BuildTokenMasks(p.idx, T, K, E, p.mask_words, s_mask);
+    }
     for (int64_t q = gw; q < T * parts; q += W) {
       const int64_t t = q / parts;
       const int part = static_cast<int>(q - t * parts);
       const int32_t e = ExpertOfLane(p.idx, t, K, E, lane);
       if (__ballot_sync(kFull, e >= 0) == 0u) continue;
-      const int j = TokensBefore(p.idx, t, K, e, s_e, lane);
+      const int j = p.mask_words > 0 ? TokensBeforeFromMasks(s_mask, p.mask_words, t, e)
+                                     : TokensBefore(p.idx, t, K, e, s_e, lane);
       TokenRows rows{nullptr, 0u, nullptr};
       size_t off = 0;
       int r = 0;
@@ -356,6 +397,11 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     const uint8_t* src = set + ((l * R + s) * M + (pos - pre[s])) * p.stride;
     const int64_t row = l * RM + pos;
     uint8_t* out = p.recv_x + row * out_row_bytes;
+    if (p.vec_out) {
+      const UnitRange range = PartOf(out_units, part, rparts);
+      WarpPrefetchL2(src + kLLRowHeaderBytes + range.begin * 16, (range.end - range.begin) * 16,
+                     lane);
+    }
     if (part == 0) {
       if (lane == 0) {
         p.recv_src[row] = static_cast<int32_t>(s * M + __ldcg(reinterpret_cast<const int32_t*>(src)));
@@ -453,7 +499,13 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   p.token_out = phase == kLLSendOnly ? a.token_out : nullptr;
   p.token_in = a.token_in;
   const int64_t L = a.shape.num_experts / comm.num_ranks;
-  const size_t smem = recv ? static_cast<size_t>(L * (comm.num_ranks + 1) + L + 1) * 4 : 0;
+  const int64_t words = (a.shape.num_tokens + 31) / 32;
+  p.mask_words = send && a.shape.num_experts * words * 4 <= kMaskSmemBytes
+                     ? static_cast<int32_t>(words) : 0;
+  const size_t send_smem = static_cast<size_t>(a.shape.num_experts * p.mask_words) * 4;
+  const size_t recv_smem =
+      recv ? static_cast<size_t>(L * (comm.num_ranks + 1) + L + 1) * 4 : 0;
+  const size_t smem = std::max(send_smem, recv_smem);
   const int grid = GridFor(comm);
   switch (a.dtype) {
     case LLDtype::kBF16:
