@@ -130,6 +130,13 @@ def _ll_ids(handle):
     return jnp.where(handle.owner >= 0, handle.owner * local + handle.slot // rows, -1)
 
 
+def _ll_slot(handle):
+    """The kernels' slots (row among the expert's R * M), from the handle's
+    (local expert * R * M + row)."""
+    rows = handle.num_ranks * handle.max_tokens_per_rank
+    return jnp.where(handle.slot >= 0, handle.slot % rows, -1)
+
+
 def _ll_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_name,
                max_tokens_per_rank):
     num_ranks = lax.axis_size(axis_name)
@@ -197,11 +204,11 @@ def low_latency_combine_send(y, handle):
                                     num_ranks=handle.num_ranks)
 
 
-def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
+def low_latency_combine_recv(token, y, topk_weights, handle):
     from . import _nvshmem
 
-    return _nvshmem.ll_combine_recv(token, _ll_ids(handle), topk_weights, hidden=hidden,
-                                    y_dtype=y_dtype, num_experts=handle.num_experts,
+    return _nvshmem.ll_combine_recv(token, _ll_ids(handle), topk_weights, y, _ll_slot(handle),
+                                    num_experts=handle.num_experts,
                                     max_tokens_per_rank=handle.max_tokens_per_rank)
 
 
@@ -209,22 +216,20 @@ def low_latency_combine(y, topk_weights, handle):
     from . import _nvshmem
 
     return _nvshmem.ll_combine(y, _ll_ids(handle), topk_weights, handle.recv_src,
-                               handle.recv_count, num_ranks=handle.num_ranks)
+                               handle.recv_count, _ll_slot(handle), num_ranks=handle.num_ranks)
 
 
 def low_latency_gather_rows(y, handle):
     from . import _nvshmem
 
     return _nvshmem.ll_gather(y, _ll_ids(handle), handle.recv_src, handle.recv_count,
-                              num_ranks=handle.num_ranks)
+                              _ll_slot(handle), num_ranks=handle.num_ranks)
 
 
 def low_latency_dispatch_rows(parts, handle, row_weights=None):
     from . import _nvshmem
 
-    rows = handle.num_ranks * handle.max_tokens_per_rank
-    within = jnp.where(handle.slot >= 0, handle.slot % rows, -1)
     return [_nvshmem.ll_dispatch_cached(
-        part, _ll_ids(handle), within, handle.recv_count, row_weights,
+        part, _ll_ids(handle), _ll_slot(handle), handle.recv_count, row_weights,
         num_experts=handle.num_experts, max_tokens_per_rank=handle.max_tokens_per_rank,
         num_ranks=handle.num_ranks) for part in parts]

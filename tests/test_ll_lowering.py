@@ -77,22 +77,28 @@ def test_combine_gather_and_split_combine():
     y = _s((L, R * M, H), jnp.bfloat16)
     idx, w = _s((T, K), jnp.int32), _s((T, K), jnp.float32)
     src, cnt = _s((L, R * M), jnp.int32), _s((L,), jnp.int32)
-    call = _calls(lambda *a: _nvshmem.ll_combine(*a, num_ranks=R), y, idx, w, src, cnt,
+    slot = _s((T, K), jnp.int32)
+    y_type = f"tensor<{L}x{R * M}x{H}xbf16>"
+    call = _calls(lambda *a: _nvshmem.ll_combine(*a, num_ranks=R), y, idx, w, src, cnt, slot,
                   target="jax_ep_ll_combine")
     assert f"-> tensor<{T}x{H}xbf16>" in call
+    assert (f"({y_type}, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>, tensor<{L}x{R * M}xi32>, "
+            f"tensor<{L}xi32>, tensor<{T}x{K}xi32>)") in call
     assert f"max_tokens_per_rank = {M} : i64" in call and f"num_experts = {E} : i64" in call
-    call = _calls(lambda y, i, s, c: _nvshmem.ll_gather(y, i, s, c, num_ranks=R), y, idx, src,
-                  cnt, target="jax_ep_ll_gather")
+    call = _calls(lambda y, i, s, c, sl: _nvshmem.ll_gather(y, i, s, c, sl, num_ranks=R), y, idx,
+                  src, cnt, slot, target="jax_ep_ll_gather")
     assert f"-> tensor<{T}x{K}x{H}xbf16>" in call
 
-    def split(y, i, w, s, c):
+    def split(y, i, w, s, c, sl):
         tok = _nvshmem.ll_combine_send(y, s, c, num_ranks=R)
-        return _nvshmem.ll_combine_recv(tok, i, w, hidden=H, y_dtype=y.dtype, num_experts=E,
-                                        max_tokens_per_rank=M)
+        return _nvshmem.ll_combine_recv(tok, i, w, y, sl, num_experts=E, max_tokens_per_rank=M)
 
-    assert "-> tensor<2xi32>" in _calls(split, y, idx, w, src, cnt, target="jax_ep_ll_combine_send")
-    recv = _calls(split, y, idx, w, src, cnt, target="jax_ep_ll_combine_recv")
-    assert f"-> tensor<{T}x{H}xbf16>" in recv
+    args = (y, idx, w, src, cnt, slot)
+    assert "-> tensor<2xi32>" in _calls(split, *args, target="jax_ep_ll_combine_send")
+    recv = _calls(split, *args, target="jax_ep_ll_combine_recv")
+    # the receive takes the y that was sent (its own experts' rows) and the slots
+    assert (f"(tensor<2xi32>, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>, {y_type}, "
+            f"tensor<{T}x{K}xi32>) -> tensor<{T}x{H}xbf16>") in recv
 
 
 def test_cached_dispatch_optional_scale():

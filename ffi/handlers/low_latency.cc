@@ -18,16 +18,18 @@
 //   operands  token s32[2], topk_idx s32[T, K]  results  as jax_ep_ll_dispatch
 // jax_ep_ll_combine
 //   operands  y [L, RM, H], topk_idx s32[T, K], topk_weights f32[T, K], recv_src s32[L, RM],
-//             recv_count s32[L]
+//             recv_count s32[L], slot s32[T, K] (jax_ep_ll_dispatch's)
 //   results   out [T, H] (y dtype)
 // jax_ep_ll_combine_send
 //   operands  y [L, RM, H], recv_src s32[L, RM], recv_count s32[L]   results  token s32[2]
 // jax_ep_ll_combine_recv
-//   operands  token s32[2], topk_idx s32[T, K], topk_weights f32[T, K]
-//   results   out [T, H] (dtype of the y that was sent)
+//   operands  token s32[2], topk_idx s32[T, K], topk_weights f32[T, K], y (the one sent), slot
+//   results   out [T, H] (y dtype)
 // jax_ep_ll_gather
-//   operands  y [L, RM, H], topk_idx s32[T, K], recv_src s32[L, RM], recv_count s32[L]
+//   operands  y [L, RM, H], topk_idx s32[T, K], recv_src s32[L, RM], recv_count s32[L], slot
 //   results   out [T, K, H] (y dtype)
+// The receive reads the rows of this PE's own experts from y (row slot of
+// the local expert; the send does not move them).
 // jax_ep_ll_dispatch_cached     attrs zero_fill
 //   operands  x [T, H], topk_idx s32[T, K], slot s32[T, K], recv_count s32[L],
 //             optional scale f32[T, K]
@@ -276,11 +278,12 @@ ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::
 
 // The operands of a combine target (nullptr: the target does not take it).
 struct CombineIn {
-  const ffi::AnyBuffer* y = nullptr;                    // send
+  const ffi::AnyBuffer* y = nullptr;                    // send and receive
   const ffi::Buffer<ffi::S32, 2>* recv_src = nullptr;   // send
   const ffi::Buffer<ffi::S32, 1>* recv_count = nullptr; // send
   const ffi::Buffer<ffi::S32, 2>* topk_idx = nullptr;   // receive
   const ffi::Buffer<ffi::F32, 2>* weights = nullptr;    // receive (combine)
+  const ffi::Buffer<ffi::S32, 2>* slot = nullptr;       // receive
   const ffi::Buffer<ffi::S32, 1>* token = nullptr;      // receive only
 };
 
@@ -307,9 +310,11 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
                                          Str(RM) + ", H], got " + Dims(dims));
     }
     H = dims[2];
+    args.y = in.y->untyped_data();
+  }
+  if (in.recv_src != nullptr) {
     JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_src", in.recv_src->dimensions(), {L, RM}));
     JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_count", in.recv_count->dimensions(), {L}));
-    args.y = in.y->untyped_data();
     args.recv_src = in.recv_src->typed_data();
     args.recv_count = in.recv_count->typed_data();
   }
@@ -321,6 +326,8 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
           ExpectShape(where, "topk_weights", in.weights->dimensions(), {T, K}));
       args.topk_weights = in.weights->typed_data();
     }
+    JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", in.slot->dimensions(), {T, K}));
+    args.slot = in.slot->typed_data();
     jax_ep::LLDtype out_dtype;
     if (!ToLLDtype(out->element_type(), &out_dtype) || (have_dtype && out_dtype != args.dtype)) {
       return ffi::Error::InvalidArgument(where + "the result must have y's dtype (bfloat16, "
@@ -369,8 +376,9 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
 ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                      ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
                      ffi::Buffer<ffi::S32, 2> recv_src, ffi::Buffer<ffi::S32, 1> recv_count,
-                     ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens, int64_t num_experts) {
-  const CombineIn in{&y, &recv_src, &recv_count, &topk_idx, &topk_weights};
+                     ffi::Buffer<ffi::S32, 2> slot, ffi::Result<ffi::AnyBuffer> out,
+                     int64_t max_tokens, int64_t num_experts) {
+  const CombineIn in{&y, &recv_src, &recv_count, &topk_idx, &topk_weights, &slot};
   return CombineImpl("jax_ep_ll_combine: ", jax_ep::kLLFused, false, stream, device, in, &*out,
                      nullptr, max_tokens, num_experts);
 }
@@ -386,18 +394,19 @@ ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 
 ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 1> token,
                          ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
+                         ffi::AnyBuffer y, ffi::Buffer<ffi::S32, 2> slot,
                          ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens,
                          int64_t num_experts) {
-  const CombineIn in{nullptr, nullptr, nullptr, &topk_idx, &topk_weights, &token};
+  const CombineIn in{&y, nullptr, nullptr, &topk_idx, &topk_weights, &slot, &token};
   return CombineImpl("jax_ep_ll_combine_recv: ", jax_ep::kLLRecvOnly, false, stream, device, in,
                      &*out, nullptr, max_tokens, num_experts);
 }
 
 ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                     ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::S32, 2> recv_src,
-                    ffi::Buffer<ffi::S32, 1> recv_count, ffi::Result<ffi::AnyBuffer> out,
-                    int64_t max_tokens, int64_t num_experts) {
-  const CombineIn in{&y, &recv_src, &recv_count, &topk_idx};
+                    ffi::Buffer<ffi::S32, 1> recv_count, ffi::Buffer<ffi::S32, 2> slot,
+                    ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens, int64_t num_experts) {
+  const CombineIn in{&y, &recv_src, &recv_count, &topk_idx, nullptr, &slot};
   return CombineImpl("jax_ep_ll_gather: ", jax_ep::kLLFused, true, stream, device, in, &*out,
                      nullptr, max_tokens, num_experts);
 }
@@ -512,6 +521,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
                           .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src
                           .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // slot
                           .Ret<ffi::AnyBuffer>()));        // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -528,6 +538,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR1<ffi::S32>>()  // token
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
+                          .Arg<ffi::AnyBuffer>()           // y
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // slot
                           .Ret<ffi::AnyBuffer>()));        // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -537,6 +549,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src
                           .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
+                          .Arg<ffi::BufferR2<ffi::S32>>()  // slot
                           .Ret<ffi::AnyBuffer>()));        // out [T, K, H]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -1,7 +1,9 @@
 // Low-latency combine and gather (fused, or send / receive halves): expert
 // rows back to their source tokens, reduced with fp32 weights in k order
-// (combine) or returned per (token, k) (gather, for gradients). Protocol and
-// region: low_latency_device.cuh.
+// (combine) or returned per (token, k) (gather, for gradients). Rows of this
+// PE's own experts never travel: the send skips them and the receive reads
+// them straight from y at the token's slot (1/R of the traffic; all of it
+// at one PE). Protocol and region: low_latency_device.cuh.
 #include "ffi/kernels/low_latency_device.cuh"
 
 namespace jax_ep {
@@ -24,10 +26,28 @@ struct CombineParams {
   const int32_t* recv_count;
   const int32_t* idx;
   const float* w;
+  const int32_t* slot;  // [T, K] the dispatch's slot: row of (t, k) among its expert's R * M
+  int64_t e0;           // my first expert (rank * L)
+  int64_t num_local;    // L
+  int64_t expert_rows;  // R * M
   uint8_t* out;
   int32_t* token_out;
   const int32_t* token_in;
 };
+
+// Where row (t, k) of expert e is (e valid): one of my experts' rows straight
+// from y (row slot of local expert e - e0; nullptr for a slot out of range),
+// another's in set b, where its owner wrote it.
+template <typename V>
+__device__ __forceinline__ const V* RowOf(const CombineParams& p, const uint8_t* set, int64_t e,
+                                          int64_t t, int32_t slot) {
+  if (e >= p.e0 && e < p.e0 + p.num_local) {
+    if (slot < 0 || slot >= p.expert_rows) return nullptr;
+    const int64_t row = (e - p.e0) * p.expert_rows + slot;
+    return reinterpret_cast<const V*>(p.y + row * p.s.hidden * p.y_bytes);
+  }
+  return reinterpret_cast<const V*>(set + (e * p.s.max_tokens + t) * p.stride);
+}
 
 // s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
 __device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
@@ -45,7 +65,6 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
   using Raw = typename Elem::Raw;
   using V = typename VecOf<kNE * sizeof(Raw)>::Type;
   const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
-  const int64_t M = p.s.max_tokens;
   const int64_t chunks = H / kNE;
   const int64_t items = T * chunks;
   for (int64_t item = gtid; item < items; item += gthreads) {
@@ -57,10 +76,9 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
       const int64_t c_next = item + gthreads - t_next * chunks;
       for (int64_t k = 0; k < K; ++k) {
         const int32_t e = __ldg(p.idx + t_next * K + k);
-        if (e >= 0 && e < E) {
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(
-              reinterpret_cast<const V*>(set + (e * M + t_next) * p.stride) + c_next));
-        }
+        const V* row = e >= 0 && e < E ? RowOf<V>(p, set, e, t_next, __ldg(p.slot + t_next * K + k))
+                                       : nullptr;
+        if (row != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + c_next));
       }
     }
     float acc[kNE];
@@ -74,9 +92,11 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
       for (int u = 0; u < kKChunk; ++u) {
         const int64_t k = k0 + u;
         const int32_t e = k < K ? __ldg(idx_row + k) : -1;
-        ok[u] = e >= 0 && e < E;
+        const int32_t slot = k < K ? __ldg(p.slot + t * K + k) : -1;
+        const V* row = e >= 0 && e < E ? RowOf<V>(p, set, e, t, slot) : nullptr;
+        ok[u] = row != nullptr;
         if (ok[u]) {
-          v[u] = __ldcg(reinterpret_cast<const V*>(set + (e * M + t) * p.stride) + c);
+          v[u] = __ldcg(row + c);
           w[u] = __ldg(p.w + t * K + k);
         }
       }
@@ -104,7 +124,6 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
   using Raw = typename Elem::Raw;
   using V = typename VecOf<kNE * sizeof(Raw)>::Type;
   const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
-  const int64_t M = p.s.max_tokens;
   const int64_t chunks = H / kNE;
   const int64_t items = T * K * chunks;
   for (int64_t item = gtid; item < items; item += gthreads) {
@@ -112,8 +131,9 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
     const int64_t c = item - tk * chunks;
     const int64_t t = tk / K;
     const int32_t e = __ldg(p.idx + tk);
+    const V* row = e >= 0 && e < E ? RowOf<V>(p, set, e, t, __ldg(p.slot + tk)) : nullptr;
     V v{};
-    if (e >= 0 && e < E) v = __ldcg(reinterpret_cast<const V*>(set + (e * M + t) * p.stride) + c);
+    if (row != nullptr) v = __ldcg(row + c);
     reinterpret_cast<V*>(p.out + tk * H * sizeof(Raw))[c] = v;
   }
 }
@@ -158,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       if (code < 0) continue;
       const int s = code / static_cast<int32_t>(M);
       const int64_t t = code - static_cast<int64_t>(s) * M;
-      if (s >= R) continue;
+      if (s >= R || s == me) continue;  // my own tokens read this row from y
       const int64_t e = static_cast<int64_t>(me) * L + l;
       const size_t off = set_off + static_cast<size_t>(e * M + t) * p.stride;
       const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
@@ -210,7 +230,8 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const bool tokens = a.shape.num_tokens > 0;  // zero-sized XLA buffers may be null
   if ((send && (a.y == nullptr || a.recv_src == nullptr || a.recv_count == nullptr)) ||
       (recv && tokens &&
-       (a.topk_idx == nullptr || a.out == nullptr || (!a.gather && a.topk_weights == nullptr))) ||
+       (a.topk_idx == nullptr || a.out == nullptr || a.y == nullptr || a.slot == nullptr ||
+        (!a.gather && a.topk_weights == nullptr))) ||
       (phase == kLLSendOnly && a.token_out == nullptr) ||
       (phase == kLLRecvOnly && a.token_in == nullptr)) {
     return cudaErrorInvalidValue;
@@ -228,6 +249,10 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   p.recv_count = a.recv_count;
   p.idx = a.topk_idx;
   p.w = a.topk_weights;
+  p.slot = a.slot;
+  p.num_local = a.shape.num_experts / comm.num_ranks;
+  p.e0 = static_cast<int64_t>(comm.rank) * p.num_local;
+  p.expert_rows = comm.num_ranks * a.shape.max_tokens;
   p.out = static_cast<uint8_t*>(a.out);
   p.token_out = phase == kLLSendOnly ? a.token_out : nullptr;
   p.token_in = a.token_in;
@@ -236,7 +261,8 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const int grid = GridFor(comm);
   // 16-byte chunks when every row and the output are 16-byte aligned.
   const bool vec = (a.shape.hidden * yb) % 16 == 0 &&
-                   (reinterpret_cast<uintptr_t>(a.out) % 16 == 0 || !recv);
+                   ((reinterpret_cast<uintptr_t>(a.out) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(a.y) % 16 == 0) || !recv);
   switch (a.dtype) {
     case LLDtype::kBF16:
       return vec ? Launch(LLCombineKernel<Bf16Elem, 8>, grid, smem, stream, comm, p)

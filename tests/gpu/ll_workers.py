@@ -104,8 +104,8 @@ def low_latency(seed="0"):
                 y = (y * 2.0 - 1.0).astype(jnp.bfloat16)
             else:
                 y = (recv_x.astype(jnp.float32) * 2.0 - 1.0).astype(recv_x.dtype)
-            out = _nvshmem.ll_combine(y, idx, w, src, count, num_ranks=n)
-            gathered = _nvshmem.ll_gather(y, idx, src, count, num_ranks=n)
+            out = _nvshmem.ll_combine(y, idx, w, src, count, slot, num_ranks=n)
+            gathered = _nvshmem.ll_gather(y, idx, src, count, slot, num_ranks=n)
             parts = tuple(recv_x) if use_fp8 else (recv_x,)
             return (*[p[None] for p in parts], count[None], src[None], slot, out,
                     gathered)
@@ -121,12 +121,12 @@ def low_latency(seed="0"):
             tb = _nvshmem.ll_dispatch_send(x2, idx2, num_experts=E, max_tokens_per_rank=M)
             kw = dict(hidden=H, x_dtype=x.dtype, num_experts=E, max_tokens_per_rank=M,
                       num_ranks=n)
-            ra, ca, sa, _ = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
+            ra, ca, sa, slot_a = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
             rb, cb, sb, _ = _nvshmem.ll_dispatch_recv(tb, idx2, **kw)
             ya = (ra.astype(jnp.float32) * 2.0 - 1.0).astype(ra.dtype)
             tc = _nvshmem.ll_combine_send(ya, sa, ca, num_ranks=n)
-            out = _nvshmem.ll_combine_recv(tc, idx, w, hidden=H, y_dtype=ya.dtype,
-                                           num_experts=E, max_tokens_per_rank=M)
+            out = _nvshmem.ll_combine_recv(tc, idx, w, ya, slot_a, num_experts=E,
+                                           max_tokens_per_rank=M)
             return ra[None], rb[None], out
         return f
 
