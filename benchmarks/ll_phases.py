@@ -6,8 +6,9 @@ stamps %globaltimer at each phase (ffi/kernels/low_latency.h, LLTraceEvent),
 the trace is written at shutdown, and this script prints, per op kind, the
 median over the traced chained calls of each phase's time (µs) after the
 op's first kernel start on any PE; "min-max" spans the PEs (for per-block
-events, the last block of each PE). Diagnostics, not a benchmark: the
-stamps cost a store per block and phase.
+events, the last block of each PE); last, each PE's kernel time from its own
+first block's start to its last block's end (what DeepEP reports: kernel
+time). Diagnostics: the stamps cost a store per block and phase.
 
     python benchmarks/ll_phases.py --ranks 1
     python benchmarks/ll_phases.py --ranks 8
@@ -110,6 +111,9 @@ def phases(traces):
         a = np.stack(ops)  # [ops, PEs, phases]
         out[name] = [(PHASES[i][1], np.nanmedian(np.nanmin(a[:, :, i], axis=1)),
                       np.nanmedian(np.nanmax(a[:, :, i], axis=1))) for i in range(len(PHASES))]
+        own = a[:, :, -1] - a[:, :, 0]  # each PE's kernel: its own start to its end
+        out[name].append(("kernel time (own start to end)", np.nanmedian(np.nanmin(own, axis=1)),
+                          np.nanmedian(np.nanmax(own, axis=1))))
         out[name].append(("ops traced", len(ops), len(ops)))
     return out
 
