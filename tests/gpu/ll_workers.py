@@ -123,6 +123,10 @@ def low_latency(seed="0"):
                       num_ranks=n)
             ra, ca, sa, slot_a = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
             rb, cb, sb, _ = _nvshmem.ll_dispatch_recv(tb, idx2, **kw)
+            # The combine's send is a third op: it must run after both receives
+            # (XLA may order the independent halves either way, e.g. send b
+            # first, and then a send before receive b would wait for it).
+            ra, rb = jax.lax.optimization_barrier((ra, rb))
             ya = (ra.astype(jnp.float32) * 2.0 - 1.0).astype(ra.dtype)
             tc = _nvshmem.ll_combine_send(ya, sa, ca, num_ranks=n)
             out = _nvshmem.ll_combine_recv(tc, idx, w, ya, slot_a, num_experts=E,
