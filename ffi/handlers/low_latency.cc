@@ -28,8 +28,8 @@
 // jax_ep_ll_gather
 //   operands  y [L, RM, H], topk_idx s32[T, K], recv_src s32[L, RM], recv_count s32[L], slot
 //   results   out [T, K, H] (y dtype)
-// The receive reads the rows of this PE's own experts from y (row slot of
-// the local expert; the send does not move them).
+// At one PE the receive reads the rows from y (row slot of the expert; the
+// send does not move them).
 // jax_ep_ll_dispatch_cached     attrs zero_fill
 //   operands  x [T, H], topk_idx s32[T, K], slot s32[T, K], recv_count s32[L],
 //             optional scale f32[T, K]

@@ -1,9 +1,12 @@
 // Low-latency combine and gather (fused, or send / receive halves): expert
 // rows back to their source tokens, reduced with fp32 weights in k order
-// (combine) or returned per (token, k) (gather, for gradients). Rows of this
-// PE's own experts never travel: the send skips them and the receive reads
-// them straight from y at the token's slot (1/R of the traffic; all of it
-// at one PE). Protocol and region: low_latency_device.cuh.
+// (combine) or returned per (token, k) (gather, for gradients). At one PE the
+// rows never travel: the send skips them and the receive reads them straight
+// from y at the token's slot. Not at several PEs: there the receive's other
+// rows were just written into the receive area (hot in L2) while y's come
+// from HBM, and every token waits for its slowest row (measured at 8 PEs on
+// one H200: receive 52-57 -> 87-91 us, send only 9 us shorter). Protocol and
+// region: low_latency_device.cuh.
 #include "ffi/kernels/low_latency_device.cuh"
 
 namespace jax_ep {
@@ -35,20 +38,22 @@ struct CombineParams {
   const int32_t* token_in;
 };
 
-// Where row (t, k) of expert e is (e valid): one of my experts' rows straight
-// from y (row slot of local expert e - e0; nullptr for a slot out of range),
-// another's in set b, where its owner wrote it.
-template <typename V>
+// Where row (t, k) of expert e is (e valid): with kSelfRows (one PE) one of
+// my experts' rows straight from y (row slot of local expert e - e0; nullptr
+// for a slot out of range), else in set b, where its owner wrote it. A
+// template flag, not a run-time one: the slot loads alone, not taken, cost
+// the 8-PE receive as much as reading y.
+template <bool kSelfRows, typename V>
 __device__ __forceinline__ const V* RowOf(const CombineParams& p, const uint8_t* set, int64_t e,
-                                          int64_t t, int32_t slot) {
-  if (e >= p.e0 && e < p.e0 + p.num_local) {
-    if (slot < 0 || slot >= p.expert_rows) return nullptr;
-    const int64_t row = (e - p.e0) * p.expert_rows + slot;
+                                          int64_t t, const int32_t* slot) {
+  if (kSelfRows && e >= p.e0 && e < p.e0 + p.num_local) {
+    const int32_t row_in_expert = __ldg(slot);
+    if (row_in_expert < 0 || row_in_expert >= p.expert_rows) return nullptr;
+    const int64_t row = (e - p.e0) * p.expert_rows + row_in_expert;
     return reinterpret_cast<const V*>(p.y + row * p.s.hidden * p.y_bytes);
   }
   return reinterpret_cast<const V*>(set + (e * p.s.max_tokens + t) * p.stride);
 }
-
 // s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
 __device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
                                          int32_t* s_base) {
@@ -59,7 +64,7 @@ __device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_
 // time (all of them for K <= 8), then summed in k order. The rows of the
 // thread's next item are prefetched into L2 first (at 8 PEs on one GPU a
 // thread reduces ~14 items one after the other).
-template <typename Elem, int kNE>
+template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint8_t* set,
                                               int64_t gtid, int64_t gthreads) {
   using Raw = typename Elem::Raw;
@@ -76,8 +81,9 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
       const int64_t c_next = item + gthreads - t_next * chunks;
       for (int64_t k = 0; k < K; ++k) {
         const int32_t e = __ldg(p.idx + t_next * K + k);
-        const V* row = e >= 0 && e < E ? RowOf<V>(p, set, e, t_next, __ldg(p.slot + t_next * K + k))
-                                       : nullptr;
+        const V* row =
+            e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t_next, p.slot + t_next * K + k)
+                            : nullptr;
         if (row != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + c_next));
       }
     }
@@ -92,8 +98,8 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
       for (int u = 0; u < kKChunk; ++u) {
         const int64_t k = k0 + u;
         const int32_t e = k < K ? __ldg(idx_row + k) : -1;
-        const int32_t slot = k < K ? __ldg(p.slot + t * K + k) : -1;
-        const V* row = e >= 0 && e < E ? RowOf<V>(p, set, e, t, slot) : nullptr;
+        const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, p.slot + t * K + k)
+                                       : nullptr;
         ok[u] = row != nullptr;
         if (ok[u]) {
           v[u] = __ldcg(row + c);
@@ -118,7 +124,7 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
   }
 }
 
-template <typename Elem, int kNE>
+template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t* set,
                                            int64_t gtid, int64_t gthreads) {
   using Raw = typename Elem::Raw;
@@ -131,14 +137,14 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
     const int64_t c = item - tk * chunks;
     const int64_t t = tk / K;
     const int32_t e = __ldg(p.idx + tk);
-    const V* row = e >= 0 && e < E ? RowOf<V>(p, set, e, t, __ldg(p.slot + tk)) : nullptr;
+    const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, p.slot + tk) : nullptr;
     V v{};
     if (row != nullptr) v = __ldcg(row + c);
     reinterpret_cast<V*>(p.out + tk * H * sizeof(Raw))[c] = v;
   }
 }
 
-template <typename Elem, int kNE>
+template <typename Elem, int kNE, bool kSelfRows>
 __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, CombineParams p) {
   extern __shared__ int32_t s_base[];  // [L + 1] (send)
   __shared__ uint8_t* s_peer[kLLMaxRanks];
@@ -178,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       if (code < 0) continue;
       const int s = code / static_cast<int32_t>(M);
       const int64_t t = code - static_cast<int64_t>(s) * M;
-      if (s >= R || s == me) continue;  // my own tokens read this row from y
+      if (s >= R || (kSelfRows && s == me)) continue;  // then my receive reads y
       const int64_t e = static_cast<int64_t>(me) * L + l;
       const size_t off = set_off + static_cast<size_t>(e * M + t) * p.stride;
       const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
@@ -211,13 +217,20 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   const uint8_t* set = c.base + set_off;
   const int64_t gtid = GlobalThread(), gthreads = GridThreads();
   if (p.gather) {
-    GatherRows<Elem, kNE>(p, set, gtid, gthreads);
+    GatherRows<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
   } else {
-    CombineReduce<Elem, kNE>(p, set, gtid, gthreads);
+    CombineReduce<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
   }
   TracePoint(c, n, kLLTraceCopied, op);
   TracePoint(c, n, kLLTraceEnd, op);
   if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
+}
+
+template <typename Elem, int kNE>
+cudaError_t LaunchCombine(bool self_rows, int grid, size_t smem, cudaStream_t stream,
+                          const LLComm& comm, const CombineParams& p) {
+  return self_rows ? Launch(LLCombineKernel<Elem, kNE, true>, grid, smem, stream, comm, p)
+                   : Launch(LLCombineKernel<Elem, kNE, false>, grid, smem, stream, comm, p);
 }
 
 }  // namespace
@@ -263,16 +276,18 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const bool vec = (a.shape.hidden * yb) % 16 == 0 &&
                    ((reinterpret_cast<uintptr_t>(a.out) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(a.y) % 16 == 0) || !recv);
+  // One PE: rows of my own experts are read from y (kSelfRows, see RowOf).
+  const bool one = comm.num_ranks == 1;
   switch (a.dtype) {
     case LLDtype::kBF16:
-      return vec ? Launch(LLCombineKernel<Bf16Elem, 8>, grid, smem, stream, comm, p)
-                 : Launch(LLCombineKernel<Bf16Elem, 1>, grid, smem, stream, comm, p);
+      return vec ? LaunchCombine<Bf16Elem, 8>(one, grid, smem, stream, comm, p)
+                 : LaunchCombine<Bf16Elem, 1>(one, grid, smem, stream, comm, p);
     case LLDtype::kF16:
-      return vec ? Launch(LLCombineKernel<F16Elem, 8>, grid, smem, stream, comm, p)
-                 : Launch(LLCombineKernel<F16Elem, 1>, grid, smem, stream, comm, p);
+      return vec ? LaunchCombine<F16Elem, 8>(one, grid, smem, stream, comm, p)
+                 : LaunchCombine<F16Elem, 1>(one, grid, smem, stream, comm, p);
     case LLDtype::kF32:
-      return vec ? Launch(LLCombineKernel<F32Elem, 4>, grid, smem, stream, comm, p)
-                 : Launch(LLCombineKernel<F32Elem, 1>, grid, smem, stream, comm, p);
+      return vec ? LaunchCombine<F32Elem, 4>(one, grid, smem, stream, comm, p)
+                 : LaunchCombine<F32Elem, 1>(one, grid, smem, stream, comm, p);
   }
   return cudaErrorInvalidValue;
 }
