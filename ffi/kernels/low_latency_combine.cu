@@ -54,6 +54,7 @@ __device__ __forceinline__ const V* RowOf(const CombineParams& p, const uint8_t*
   }
   return reinterpret_cast<const V*>(set + (e * p.s.max_tokens + t) * p.stride);
 }
+
 // s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
 __device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
                                          int32_t* s_base) {
