@@ -1,0 +1,77 @@
+"""benchmarks/ll_phases.py reads the kernels' phase trace (JAX_EP_LL_TRACE):
+its layout constants match ffi/kernels/low_latency.h, and a synthetic trace
+with known stamps gives the phase times and per-PE kernel times it encodes."""
+
+import os
+import re
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import ll_phases  # noqa: E402
+
+
+def _header_constants():
+    with open(os.path.join(ROOT, "ffi", "kernels", "low_latency.h")) as f:
+        text = f.read()
+    ints = {name: int(value) for name, value in
+            re.findall(r"inline constexpr int (kLLTrace\w+) = (\d+);", text)}
+    events = {name: int(value) for name, value in re.findall(r"(kLLTrace\w+) = (\d+),", text)}
+    ops = {name: int(value) for name, value in re.findall(r"(kOpLL\w+) = (\d+),", text)}
+    return ints, events, ops
+
+
+def test_layout_matches_the_kernels():
+    ints, events, ops = _header_constants()
+    assert ints == {"kLLTraceOps": ll_phases.OPS, "kLLTraceBlocks": ll_phases.BLOCKS,
+                    "kLLTraceEvents": ll_phases.EVENTS}
+    assert events["kLLTraceStart"] == 0 and events["kLLTraceEnd"] == 6
+    assert events["kLLTraceTag"] == 7
+    assert {v: k for k, v in ops.items()}[16] == "kOpLLDispatch"
+    assert set(ll_phases.OP_NAMES) == set(ops.values())
+    for ev, _, _ in ll_phases.PHASES:
+        assert 0 <= ev < events["kLLTraceTag"]
+
+
+def _synthetic(num_pes, ops, pe_skew_ns, blocks=16):
+    """Op n of kind 16 / 17 (odd / even n) starts at n ms (+ the PE's skew);
+    event ev of block b lands ev µs + 10 ns * b later; only block 5 stores
+    the 'signalled' event (the last block), as in the kernels."""
+    traces = []
+    for pe in range(num_pes):
+        t = np.zeros((ll_phases.OPS, ll_phases.BLOCKS, ll_phases.EVENTS), np.uint64)
+        for n in range(1, ops + 1):
+            start = 1_000_000 * n + pe * pe_skew_ns
+            for b in range(blocks):
+                for ev in range(7):
+                    if ev == 3 and b != 5:
+                        continue
+                    t[n % ll_phases.OPS, b, ev] = start + 1000 * ev + 10 * b
+            t[n % ll_phases.OPS, 0, 7] = (n << 8) | (16 if n % 2 else 17)
+        traces.append(t)
+    return traces
+
+
+def test_phases_of_a_synthetic_trace():
+    table = ll_phases.phases(_synthetic(num_pes=2, ops=40, pe_skew_ns=500))
+    assert set(table) == {"dispatch", "combine"}
+    rows = {label: (lo, hi) for label, lo, hi in table["dispatch"]}
+    assert rows["ops traced"] == (20, 20)
+    assert rows["kernel start (first block)"] == (0.0, 0.5)  # the second PE starts 0.5 µs later
+    np.testing.assert_allclose(rows["send: rows written (first block)"], (2.0, 2.5))
+    np.testing.assert_allclose(rows["send: rows written (last block)"], (2.15, 2.65))
+    np.testing.assert_allclose(rows["send: done signals stored"], (3.05, 3.55))
+    np.testing.assert_allclose(rows["kernel end (last block)"], (6.15, 6.65))
+    np.testing.assert_allclose(rows["kernel time (own start to end)"], (6.15, 6.15))
+
+
+def test_ops_missing_on_a_pe_are_left_out():
+    traces = _synthetic(num_pes=2, ops=10, pe_skew_ns=0)
+    traces[1][3] = 0  # op 3 never reached PE 1's trace
+    table = ll_phases.phases(traces)
+    counts = {name: dict((lbl, lo) for lbl, lo, _ in rows)["ops traced"]
+              for name, rows in table.items()}
+    assert counts == {"dispatch": 4, "combine": 5}
