@@ -55,6 +55,19 @@ def test_public_low_latency_api_on_cuda_at_decode_shape(mps, ranks):
         assert "fp8" in res.result["checked"], res.result
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_public_low_latency_api_on_cuda_with_many_experts(mps, ranks):
+    """4096 experts, 160 tokens: the dispatch's token-position fallback (the
+    mask table would not fit in shared memory) and a receive prefix table
+    over 48 KiB."""
+    results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": GPU_DIR}, args=("0", "many_experts"))
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["shape"] == [160, 128, 8, 4096, 160], res.result
+        assert "fp8" in res.result["checked"], res.result
+
+
 def test_pe_that_never_calls_times_out_with_a_message(mps):
     if external_launch():
         pytest.skip("needs to control which PE calls; run without a scheduler")
