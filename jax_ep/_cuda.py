@@ -204,11 +204,11 @@ def low_latency_combine_send(y, handle):
                                     num_ranks=handle.num_ranks)
 
 
-def low_latency_combine_recv(token, y, topk_weights, handle):
+def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
     from . import _nvshmem
 
-    return _nvshmem.ll_combine_recv(token, _ll_ids(handle), topk_weights, y, _ll_slot(handle),
-                                    num_experts=handle.num_experts,
+    return _nvshmem.ll_combine_recv(token, _ll_ids(handle), topk_weights, hidden=hidden,
+                                    y_dtype=y_dtype, num_experts=handle.num_experts,
                                     max_tokens_per_rank=handle.max_tokens_per_rank)
 
 

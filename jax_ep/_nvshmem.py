@@ -262,8 +262,8 @@ def _moe_attrs(y, num_ranks):
 def ll_combine(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, num_ranks=None):
     """out[t] = sum_k w[t, k] * y_owner[row of (t, k)] in fp32, k order, cast to y's dtype.
 
-    slot: ll_dispatch's [T, K] slot (the rows of this rank's own experts
-    are read from y there)."""
+    slot: ll_dispatch's [T, K] slot (at one rank the rows are read from y
+    there)."""
     _ffi.ensure_cuda_targets_registered()
     L, M, H, E = _moe_attrs(y, num_ranks)
     T = jax.typeof(topk_idx).shape[0]
@@ -280,15 +280,14 @@ def ll_combine_send(y, recv_src, recv_count, *, num_ranks=None):
         y, recv_src, recv_count, **_attrs(M, E))
 
 
-def ll_combine_recv(token, topk_idx, topk_weights, y, slot, *, num_experts, max_tokens_per_rank):
-    """Receive half of ll_combine: [T, H] of y's dtype; y is the one that was
-    sent (its own experts' rows are read from it at slot, as in ll_combine)."""
+def ll_combine_recv(token, topk_idx, topk_weights, *, hidden, y_dtype, num_experts,
+                    max_tokens_per_rank):
+    """Receive half of ll_combine: [T, H] of the sent y's dtype."""
     _ffi.ensure_cuda_targets_registered()
     T = jax.typeof(topk_idx).shape[0]
-    H = jax.typeof(y).shape[-1]
-    out_type = _ffi._result_type(jax.typeof(y), (T, H), jax.typeof(y).dtype)
+    out_type = _ffi._result_type(jax.typeof(topk_weights), (T, hidden), y_dtype)
     return jax.ffi.ffi_call(LL_COMBINE_RECV, out_type)(
-        token, topk_idx, topk_weights, y, slot, **_attrs(max_tokens_per_rank, num_experts))
+        token, topk_idx, topk_weights, **_attrs(max_tokens_per_rank, num_experts))
 
 
 def ll_gather(y, topk_idx, recv_src, recv_count, slot, *, num_ranks=None):

@@ -76,11 +76,10 @@ def low_latency_combine_send(y, handle, *, backend=None):
                       op, "local experts x R * max_tokens_per_rank slots")
     y = _not_differentiable(op)(y)
     if _backend.resolve(backend, "low_latency_combine") == "cuda":
-        # y stays part of the pending op: the receive reads this rank's own
-        # experts' rows from it.
         token = _cuda.low_latency_combine_send(y, handle)
-        return LowLatencyPending(arrays=(token, y, handle), kind="combine", backend="cuda",
-                                 meta=())
+        meta = (("hidden", y.shape[-1]), ("y_dtype", np.dtype(y.dtype).name))
+        return LowLatencyPending(arrays=(token, handle), kind="combine", backend="cuda",
+                                 meta=meta)
     return LowLatencyPending(arrays=(y, handle), kind="combine", backend="reference", meta=())
 
 
@@ -88,13 +87,15 @@ def low_latency_combine_recv(pending, topk_idx, topk_weights):
     """Second half: the [T, H] weighted sum, as `low_latency_combine` returns."""
     op = "low_latency_combine_recv"
     _expect(pending, "combine", op)
+    first, handle = pending.arrays
     if pending.backend == "reference":
-        y, handle = pending.arrays
-        return _ops.low_latency_combine(y, topk_idx, topk_weights, handle, backend="reference")
-    token, y, handle = pending.arrays
+        return _ops.low_latency_combine(first, topk_idx, topk_weights, handle,
+                                        backend="reference")
     idx = _checks.topk_idx(topk_idx, handle.slot.shape[0], handle.num_experts, op)
     w = _checks.topk_weights(topk_weights, idx.shape, op)
-    return _cuda.low_latency_combine_recv(token, y, w, handle)
+    meta = dict(pending.meta)
+    return _cuda.low_latency_combine_recv(first, w, handle, hidden=meta["hidden"],
+                                          y_dtype=np.dtype(meta["y_dtype"]))
 
 
 def _expect(pending, kind, op):

@@ -23,13 +23,13 @@
 // jax_ep_ll_combine_send
 //   operands  y [L, RM, H], recv_src s32[L, RM], recv_count s32[L]   results  token s32[2]
 // jax_ep_ll_combine_recv
-//   operands  token s32[2], topk_idx s32[T, K], topk_weights f32[T, K], y (the one sent), slot
-//   results   out [T, H] (y dtype)
+//   operands  token s32[2], topk_idx s32[T, K], topk_weights f32[T, K]
+//   results   out [T, H] (dtype of the y that was sent)
 // jax_ep_ll_gather
 //   operands  y [L, RM, H], topk_idx s32[T, K], recv_src s32[L, RM], recv_count s32[L], slot
 //   results   out [T, K, H] (y dtype)
-// At one PE the receive reads the rows from y (row slot of the expert; the
-// send does not move them).
+// At one PE the fused combine and gather read the rows from y (row slot of
+// the expert) instead of moving them.
 // jax_ep_ll_dispatch_cached     attrs zero_fill
 //   operands  x [T, H], topk_idx s32[T, K], slot s32[T, K], recv_count s32[L],
 //             optional scale f32[T, K]
@@ -278,12 +278,12 @@ ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::
 
 // The operands of a combine target (nullptr: the target does not take it).
 struct CombineIn {
-  const ffi::AnyBuffer* y = nullptr;                    // send and receive
+  const ffi::AnyBuffer* y = nullptr;                    // send (fused: receive too)
   const ffi::Buffer<ffi::S32, 2>* recv_src = nullptr;   // send
   const ffi::Buffer<ffi::S32, 1>* recv_count = nullptr; // send
   const ffi::Buffer<ffi::S32, 2>* topk_idx = nullptr;   // receive
   const ffi::Buffer<ffi::F32, 2>* weights = nullptr;    // receive (combine)
-  const ffi::Buffer<ffi::S32, 2>* slot = nullptr;       // receive
+  const ffi::Buffer<ffi::S32, 2>* slot = nullptr;       // receive (fused)
   const ffi::Buffer<ffi::S32, 1>* token = nullptr;      // receive only
 };
 
@@ -326,8 +326,10 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
           ExpectShape(where, "topk_weights", in.weights->dimensions(), {T, K}));
       args.topk_weights = in.weights->typed_data();
     }
-    JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", in.slot->dimensions(), {T, K}));
-    args.slot = in.slot->typed_data();
+    if (in.slot != nullptr) {
+      JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", in.slot->dimensions(), {T, K}));
+      args.slot = in.slot->typed_data();
+    }
     jax_ep::LLDtype out_dtype;
     if (!ToLLDtype(out->element_type(), &out_dtype) || (have_dtype && out_dtype != args.dtype)) {
       return ffi::Error::InvalidArgument(where + "the result must have y's dtype (bfloat16, "
@@ -394,10 +396,9 @@ ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 
 ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 1> token,
                          ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
-                         ffi::AnyBuffer y, ffi::Buffer<ffi::S32, 2> slot,
                          ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens,
                          int64_t num_experts) {
-  const CombineIn in{&y, nullptr, nullptr, &topk_idx, &topk_weights, &slot, &token};
+  const CombineIn in{nullptr, nullptr, nullptr, &topk_idx, &topk_weights, nullptr, &token};
   return CombineImpl("jax_ep_ll_combine_recv: ", jax_ep::kLLRecvOnly, false, stream, device, in,
                      &*out, nullptr, max_tokens, num_experts);
 }
@@ -538,8 +539,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR1<ffi::S32>>()  // token
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
-                          .Arg<ffi::AnyBuffer>()           // y
-                          .Arg<ffi::BufferR2<ffi::S32>>()  // slot
                           .Ret<ffi::AnyBuffer>()));        // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -145,12 +145,12 @@ struct LLCombineArgs {
   LLShape shape;
   bool gather = false;                  // out [T, K, H] rows instead of the weighted sum
   LLDtype dtype = LLDtype::kBF16;       // y's dtype = out's dtype
-  const void* y = nullptr;              // [L, R*M, H] (send, and receive: my experts' rows)
+  const void* y = nullptr;              // [L, R*M, H] (send; fused at one PE: receive too)
   const int32_t* recv_src = nullptr;    // [L, R*M] (send)
   const int32_t* recv_count = nullptr;  // [L] (send)
   const int32_t* topk_idx = nullptr;    // [T, K] (receive)
   const float* topk_weights = nullptr;  // [T, K] (receive, combine only)
-  const int32_t* slot = nullptr;        // [T, K] the dispatch's slot (receive: own experts' rows)
+  const int32_t* slot = nullptr;        // [T, K] the dispatch's slot (fused at one PE)
   void* out = nullptr;                  // [T, H] or [T, K, H]
   int32_t* token_out = nullptr;
   const int32_t* token_in = nullptr;

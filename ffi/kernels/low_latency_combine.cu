@@ -1,8 +1,10 @@
 // Low-latency combine and gather (fused, or send / receive halves): expert
 // rows back to their source tokens, reduced with fp32 weights in k order
 // (combine) or returned per (token, k) (gather, for gradients). At one PE the
-// rows never travel: the send skips them and the receive reads them straight
-// from y at the token's slot. Not at several PEs: there the receive's other
+// fused ops move no rows: the send skips them and the receive reads them
+// straight from y at the token's slot (not the split form, whose receive does
+// not hold y: keeping y alive through the overlap would cost its memory).
+// Not at several PEs: there the receive's other
 // rows were just written into the receive area (hot in L2) while y's come
 // from HBM, and every token waits for its slowest row (measured at 8 PEs on
 // one H200: receive 52-57 -> 87-91 us, send only 9 us shorter). Protocol and
@@ -38,16 +40,17 @@ struct CombineParams {
   const int32_t* token_in;
 };
 
-// Where row (t, k) of expert e is (e valid): with kSelfRows (one PE) one of
-// my experts' rows straight from y (row slot of local expert e - e0; nullptr
-// for a slot out of range), else in set b, where its owner wrote it. A
+// Where row (t, k) of expert e is (e valid; tk = t * K + k): with kSelfRows
+// (fused, one PE) one of my experts' rows straight from y (row slot[tk] of
+// local expert e - e0; nullptr for a slot out of range), else in set b,
+// where its owner wrote it. A
 // template flag, not a run-time one: the slot loads alone, not taken, cost
 // the 8-PE receive as much as reading y.
 template <bool kSelfRows, typename V>
 __device__ __forceinline__ const V* RowOf(const CombineParams& p, const uint8_t* set, int64_t e,
-                                          int64_t t, const int32_t* slot) {
+                                          int64_t t, int64_t tk) {
   if (kSelfRows && e >= p.e0 && e < p.e0 + p.num_local) {
-    const int32_t row_in_expert = __ldg(slot);
+    const int32_t row_in_expert = __ldg(p.slot + tk);
     if (row_in_expert < 0 || row_in_expert >= p.expert_rows) return nullptr;
     const int64_t row = (e - p.e0) * p.expert_rows + row_in_expert;
     return reinterpret_cast<const V*>(p.y + row * p.s.hidden * p.y_bytes);
@@ -83,7 +86,7 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
       for (int64_t k = 0; k < K; ++k) {
         const int32_t e = __ldg(p.idx + t_next * K + k);
         const V* row =
-            e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t_next, p.slot + t_next * K + k)
+            e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t_next, t_next * K + k)
                             : nullptr;
         if (row != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + c_next));
       }
@@ -99,7 +102,7 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
       for (int u = 0; u < kKChunk; ++u) {
         const int64_t k = k0 + u;
         const int32_t e = k < K ? __ldg(idx_row + k) : -1;
-        const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, p.slot + t * K + k)
+        const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k)
                                        : nullptr;
         ok[u] = row != nullptr;
         if (ok[u]) {
@@ -138,7 +141,7 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
     const int64_t c = item - tk * chunks;
     const int64_t t = tk / K;
     const int32_t e = __ldg(p.idx + tk);
-    const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, p.slot + tk) : nullptr;
+    const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, tk) : nullptr;
     V v{};
     if (row != nullptr) v = __ldcg(row + c);
     reinterpret_cast<V*>(p.out + tk * H * sizeof(Raw))[c] = v;
@@ -244,8 +247,7 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const bool tokens = a.shape.num_tokens > 0;  // zero-sized XLA buffers may be null
   if ((send && (a.y == nullptr || a.recv_src == nullptr || a.recv_count == nullptr)) ||
       (recv && tokens &&
-       (a.topk_idx == nullptr || a.out == nullptr || a.y == nullptr || a.slot == nullptr ||
-        (!a.gather && a.topk_weights == nullptr))) ||
+       (a.topk_idx == nullptr || a.out == nullptr || (!a.gather && a.topk_weights == nullptr))) ||
       (phase == kLLSendOnly && a.token_out == nullptr) ||
       (phase == kLLRecvOnly && a.token_in == nullptr)) {
     return cudaErrorInvalidValue;
@@ -273,12 +275,13 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const int64_t L = a.shape.num_experts / comm.num_ranks;
   const size_t smem = send ? static_cast<size_t>(L + 1) * 4 : 0;
   const int grid = GridFor(comm);
-  // 16-byte chunks when every row and the output are 16-byte aligned.
+  // One PE, fused: rows of my own experts are read from y (kSelfRows, RowOf).
+  const bool one = comm.num_ranks == 1 && phase == kLLFused;
+  if (one && a.shape.num_tokens > 0 && a.slot == nullptr) return cudaErrorInvalidValue;
+  // 16-byte chunks when every row the receive reads and the output are 16-byte aligned.
   const bool vec = (a.shape.hidden * yb) % 16 == 0 &&
                    ((reinterpret_cast<uintptr_t>(a.out) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(a.y) % 16 == 0) || !recv);
-  // One PE: rows of my own experts are read from y (kSelfRows, see RowOf).
-  const bool one = comm.num_ranks == 1;
+                     (!one || reinterpret_cast<uintptr_t>(a.y) % 16 == 0)) || !recv);
   switch (a.dtype) {
     case LLDtype::kBF16:
       return vec ? LaunchCombine<Bf16Elem, 8>(one, grid, smem, stream, comm, p)

@@ -31,8 +31,8 @@
 //                         depends on nothing but the source's own top-k ids
 //              combine /  rows [E][M] of H * itemsize: the owner of expert e writes the
 //              gather:    output row of (source me, token t) at [e][t] (a token naming e
-//                         twice reads the same row twice: no special case); at one
-//                         PE the rows stay in y, where the receive reads them
+//                         twice reads the same row twice: no special case); fused
+//                         at one PE the rows stay in y, where the receive reads them
 //              cached:    rows [L][R*M]: the source writes straight to the final row (slot)
 //   send     staging rows for NVSHMEM puts (only with a send buffer): the source of a put
 //            must be symmetric memory, so rows are built here and then put (dispatch:

@@ -125,7 +125,7 @@ def low_latency(seed="0"):
             tb = _nvshmem.ll_dispatch_send(x2, idx2, num_experts=E, max_tokens_per_rank=M)
             kw = dict(hidden=H, x_dtype=x.dtype, num_experts=E, max_tokens_per_rank=M,
                       num_ranks=n)
-            ra, ca, sa, slot_a = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
+            ra, ca, sa, _ = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
             rb, cb, sb, _ = _nvshmem.ll_dispatch_recv(tb, idx2, **kw)
             # The combine's send is a third op: it must run after both receives
             # (XLA may order the independent halves either way, e.g. send b
@@ -133,8 +133,8 @@ def low_latency(seed="0"):
             ra, rb = jax.lax.optimization_barrier((ra, rb))
             ya = (ra.astype(jnp.float32) * 2.0 - 1.0).astype(ra.dtype)
             tc = _nvshmem.ll_combine_send(ya, sa, ca, num_ranks=n)
-            out = _nvshmem.ll_combine_recv(tc, idx, w, ya, slot_a, num_experts=E,
-                                           max_tokens_per_rank=M)
+            out = _nvshmem.ll_combine_recv(tc, idx, w, hidden=H, y_dtype=ya.dtype,
+                                           num_experts=E, max_tokens_per_rank=M)
             return ra[None], rb[None], out
         return f
 
