@@ -181,22 +181,24 @@ __device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restri
 }
 
 // 16-byte vectors [v0, v1) of one token row, written to the payload of every
-// row of `rows`.
+// row of `rows`. The loop is warp-uniform (lane in the index, not the bound):
+// `rows` shuffles with the full mask, which hangs when some lanes have left
+// the loop (rows of fewer than 32 * kUnroll vectors, e.g. H = 128 bf16).
 __device__ __forceinline__ void CopyToRows(const uint4* __restrict__ src, int64_t v0, int64_t v1,
                                            int lane, const TokenRows& rows) {
   if (v1 - v0 > 32 * kUnroll) WarpPrefetchL2(src + v0, (v1 - v0) * sizeof(uint4), lane);
-  for (int64_t base = v0 + lane; base < v1; base += 32 * kUnroll) {
+  for (int64_t base = v0; base < v1; base += 32 * kUnroll) {
     uint4 v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + 32 * u;
+      const int64_t i = base + 32 * u + lane;
       if (i < v1) v[u] = __ldg(src + i);
     }
     rows([&](uint8_t* row) {
       uint4* dst = reinterpret_cast<uint4*>(row + kLLRowHeaderBytes);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + 32 * u;
+        const int64_t i = base + 32 * u + lane;
         if (i < v1) dst[i] = v[u];
       }
     });

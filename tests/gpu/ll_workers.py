@@ -11,14 +11,10 @@ import numpy as np
 from silent_peer import run_without_peer
 
 T, H, K, E, M = 24, 256, 4, 16, 32
-# public_api's shapes: "small" (above); "decode", DeepEP's decode hidden
-# size and top-k with 128 tokens: long rows that several warps share (a
-# 256-wide row is always one warp's); "many_experts", the most experts the
-# kernels take with 160 tokens: the dispatch's per-expert token masks (E x
-# ceil(T / 32) words) exceed their 64 KiB of shared memory, so the send counts
-# token positions by its fallback pass over the earlier tokens' ids.
+# public_api's shapes: "small" (above), and the ones test_low_latency_gpu.py
+# explains next to its test (decode, many_experts, odd_hidden).
 SHAPES = {"small": (T, H, K, E, M), "decode": (128, 7168, 8, 64, 128),
-          "many_experts": (160, 128, 8, 4096, 160)}
+          "many_experts": (160, 128, 8, 4096, 160), "odd_hidden": (40, 2944, 4, 16, 48)}
 
 
 def _env():

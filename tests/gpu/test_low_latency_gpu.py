@@ -13,6 +13,7 @@ from jax_ep import _ffi
 from jax_ep.testing import external_launch, run_multiprocess
 
 from gpu_env import GPU_DIR, gpu_present
+from ll_workers import SHAPES
 from silent_peer import silent_peer_output
 
 
@@ -42,29 +43,26 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
         assert res.result["ranks"] == ranks, res.result
 
 
+# Shapes beyond the small one, each reaching code the small shape does not
+# (SHAPES in ll_workers.py):
+#  decode:       hidden 7168, top-8, 128 tokens: several warps share a row (send,
+#                receive and combine).
+#  many_experts: 4096 experts, 160 tokens: the dispatch's token-position
+#                fallback (the mask table would not fit in shared memory), a
+#                receive prefix table over 48 KiB, and bf16 rows of 16 vectors
+#                (fewer than a warp).
+#  odd_hidden:   hidden 2944 bf16 = 368 vectors per row, shared by two warps of
+#                184: each warp's last pass covers part of its lanes (a
+#                full-mask shuffle in such a pass hung the dispatch).
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_public_low_latency_api_on_cuda_at_decode_shape(mps, ranks):
-    """Hidden 7168, top-8, 128 tokens: rows long enough that several warps
-    share one (send, receive and combine), which the small shape never does."""
+@pytest.mark.parametrize("shape", ["decode", "many_experts", "odd_hidden"])
+def test_public_low_latency_api_on_cuda_at_other_shapes(mps, shape, ranks):
     results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR}, args=("0", "decode"))
+                               env={"PYTHONPATH": GPU_DIR}, args=("0", shape))
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks, res.result
-        assert res.result["shape"] == [128, 7168, 8, 64, 128], res.result
-        assert "fp8" in res.result["checked"], res.result
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_public_low_latency_api_on_cuda_with_many_experts(mps, ranks):
-    """4096 experts, 160 tokens: the dispatch's token-position fallback (the
-    mask table would not fit in shared memory) and a receive prefix table
-    over 48 KiB."""
-    results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR}, args=("0", "many_experts"))
-    for res in results:
-        assert res.ok, res.describe()
-        assert res.result["shape"] == [160, 128, 8, 4096, 160], res.result
+        assert res.result["shape"] == list(SHAPES[shape]), res.result
         assert "fp8" in res.result["checked"], res.result
 
 
