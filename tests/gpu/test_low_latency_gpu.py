@@ -51,9 +51,10 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
 #                fallback (the mask table would not fit in shared memory), a
 #                receive prefix table over 48 KiB, and bf16 rows of 16 vectors
 #                (fewer than a warp).
-#  odd_hidden:   hidden 2944 bf16 = 368 vectors per row, shared by two warps of
-#                184: each warp's last pass covers part of its lanes (a
-#                full-mask shuffle in such a pass hung the dispatch).
+#  odd_hidden:   hidden 2304 bf16 = 288 vectors per row, shared by two warps of
+#                144: a warp's second pass (of 32 x 4 vectors) has work for 16
+#                lanes only (a full-mask shuffle in such a pass hung the
+#                dispatch send).
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("shape", ["decode", "many_experts", "odd_hidden"])
 def test_public_low_latency_api_on_cuda_at_other_shapes(mps, shape, ranks):
