@@ -57,6 +57,16 @@ struct LLLayout {
 // Row strides (bytes, multiples of 16).
 int64_t LLDispatchRowStride(int64_t hidden, int64_t x_itemsize, bool use_fp8);  // header + payload
 int64_t LLPlainRowStride(int64_t hidden, int64_t itemsize);                     // combine / cached
+// Dispatch's use of a data set: the int32 index [E / R][R][M] (256-byte
+// rounded), then R * M rows of the dispatch stride.
+__host__ __device__ inline constexpr int64_t LLDispatchIndexBytes(int64_t num_experts, int64_t max_tokens) {
+  return (num_experts * max_tokens * 4 + 255) / 256 * 256;
+}
+__host__ __device__ inline constexpr int64_t LLDispatchSetBytes(int num_ranks, int64_t max_tokens,
+                                                                int64_t num_experts,
+                                                                int64_t stride) {
+  return LLDispatchIndexBytes(num_experts, max_tokens) + num_ranks * max_tokens * stride;
+}
 // Send-buffer rows needed: dispatch T*K pair rows, combine the received rows
 // (at most min(E*M, R*M*K)).
 int64_t LLSendRows(int64_t num_ranks, int64_t max_tokens, int64_t num_experts, int64_t top_k);

@@ -25,10 +25,15 @@
 //                                   between ops: the op that used it zeroes it)
 //   jpos     int32 [2][M*K]         j(t, k): position of token t among my tokens for its expert
 //   sets     [2][set_bytes]         receive area of ops with parity b:
-//              dispatch:  rows [L][R][M] of (16-byte header {t} + payload), payload = x row or
-//                         e4m3 row + H/128 f32 scales; source s writes its j-th token (in
-//                         token order) for local expert l at [l][s][j]: where a row goes
-//                         depends on nothing but the source's own top-k ids
+//              dispatch:  int32 index [L][R][M], then rows [R][M] of (16 bytes of padding +
+//                         payload), payload = x row or e4m3 row + H/128 f32 scales. Source
+//                         s writes token t once per PE that holds any of its experts, at
+//                         rows[s][t], and t at index[l][s][j] for each of its experts
+//                         there (its j-th token, in token order, for local expert l): where
+//                         a row or an entry goes depends on nothing but the source's own
+//                         top-k ids. One row per PE, not per expert: at DeepEP's decode
+//                         routing (top-8 of 256 over 8 PEs) a token reaches ~5.3 PEs for
+//                         8 experts, so a third fewer rows to write and read.
 //              combine /  rows [E][M] of H * itemsize: the owner of expert e writes the
 //              gather:    output row of (source me, token t) at [e][t] (a token naming e
 //                         twice reads the same row twice: no special case); fused
@@ -39,7 +44,7 @@
 //            one row per token, put to each of its experts; combine: one per row).
 // Sizes (allocation maxima M, H, E, K, itemsize; stride = round16(16 + H * itemsize),
 // which also covers the FP8 row 16 + H + 4 H / 128):
-//   set_bytes  = E * M * stride                       (x2: double buffered)
+//   set_bytes  = max(E * M * stride, round256(4 E M) + R * M * stride)   (x2: double buffered)
 //   send_bytes = max(M * K, min(E * M, R * M * K)) * stride   (0 without send buffer)
 //   total      = 4 KiB + 8 R E + 8 E + 8 M K (each rounded to 256) + 2 set_bytes + send_bytes
 // e.g. R = 8, M = 128, H = 7168, E = 256, K = 8, bf16: 897 MiB (1009 MiB with send buffer).
@@ -55,12 +60,12 @@
 //   1. n = op counter + 1; wait until ack[b][r] >= n - 2 for every r: every PE
 //      has finished reading set b of op n - 2, the previous user of set b.
 //   2. write rows into set b of their owners. Dispatch: one warp per (token,
-//      part of its row) reads the token once (FP8 cast once) and stores it
-//      into the slot of each distinct expert of its top-k; j(t, e) comes from
-//      per-expert token bit masks in shared memory (popcount of the bits
-//      below t; one pass over the earlier tokens' ids when the masks do not
-//      fit); jpos for my slots; the
-//      per-expert counts as atomicMax(scratch[e], j + 1).
+//      part of its row) reads the token once (FP8 cast once), stores it
+//      once into each PE holding one of its experts and its index entry for
+//      each distinct expert; j(t, e) comes from per-expert token bit masks
+//      in shared memory (popcount of the bits below t; one pass over the
+//      earlier tokens' ids when the masks do not fit); jpos for my slots;
+//      the per-expert counts as atomicMax(scratch[e], j + 1).
 //   3. the last block to finish (atomic counter after __threadfence_system;
 //      it runs nvshmem_quiet() first when some rows went by put) broadcasts
 //      scratch into counts[b][me][*] of every PE (dispatch), then sets
@@ -69,8 +74,8 @@
 //  receive phase (all blocks):
 //   4. wait until done[b][s] >> 4 >= n for every s (and check the op kind).
 //   5. read set b into the XLA outputs (dispatch: one warp per (received
-//      row, part), compacting [l][s][j] into rows ordered by (s, j) using
-//      counts[b][*][e]; all threads mark and zero the padding rows; compute
+//      row, part), compacting the index [l][s][j] into rows ordered by
+//      (s, j) using counts[b][*][e], each read from rows[s][index]; all threads mark and zero the padding rows; compute
 //      slot = sum_{s<me} counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
@@ -156,6 +161,11 @@ __device__ __forceinline__ size_t ScratchOffset(const LLLayout& lay, int b) {
 __device__ __forceinline__ size_t JposOffset(const LLLayout& lay, int b) {
   return lay.jpos_offset + static_cast<size_t>(b) * lay.max_tokens * lay.top_k * 4;
 }
+// Dispatch in set b: the int32 index [L][R][M] (source s's j-th token for
+// local expert l), then the rows [R][M] (source s's token t) at this offset.
+__device__ __forceinline__ size_t DispatchRowsOffset(int64_t E, int64_t M) {
+  return static_cast<size_t>(LLDispatchIndexBytes(E, M));
+}
 __device__ __forceinline__ size_t SetOffset(const LLLayout& lay, int b) {
   return lay.set_offset + static_cast<size_t>(b) * lay.set_bytes;
 }
@@ -169,6 +179,9 @@ __device__ __noinline__ void PutRowWarp(void* dest, const void* src, size_t byte
 }
 __device__ __noinline__ void SignalSetPe(uint64_t* sig, uint64_t value, int pe) {
   nvshmemx_signal_op(sig, value, NVSHMEM_SIGNAL_SET, pe);
+}
+__device__ __noinline__ void PutInt32(void* dest, int32_t value, int pe) {
+  nvshmem_int32_p(static_cast<int32_t*>(dest), value, pe);
 }
 __device__ __noinline__ void QuietAll() { nvshmem_quiet(); }
 

@@ -95,8 +95,9 @@ __device__ __forceinline__ void BuildTokenMasks(const int32_t* __restrict__ idx,
 // ------------------------------------------------------------ dispatch
 
 // The rows a dispatch warp writes one token to: lane k's row in a mapped
-// peer (nullptr: no expert, or reached by put) and the staging row of the
-// token (nullptr: nothing goes by put). rows(write) calls write(row) for each.
+// peer (nullptr: no expert, a PE an earlier lane writes, or reached by put)
+// and the staging row of the token (nullptr: nothing goes by put).
+// rows(write) calls write(row) for each.
 struct TokenRows {
   uint8_t* lane_row;
   unsigned int mask;  // lanes with a lane_row
@@ -228,12 +229,13 @@ struct DispatchParams {
 };
 
 // Send: one warp per (token, part of its row); the row is read (and FP8-cast)
-// once and written to the slot of each distinct expert of the token. The
-// per-expert counts grow by atomicMax(j + 1) in scratch, which the last block
-// broadcasts and then zeroes for the next op of this parity.
-// Receive: one warp per (valid received row, part), rows compacted from
-// [l][s][j] into (s, j) order; the padding rows are marked (and zeroed) by
-// all threads.
+// once and written once to each PE holding one of the token's experts, the
+// token's number to the index slot of each of them. The per-expert counts
+// grow by atomicMax(j + 1) in scratch, which the last block broadcasts and
+// then zeroes for the next op of this parity.
+// Receive: one warp per (valid received row, part), rows compacted from the
+// index [l][s][j] into (s, j) order; the padding rows are marked (and zeroed)
+// by all threads.
 template <typename XElem>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, DispatchParams p) {
   // Send: token masks [E][mask_words]; receive (after a barrier): [L][R + 1], then [L + 1].
@@ -260,6 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
   int32_t* jpos = reinterpret_cast<int32_t*>(c.base + JposOffset(lay, b));
   int32_t* scratch = reinterpret_cast<int32_t*>(c.base + ScratchOffset(lay, b));
   const size_t set_off = SetOffset(lay, b);
+  const size_t rows_off = DispatchRowsOffset(E, M);  // in set b: int32 index, then the rows
   TracePoint(c, n, kLLTraceStart, kOpLLDispatch);
 
   if (p.phase != kLLRecvOnly) {
@@ -283,27 +286,33 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       if (__ballot_sync(kFull, e >= 0) == 0u) continue;
       const int j = p.mask_words > 0 ? TokensBeforeFromMasks(s_mask, p.mask_words, t, e)
                                      : TokensBefore(p.idx, t, K, e, s_e, lane);
-      TokenRows rows{nullptr, 0u, nullptr};
-      size_t off = 0;
-      int r = 0;
+      int r = -1;  // the PE of this lane's expert
       if (e >= 0) {
         r = static_cast<int>(e / L);
-        const int64_t l = e - r * L;
-        off = set_off + static_cast<size_t>((l * R + me) * M + j) * p.stride;
-        if (s_peer[r] != nullptr) rows.lane_row = s_peer[r] + off;
-        if (part == 0) {
+        if (part == 0) {  // token t is my j-th for e: index[l][me][j] = t in PE r
           jpos[t * K + lane] = j;
           atomicMax(scratch + e, j + 1);
+          const size_t index_off =
+              set_off + static_cast<size_t>(((e - r * L) * R + me) * M + j) * 4;
+          if (s_peer[r] != nullptr) {
+            *reinterpret_cast<int32_t*>(s_peer[r] + index_off) = static_cast<int32_t>(t);
+          } else {
+            PutInt32(c.base + index_off, static_cast<int32_t>(t), r);
+          }
         }
       }
-      rows.mask = __ballot_sync(kFull, rows.lane_row != nullptr);
-      const unsigned int put_mask = __ballot_sync(kFull, e >= 0 && rows.lane_row == nullptr);
-      if (put_mask != 0u) rows.staged = StagingRow(c, t, p.stride);
-      if (part == 0) {
-        const int4 header = make_int4(static_cast<int>(t), 0, 0, 0);
-        if (rows.lane_row != nullptr) *reinterpret_cast<int4*>(rows.lane_row) = header;
-        if (rows.staged != nullptr && lane == 0) *reinterpret_cast<int4*>(rows.staged) = header;
+      // The row goes once to each PE (to rows[me][t]), by the first lane naming it.
+      bool first_of_pe = r >= 0;
+      for (int k = 0; k < K; ++k) {
+        const int rk = __shfl_sync(kFull, r, k);
+        first_of_pe &= !(k < lane && rk == r);
       }
+      const size_t off = set_off + rows_off + static_cast<size_t>(me * M + t) * p.stride;
+      TokenRows rows{nullptr, 0u, nullptr};
+      if (first_of_pe && s_peer[r] != nullptr) rows.lane_row = s_peer[r] + off;
+      rows.mask = __ballot_sync(kFull, rows.lane_row != nullptr);
+      const unsigned int put_mask = __ballot_sync(kFull, first_of_pe && rows.lane_row == nullptr);
+      if (put_mask != 0u) rows.staged = StagingRow(c, t, p.stride);
       const UnitRange range = PartOf(units, part, parts);
       if (p.use_fp8) {
         CastFp8ToRows<XElem>(reinterpret_cast<const typename XElem::Raw*>(p.x) + t * H, H,
@@ -316,14 +325,12 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
         const uint8_t* src = p.x + t * row_bytes;
         rows([&](uint8_t* row) { WarpCopy<false>(row + kLLRowHeaderBytes, src, row_bytes, lane); });
       }
-      if (put_mask != 0u) {  // one staged row, put to each expert reached by put
+      if (put_mask != 0u) {  // one staged row, put to each PE reached by put
         __threadfence_system();
         __syncwarp();
         for (unsigned int m = put_mask; m != 0u; m &= m - 1u) {
-          const int k = __ffs(m) - 1;
-          const size_t off_k = __shfl_sync(kFull, static_cast<unsigned long long>(off), k);
-          PutRowWarp(c.base + off_k, rows.staged, kLLRowHeaderBytes + p.payload_bytes,
-                     __shfl_sync(kFull, r, k));
+          PutRowWarp(c.base + off, rows.staged, kLLRowHeaderBytes + p.payload_bytes,
+                     __shfl_sync(kFull, r, __ffs(m) - 1));
         }
       }
     }
@@ -384,6 +391,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) p.recv_count[l] = s_prefix[l * (R + 1) + R];
   }
   const uint8_t* set = c.base + set_off;
+  const int32_t* index = reinterpret_cast<const int32_t*>(set);
   const int64_t out_row_bytes = p.use_fp8 ? H : H * p.x_bytes;
   const int64_t scale_row_bytes = p.use_fp8 ? (H / kLLFp8Block) * 4 : 0;
   const int64_t total = s_lbase[L];
@@ -396,7 +404,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     const int32_t pos = static_cast<int32_t>(v - s_lbase[l]);
     const int32_t* pre = s_prefix + l * (R + 1);
     const int s = UpperIndex(pre, R, pos);
-    const uint8_t* src = set + ((l * R + s) * M + (pos - pre[s])) * p.stride;
+    const int32_t t = min(max(__ldcg(index + (l * R + s) * M + (pos - pre[s])), 0),
+                          static_cast<int32_t>(M - 1));
+    const uint8_t* src = set + rows_off + (s * M + t) * p.stride;
     const int64_t row = l * RM + pos;
     uint8_t* out = p.recv_x + row * out_row_bytes;
     if (p.vec_out) {
@@ -405,9 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
                      lane);
     }
     if (part == 0) {
-      if (lane == 0) {
-        p.recv_src[row] = static_cast<int32_t>(s * M + __ldcg(reinterpret_cast<const int32_t*>(src)));
-      }
+      if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
       if (p.use_fp8) {  // H / 128 scales (a plain loop: WarpCopy here makes the kernel spill)
         const float* scales = reinterpret_cast<const float*>(src + kLLRowHeaderBytes + H);
         float* scales_out = p.recv_scales + row * (H / kLLFp8Block);

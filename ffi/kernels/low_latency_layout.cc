@@ -62,7 +62,10 @@ LLLayout MakeLLLayout(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t
   lay.jpos_offset = off;
   off += RoundUp(2 * max_tokens * top_k * 4, 256);
   lay.set_offset = off;
-  lay.set_bytes = static_cast<size_t>(RoundUp(num_experts * max_tokens * stride, 256));
+  lay.set_bytes = static_cast<size_t>(
+      RoundUp(std::max(num_experts * max_tokens * stride,
+                       LLDispatchSetBytes(num_ranks, max_tokens, num_experts, stride)),
+              256));
   off += 2 * lay.set_bytes;
   lay.send_offset = off;
   lay.send_bytes = send_buffer ? static_cast<size_t>(RoundUp(
@@ -104,9 +107,11 @@ const char* LLCheckDispatch(const LLComm& c, const LLShape& s, int64_t x_itemsiz
     return "max_tokens_per_rank * top_k exceeds what the low-latency buffer was allocated for";
   }
   const int64_t stride = LLDispatchRowStride(s.hidden, x_itemsize, use_fp8);
-  if (static_cast<size_t>(s.num_experts * s.max_tokens * stride) > c.layout.set_bytes) {
-    return "num_experts * max_tokens_per_rank * row bytes exceeds the low-latency buffer (allocate "
-           "it for a larger hidden / itemsize / max_tokens_per_rank)";
+  if (static_cast<size_t>(LLDispatchSetBytes(c.num_ranks, s.max_tokens, s.num_experts, stride)) >
+      c.layout.set_bytes) {
+    return "num_experts * max_tokens_per_rank * 4 + PEs * max_tokens_per_rank * row bytes exceeds "
+           "the low-latency buffer (allocate it for a larger hidden / itemsize / "
+           "max_tokens_per_rank)";
   }
   if (c.any_put && static_cast<size_t>(s.num_tokens * s.top_k * stride) > c.layout.send_bytes) {
     return "the send buffer for NVSHMEM puts is too small (or missing: allocate with "
