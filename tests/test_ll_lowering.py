@@ -128,5 +128,9 @@ def test_region_layout_and_info_without_init():
     with_send = mod.nvshmem_ll_layout(8, 128, 7168, 256, 8, 2, True)
     assert with_send["send_bytes"] >= 8 * 128 * 8 * stride
     assert mod.nvshmem_ll_region_bytes(8, 128, 7168, 256, 8, 2, True) == with_send["total_bytes"]
+    # one expert per PE: a dispatch set (token-number index [E][M] + rows [R][M])
+    # is larger than E * M rows
+    one = mod.nvshmem_ll_layout(8, 128, 7168, 8, 8, 2, False)
+    assert one["set_bytes"] >= 8 * 128 * 4 + 8 * 128 * stride > 8 * 128 * stride
     assert mod.ll_last_error() is None
     mod.nvshmem_finalize()  # no-op without init
