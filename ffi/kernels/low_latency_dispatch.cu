@@ -114,7 +114,7 @@ struct TokenRows {
 };
 
 // FP8 cast of blocks [blk0, blk1) of one token row (hidden % 128 == 0),
-// written to every row of `rows` (layout: header, H e4m3, H / 128 f32
+// written to every row of `rows` (layout: padding, H e4m3, H / 128 f32
 // scales). Half-warp per 128-channel block, 8 channels per lane; scale =
 // max(amax, 1e-4) * (1/448) (float32), q = satfinite_e4m3(x / scale), round
 // to nearest even.
@@ -217,7 +217,7 @@ struct DispatchParams {
   int32_t vec_x;          // x rows are whole 16-byte vectors (aligned, H * x_bytes % 16 == 0)
   int32_t vec_out;        // so are the rows of recv_x
   int32_t mask_words;     // words per expert of the send's token masks; 0: TokensBefore
-  int64_t stride;         // staging row bytes (header + payload, multiple of 16)
+  int64_t stride;         // staging row bytes (padding + payload, multiple of 16)
   int64_t payload_bytes;  // H * x_bytes, or H + 4 * H / 128
   uint8_t* recv_x;
   float* recv_scales;
