@@ -11,7 +11,7 @@ first block's start to its last block's end (what DeepEP reports: kernel
 time). Diagnostics: the stamps cost a store per block and phase.
 
     python benchmarks/ll_phases.py --ranks 1
-    python benchmarks/ll_phases.py --ranks 8
+    python benchmarks/ll_phases.py --ranks 8 [--blocks N]
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def worker():
     mesh = mesh_of(jax.devices())
     n = jax.device_count()
     jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=M, hidden=H,
-                      top_k=K, num_experts=E, dtype="bfloat16", low_latency=True)
+                      top_k=K, num_experts=E, dtype="bfloat16", low_latency=True,
+                      num_blocks=int(os.environ.get("LL_PHASES_BLOCKS", "0")))
     xs, idxs, ws = oracle.make_inputs(0, n, M, H, E, K, dtype=ml_dtypes.bfloat16)
     put = putter(mesh)
     x, idx, w = put(xs), put(idxs), put(ws)
@@ -87,6 +88,7 @@ def phases(traces):
     """{op name: [(label, median µs of the earliest PE, of the latest PE)]}
     over the ops every PE traced (each op's times after its first start)."""
     rows = {}
+    ends = {}  # (name, slot) -> [PEs] of (first block start, last block end), ns
     for slot in range(OPS):
         tags = {int(t[slot, 0, 7]) for t in traces}
         if len(tags) != 1 or 0 in tags:
@@ -104,6 +106,7 @@ def phases(traces):
                 vals.append(np.nan if col.size == 0 else getattr(col, how)())
             per_pe.append(vals)
         per_pe = np.asarray(per_pe, dtype=np.float64)
+        ends[(name, slot)] = per_pe[:, [0, len(PHASES) - 1]]
         origin = np.nanmin(per_pe[:, 0])
         rows.setdefault(name, []).append((per_pe - origin) / 1e3)
     out = {}
@@ -114,6 +117,23 @@ def phases(traces):
         own = a[:, :, -1] - a[:, :, 0]  # each PE's kernel: its own start to its end
         out[name].append(("kernel time (own start to end)", np.nanmedian(np.nanmin(own, axis=1)),
                           np.nanmedian(np.nanmax(own, axis=1))))
+        # Each PE's gap from its previous op of this kind (the chain's
+        # previous call) ending to this one starting, and which PE starts last.
+        gaps, last = [], []
+        for (nm, slot), se in ends.items():
+            prev = ends.get((nm, (slot - 1) % OPS))
+            if nm != name or prev is None:
+                continue
+            gap = (se[:, 0] - prev[:, 1]) / 1e3
+            if np.all((gap > 0) & (gap < 1000)):
+                gaps.append(gap)
+                last.append(int(np.nanargmax(se[:, 0])))
+        if gaps:
+            g = np.median(np.stack(gaps), axis=0)
+            out[name].append(("gap: previous call's end to start", g.min(), g.max()))
+            counts = np.bincount(last, minlength=len(traces))
+            out[name].append(("PE starting last most often (rank, share)", int(counts.argmax()),
+                              counts.max() / counts.sum()))
         out[name].append(("ops traced", len(ops), len(ops)))
     return out
 
@@ -122,6 +142,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--blocks", type=int, default=0,
+                   help="thread blocks per kernel (jax_ep.initialize num_blocks; 0: SMs / PEs)")
     args = p.parse_args(argv)
     from jax_ep.testing import launch, mps_daemon
 
@@ -129,7 +151,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp, mps_daemon():
         base = os.path.join(tmp, "trace")
         launch("ll_phases:worker", args.ranks, platform="gpu", timeout=args.timeout,
-               env={"PYTHONPATH": here, "JAX_EP_LL_TRACE": base})
+               env={"PYTHONPATH": here, "JAX_EP_LL_TRACE": base,
+                    "LL_PHASES_BLOCKS": str(args.blocks)})
         traces = [load(f"{base}.pe{r}") for r in range(args.ranks)]
     for name, table in phases(traces).items():
         print(f"\n{name}, {args.ranks} PEs: µs after the op's first kernel start "
