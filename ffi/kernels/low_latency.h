@@ -22,8 +22,6 @@ inline constexpr int64_t kLLMaxTokens = 4096;    // M (max_tokens_per_rank)
 inline constexpr int64_t kLLMaxHidden = 65536;   // H
 inline constexpr int64_t kLLMaxExperts = 4096;   // E
 inline constexpr int64_t kLLFp8Block = 128;      // channels per FP8 scale
-inline constexpr int64_t kLLRowHeaderBytes = 16; // dispatch rows: leading padding (unused since
-                                                 // the token number moved to the index)
 
 // ------------------------------------------------------------------ region layout
 // Byte offsets inside the region (identical on every PE; see low_latency_device.cuh).
@@ -56,7 +54,7 @@ struct LLLayout {
 };
 
 // Row strides (bytes, multiples of 16).
-int64_t LLDispatchRowStride(int64_t hidden, int64_t x_itemsize, bool use_fp8);  // padding + payload
+int64_t LLDispatchRowStride(int64_t hidden, int64_t x_itemsize, bool use_fp8);  // payload, rounded
 int64_t LLPlainRowStride(int64_t hidden, int64_t itemsize);                     // combine / cached
 // Dispatch's use of a data set: the int32 index [E / R][R][M] (256-byte
 // rounded), then R * M rows of the dispatch stride.

@@ -25,8 +25,8 @@
 //                                   between ops: the op that used it zeroes it)
 //   jpos     int32 [2][M*K]         j(t, k): position of token t among my tokens for its expert
 //   sets     [2][set_bytes]         receive area of ops with parity b:
-//              dispatch:  int32 index [L][R][M], then rows [R][M] of (16 bytes of padding +
-//                         payload), payload = x row or e4m3 row + H/128 f32 scales. Source
+//              dispatch:  int32 index [L][R][M], then rows [R][M] of the payload (x row,
+//                         or e4m3 row + H/128 f32 scales), 16-byte rounded. Source
 //                         s writes token t once per PE that holds any of its experts, at
 //                         rows[s][t], and t at index[l][s][j] for each of its experts
 //                         there (its j-th token, in token order, for local expert l): where
@@ -42,12 +42,12 @@
 //   send     staging rows for NVSHMEM puts (only with a send buffer): the source of a put
 //            must be symmetric memory, so rows are built here and then put (dispatch:
 //            one row per token, put to each of its experts; combine: one per row).
-// Sizes (allocation maxima M, H, E, K, itemsize; stride = round16(16 + H * itemsize),
-// which also covers the FP8 row 16 + H + 4 H / 128):
+// Sizes (allocation maxima M, H, E, K, itemsize; stride = round16(H * itemsize),
+// which also covers the FP8 row H + 4 H / 128):
 //   set_bytes  = max(E * M * stride, round256(4 E M) + R * M * stride)   (x2: double buffered)
 //   send_bytes = max(M * K, min(E * M, R * M * K)) * stride   (0 without send buffer)
 //   total      = 4 KiB + 8 R E + 8 E + 8 M K (each rounded to 256) + 2 set_bytes + send_bytes
-// e.g. R = 8, M = 128, H = 7168, E = 256, K = 8, bf16: 897 MiB (1009 MiB with send buffer).
+// e.g. R = 8, M = 128, H = 7168, E = 256, K = 8, bf16: 896 MiB (1008 MiB with send buffer).
 //
 // PEERS. peer_base[r] = nvshmem_ptr(region, r) when PE r's memory is mapped
 // here (NVLink / same GPU): rows are written with 16-byte stores straight into

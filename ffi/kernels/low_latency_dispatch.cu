@@ -114,7 +114,7 @@ struct TokenRows {
 };
 
 // FP8 cast of blocks [blk0, blk1) of one token row (hidden % 128 == 0),
-// written to every row of `rows` (layout: padding, H e4m3, H / 128 f32
+// written to every row of `rows` (layout: H e4m3, H / 128 f32
 // scales). Half-warp per 128-channel block, 8 channels per lane; scale =
 // max(amax, 1e-4) * (1/448) (float32), q = satfinite_e4m3(x / scale), round
 // to nearest even.
@@ -167,7 +167,7 @@ __device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restri
       q[u] = make_uint2(packed[0], packed[1]);
     }
     rows([&](uint8_t* row) {
-      uint8_t* q_dst = row + kLLRowHeaderBytes;
+      uint8_t* q_dst = row;
       float* scale_dst = reinterpret_cast<float*>(q_dst + hidden);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -196,7 +196,7 @@ __device__ __forceinline__ void CopyToRows(const uint4* __restrict__ src, int64_
       if (i < v1) v[u] = __ldg(src + i);
     }
     rows([&](uint8_t* row) {
-      uint4* dst = reinterpret_cast<uint4*>(row + kLLRowHeaderBytes);
+      uint4* dst = reinterpret_cast<uint4*>(row);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + 32 * u + lane;
@@ -217,7 +217,7 @@ struct DispatchParams {
   int32_t vec_x;          // x rows are whole 16-byte vectors (aligned, H * x_bytes % 16 == 0)
   int32_t vec_out;        // so are the rows of recv_x
   int32_t mask_words;     // words per expert of the send's token masks; 0: TokensBefore
-  int64_t stride;         // staging row bytes (padding + payload, multiple of 16)
+  int64_t stride;         // row bytes in the set and the staging buffer (payload rounded to 16)
   int64_t payload_bytes;  // H * x_bytes, or H + 4 * H / 128
   uint8_t* recv_x;
   float* recv_scales;
@@ -323,13 +323,13 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       } else {
         const int64_t row_bytes = H * p.x_bytes;
         const uint8_t* src = p.x + t * row_bytes;
-        rows([&](uint8_t* row) { WarpCopy<false>(row + kLLRowHeaderBytes, src, row_bytes, lane); });
+        rows([&](uint8_t* row) { WarpCopy<false>(row, src, row_bytes, lane); });
       }
       if (put_mask != 0u) {  // one staged row, put to each PE reached by put
         __threadfence_system();
         __syncwarp();
         for (unsigned int m = put_mask; m != 0u; m &= m - 1u) {
-          PutRowWarp(c.base + off, rows.staged, kLLRowHeaderBytes + p.payload_bytes,
+          PutRowWarp(c.base + off, rows.staged, p.payload_bytes,
                      __shfl_sync(kFull, r, __ffs(m) - 1));
         }
       }
@@ -411,13 +411,13 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     uint8_t* out = p.recv_x + row * out_row_bytes;
     if (p.vec_out) {
       const UnitRange range = PartOf(out_units, part, rparts);
-      WarpPrefetchL2(src + kLLRowHeaderBytes + range.begin * 16, (range.end - range.begin) * 16,
+      WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16,
                      lane);
     }
     if (part == 0) {
       if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
       if (p.use_fp8) {  // H / 128 scales (a plain loop: WarpCopy here makes the kernel spill)
-        const float* scales = reinterpret_cast<const float*>(src + kLLRowHeaderBytes + H);
+        const float* scales = reinterpret_cast<const float*>(src + H);
         float* scales_out = p.recv_scales + row * (H / kLLFp8Block);
         for (int64_t i = lane; i < H / kLLFp8Block; i += 32) scales_out[i] = __ldcg(scales + i);
       }
@@ -425,10 +425,10 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     if (p.vec_out) {
       const UnitRange range = PartOf(out_units, part, rparts);
       WarpCopyVecRange<true>(reinterpret_cast<uint4*>(out),
-                             reinterpret_cast<const uint4*>(src + kLLRowHeaderBytes), range.begin,
+                             reinterpret_cast<const uint4*>(src), range.begin,
                              range.end, lane);
     } else {
-      WarpCopy<true>(out, src + kLLRowHeaderBytes, out_row_bytes, lane);
+      WarpCopy<true>(out, src, out_row_bytes, lane);
     }
   }
   TracePoint(c, n, kLLTraceCopied, kOpLLDispatch);

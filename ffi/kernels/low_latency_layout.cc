@@ -33,7 +33,7 @@ int LLDtypeBytes(LLDtype dtype) {
 
 int64_t LLDispatchRowStride(int64_t hidden, int64_t x_itemsize, bool use_fp8) {
   const int64_t payload = use_fp8 ? hidden + 4 * (hidden / kLLFp8Block) : hidden * x_itemsize;
-  return RoundUp(kLLRowHeaderBytes + payload, 16);
+  return RoundUp(payload, 16);
 }
 
 int64_t LLPlainRowStride(int64_t hidden, int64_t itemsize) { return RoundUp(hidden * itemsize, 16); }
