@@ -117,6 +117,8 @@ def phases(traces):
         own = a[:, :, -1] - a[:, :, 0]  # each PE's kernel: its own start to its end
         out[name].append(("kernel time (own start to end)", np.nanmedian(np.nanmin(own, axis=1)),
                           np.nanmedian(np.nanmax(own, axis=1))))
+        mean = np.nanmedian(np.nanmean(own, axis=1))
+        out[name].append(("kernel time, mean over the PEs", mean, mean))
         # Each PE's gap from its previous op of this kind (the chain's
         # previous call) ending to this one starting, and which PE starts last.
         gaps, last = [], []
