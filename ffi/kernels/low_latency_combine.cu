@@ -1,7 +1,7 @@
 // Low-latency combine and gather (fused, or send / receive halves): expert
 // rows back to their source tokens, reduced with fp32 weights in k order
 // (combine) or returned per (token, k) (gather, for gradients). At one PE the
-// fused ops move no rows: the send skips them and the receive reads them
+// fused ops move no rows: there is no send phase and the receive reads them
 // straight from y at the token's slot (not the split form, whose receive does
 // not hold y: keeping y alive through the overlap would cost its memory).
 // Not at several PEs: there the receive's other
@@ -169,7 +169,11 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   const size_t set_off = SetOffset(lay, b);
   TracePoint(c, n, kLLTraceStart, op);
 
-  if (p.phase != kLLRecvOnly) {
+  // One PE, fused (kSelfRows): every row stays in y, so there is nothing to
+  // send or to wait for; the op still waits for its set's release (the same
+  // ordering errors time out as at several PEs), counts and signals (end).
+  if (kSelfRows) WaitReleased(c, n, op);
+  if (!kSelfRows && p.phase != kLLRecvOnly) {
     // ---------------- send: expert rows back to their source tokens
     WriteToken(p.token_out, n);
     WaitReleased(c, n, op);
@@ -188,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       if (code < 0) continue;
       const int s = code / static_cast<int32_t>(M);
       const int64_t t = code - static_cast<int64_t>(s) * M;
-      if (s >= R || (kSelfRows && s == me)) continue;  // then my receive reads y
+      if (s >= R) continue;
       const int64_t e = static_cast<int64_t>(me) * L + l;
       const size_t off = set_off + static_cast<size_t>(e * M + t) * p.stride;
       const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
@@ -216,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   if (p.phase == kLLSendOnly) return;
 
   // ---------------- receive: my tokens' rows, reduced in k order
-  WaitAllDone(c, n, op);
+  if (!kSelfRows) WaitAllDone(c, n, op);
   TracePoint(c, n, kLLTraceArrived, op);
   const uint8_t* set = c.base + set_off;
   const int64_t gtid = GlobalThread(), gthreads = GridThreads();
@@ -227,7 +231,10 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   }
   TracePoint(c, n, kLLTraceCopied, op);
   TracePoint(c, n, kLLTraceEnd, op);
-  if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
+  if (ArriveLast(RecvArrive(c.base))) {
+    if (kSelfRows) FinishSend(c, s_peer, n, op);  // done signal + op counter, after every block started
+    FinishRecv(c, s_peer, n);
+  }
 }
 
 template <typename Elem, int kNE>
