@@ -79,7 +79,8 @@
 //      slot = sum_{s<me} counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
-// 4-6 in the receive kernel (which takes it).
+// 4-6 in the receive kernel (which takes it). The fused combine / gather at
+// one PE moves no rows: it runs 1, 5 (from y) and the signals of 3 and 6.
 //
 // WHY IT IS SAFE. Set b is written in op n only (parity), and only after
 // step 1, i.e. after every PE (me included: my own scratch / jpos / counts
