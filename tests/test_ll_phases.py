@@ -36,21 +36,22 @@ def test_layout_matches_the_kernels():
         assert 0 <= ev < events["kLLTraceTag"]
 
 
-def _synthetic(num_pes, ops, pe_skew_ns, blocks=16):
-    """Op n of kind 16 / 17 (odd / even n) starts at n ms (+ the PE's skew);
-    event ev of block b lands ev µs + 10 ns * b later; only block 5 stores
-    the 'signalled' event (the last block), as in the kernels."""
+def _synthetic(num_pes, ops, pe_skew_ns, blocks=16, period_ns=1_000_000, one_kind=False):
+    """Op n of kind 16 / 17 (odd / even n; all 16 with one_kind) starts at
+    n * period_ns (+ the PE's skew); event ev of block b lands ev µs + 10 ns
+    * b later; only block 5 stores the 'signalled' event (the last block), as
+    in the kernels."""
     traces = []
     for pe in range(num_pes):
         t = np.zeros((ll_phases.OPS, ll_phases.BLOCKS, ll_phases.EVENTS), np.uint64)
         for n in range(1, ops + 1):
-            start = 1_000_000 * n + pe * pe_skew_ns
+            start = period_ns * n + pe * pe_skew_ns
             for b in range(blocks):
                 for ev in range(7):
                     if ev == 3 and b != 5:
                         continue
                     t[n % ll_phases.OPS, b, ev] = start + 1000 * ev + 10 * b
-            t[n % ll_phases.OPS, 0, 7] = (n << 8) | (16 if n % 2 else 17)
+            t[n % ll_phases.OPS, 0, 7] = (n << 8) | (16 if n % 2 or one_kind else 17)
         traces.append(t)
     return traces
 
@@ -66,6 +67,19 @@ def test_phases_of_a_synthetic_trace():
     np.testing.assert_allclose(rows["send: done signals stored"], (3.05, 3.55))
     np.testing.assert_allclose(rows["kernel end (last block)"], (6.15, 6.65))
     np.testing.assert_allclose(rows["kernel time (own start to end)"], (6.15, 6.15))
+    np.testing.assert_allclose(rows["kernel time, mean over the PEs"], (6.15, 6.15))
+    # Calls alternate kinds here: no call of the same kind just before, no gap row.
+    assert not any(label.startswith("gap") for label in rows)
+
+
+def test_gap_between_chained_calls_and_the_last_starter():
+    # Chained calls of one kind every 100 µs; PE 1 starts 0.5 µs after PE 0
+    # and each kernel lasts 6.15 µs, so each PE waits 93.85 µs between calls.
+    table = ll_phases.phases(_synthetic(num_pes=2, ops=30, pe_skew_ns=500, period_ns=100_000,
+                                        one_kind=True))
+    rows = {label: (lo, hi) for label, lo, hi in table["dispatch"]}
+    np.testing.assert_allclose(rows["gap: previous call's end to start"], (93.85, 93.85))
+    assert rows["PE starting last most often (rank, share)"] == (1, 1.0)
 
 
 def test_ops_missing_on_a_pe_are_left_out():
