@@ -2,8 +2,7 @@
 // kernels (low_latency_*.cu): the vector type of an access width and the load
 // flavour (both), and a strided copy with several loads in flight per thread
 // (intranode's grid copies; low_latency_device.cuh keeps its own warp loop, see
-// WarpCopyVec there), and asynchronous copies into shared memory (the
-// low-latency combine's receive). Header-only (see device_sync.cuh).
+// WarpCopyVec there). Header-only (see device_sync.cuh).
 #pragma once
 
 #include <cstdint>
@@ -66,22 +65,6 @@ __device__ __forceinline__ void StridedCopy(const V* __restrict__ src, V* __rest
       if (i < n_total) dst[i] = v[u];
     }
   }
-}
-
-// Asynchronous 16-byte copies global -> shared (cp.async, sm_80+), cached in
-// L2 only (.cg: like __ldcg, so rows other agents wrote are seen). A thread
-// commits its copies in groups and waits until at most N groups are pending;
-// it may then read what the completed groups wrote (its own copies only).
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  const unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 }  // namespace jax_ep
