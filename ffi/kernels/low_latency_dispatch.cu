@@ -167,13 +167,12 @@ __device__ __forceinline__ void CastFp8ToRows(const typename Elem::Raw* __restri
       q[u] = make_uint2(packed[0], packed[1]);
     }
     rows([&](uint8_t* row) {
-      uint8_t* q_dst = row;
-      float* scale_dst = reinterpret_cast<float*>(q_dst + hidden);
+      float* scale_dst = reinterpret_cast<float*>(row + hidden);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int64_t blk = it + 2 * u + half;
         if (blk < blk1) {
-          *reinterpret_cast<uint2*>(q_dst + blk * kLLFp8Block + l16 * 8) = q[u];
+          *reinterpret_cast<uint2*>(row + blk * kLLFp8Block + l16 * 8) = q[u];
           if (l16 == 0) scale_dst[blk] = scale[u];
         }
       }
