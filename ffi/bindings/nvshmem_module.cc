@@ -67,6 +67,8 @@ nb::dict InfoDict(const jax_ep::LLInfo& info) {
   d["num_blocks"] = info.num_blocks;
   d["unmapped_peers"] = info.unmapped_peers;
   d["force_put"] = info.force_put;
+  d["gpu_scope"] = info.gpu_scope;
+  d["pdl"] = info.pdl;
   d["timeout_s"] = info.timeout_s;
   d["layout"] = info.allocated ? nb::object(LayoutDict(info.layout)) : nb::none();
   return d;
@@ -171,7 +173,7 @@ NB_MODULE(_jax_ep_nvshmem, m) {
       nb::arg("device_ordinal"), "cudaDeviceGetPCIBusId of the device, e.g. '0000:1B:00.0'.");
   m.def("nvshmem_ll_info", [] { return InfoDict(jax_ep::LLGetInfo()); },
         "Dict: initialized, allocated, device, rank, num_ranks, num_sms, ranks_on_device, "
-        "num_blocks, unmapped_peers, force_put, timeout_s, layout.");
+        "num_blocks, unmapped_peers, force_put, gpu_scope, pdl, timeout_s, layout.");
   m.def(
       "nvshmem_finalize",
       [] {

@@ -26,6 +26,39 @@ __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// The same at GPU scope: enough when every thread that reads or writes the
+// flag runs on this GPU (several PEs as processes sharing one GPU), and
+// cheaper than system scope under load.
+__device__ __forceinline__ uint64_t LoadAcquireGpu(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreReleaseGpu(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t LoadAcquire(const uint64_t* p, bool gpu_scope) {
+  return gpu_scope ? LoadAcquireGpu(p) : LoadAcquireSys(p);
+}
+
+__device__ __forceinline__ void StoreRelease(uint64_t* p, uint64_t v, bool gpu_scope) {
+  if (gpu_scope) {
+    StoreReleaseGpu(p, v);
+  } else {
+    StoreReleaseSys(p, v);
+  }
+}
+
+__device__ __forceinline__ void Fence(bool gpu_scope) {
+  if (gpu_scope) {
+    __threadfence();
+  } else {
+    __threadfence_system();
+  }
+}
+
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -67,19 +100,20 @@ struct TimeoutSite {
   uint64_t epoch;
 };
 
-// Spins until (LoadAcquireSys(flag) >> shift) >= target and returns the value
-// loaded. After 64 polls every poll first sleeps sleep_ns (leaves issue slots
+// Spins until (acquire load of flag >> shift) >= target and returns the value
+// loaded (system scope unless gpu_scope). After 64 polls every poll first sleeps sleep_ns (leaves issue slots
 // to co-resident kernels); once timeout_ns passed since the first miss,
 // records the site and the last value seen and traps.
 __device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64_t target,
                                                     int shift, unsigned int sleep_ns,
-                                                    const TimeoutSite& site) {
-  uint64_t seen = LoadAcquireSys(flag);
+                                                    const TimeoutSite& site,
+                                                    bool gpu_scope = false) {
+  uint64_t seen = LoadAcquire(flag, gpu_scope);
   if ((seen >> shift) >= target) return seen;
   const uint64_t start = GlobalTimerNs();
   for (uint32_t spins = 0;; ++spins) {
     if (spins >= 64) __nanosleep(sleep_ns);
-    seen = LoadAcquireSys(flag);
+    seen = LoadAcquire(flag, gpu_scope);
     if ((seen >> shift) >= target) return seen;
     if (GlobalTimerNs() - start > site.timeout_ns) {
       RecordTimeoutAndTrap(site.record, site.rank, site.op, site.what, site.peer, site.timeout_ns,
@@ -91,19 +125,19 @@ __device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64
 // ------------------------------------------------------------ grid completion
 
 // Every block of the grid calls this at the end of a phase; true in the last
-// block to arrive. Thread 0 fences (system scope) after a barrier, counts the
+// block to arrive. Thread 0 fences (system scope unless gpu_scope) after a barrier, counts the
 // block in, and the last block fences again: the writes of every block are
 // ordered before whatever the last block does next (the pattern of
 // cooperative groups' grid sync: the barrier orders the block's writes
 // before thread 0's fence). Whoever owns `counter` resets it for the next grid.
-__device__ __forceinline__ bool ArriveLast(unsigned int* counter) {
+__device__ __forceinline__ bool ArriveLast(unsigned int* counter, bool gpu_scope = false) {
   __shared__ bool s_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    Fence(gpu_scope);
     const unsigned int prev = atomicAdd(counter, 1u);
     s_last = prev == gridDim.x - 1;
-    if (s_last) __threadfence_system();
+    if (s_last) Fence(gpu_scope);
   }
   __syncthreads();
   return s_last;

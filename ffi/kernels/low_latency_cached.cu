@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
   const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
   const int lane = threadIdx.x & 31;
   const int64_t gw = GlobalWarp(), W = GridWarps();
+  WaitPreviousKernel();
   LoadPeers(c, s_peer);
 
   const uint64_t n = StartOp(c);
@@ -106,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
     }
     if (mapped == nullptr) PutStagedRow(c, off, row, row_bytes, r);
   }
-  if (ArriveLast(SendArrive(c.base))) FinishSend(c, s_peer, n, kOpLLDispatchCached);
+  if (ArriveLast(SendArrive(c.base), c.gpu_scope != 0)) FinishSend(c, s_peer, n, kOpLLDispatchCached);
 
   // ---------------- receive: rows [0, count) of each local expert, zeros after
   WaitAllDone(c, n, kOpLLDispatchCached);
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
       WarpZero(out, row_bytes, lane);
     }
   }
-  if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
+  if (ArriveLast(RecvArrive(c.base), c.gpu_scope != 0)) FinishRecv(c, s_peer, n);
 }
 
 }  // namespace

@@ -193,7 +193,8 @@ __device__ __forceinline__ void WaitReleased(const LLComm& c, uint64_t n, int32_
   if (n > 2 && r < c.num_ranks) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.base + AckOffset(n & 1, r));
     SpinWaitAtLeast(flag, n - 2, /*shift=*/0, /*sleep_ns=*/64,
-                    TimeoutSite{c.timeout_record, c.rank, op, kWaitLLRelease, r, c.timeout_ns, n});
+                    TimeoutSite{c.timeout_record, c.rank, op, kWaitLLRelease, r, c.timeout_ns, n},
+                    c.gpu_scope != 0);
   }
   __syncthreads();
 }
@@ -206,7 +207,8 @@ __device__ __forceinline__ void WaitAllDone(const LLComm& c, uint64_t n, int32_t
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.base + DoneOffset(n & 1, s));
     const uint64_t seen =
         SpinWaitAtLeast(flag, n, /*shift=*/4, /*sleep_ns=*/64,
-                        TimeoutSite{c.timeout_record, c.rank, op, kWaitLLData, s, c.timeout_ns, n});
+                        TimeoutSite{c.timeout_record, c.rank, op, kWaitLLData, s, c.timeout_ns, n},
+                        c.gpu_scope != 0);
     if ((seen >> 4) == n && static_cast<int32_t>(seen & 15) != (op & 15)) {
       RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitLLMismatch, s, c.timeout_ns, n,
                            seen);
@@ -218,7 +220,7 @@ __device__ __forceinline__ void WaitAllDone(const LLComm& c, uint64_t n, int32_t
 __device__ __forceinline__ void SignalPe(const LLComm& c, uint8_t* mapped, int pe, size_t offset,
                                          uint64_t value) {
   if (mapped != nullptr) {
-    StoreReleaseSys(reinterpret_cast<uint64_t*>(mapped + offset), value);
+    StoreRelease(reinterpret_cast<uint64_t*>(mapped + offset), value, c.gpu_scope != 0);
   } else {
     SignalSetPe(reinterpret_cast<uint64_t*>(c.base + offset), value, pe);
   }
@@ -272,6 +274,15 @@ __device__ __forceinline__ void TracePoint(const LLComm& c, uint64_t n, int even
   uint64_t* row = c.trace + ((n % kLLTraceOps) * kLLTraceBlocks + block) * kLLTraceEvents;
   row[event] = GlobalTimerNs();
   if (blockIdx.x == 0) row[kLLTraceTag] = (n << 8) | static_cast<uint64_t>(op & 255);
+}
+
+// First thing in every low-latency kernel: under programmatic dependent
+// launch, wait until the previous kernel of the stream completed and its
+// writes are visible (a no-op for a normal launch).
+__device__ __forceinline__ void WaitPreviousKernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ void LoadPeers(const LLComm& c, uint8_t** s_peer) {
@@ -497,8 +508,24 @@ cudaError_t Launch(Kernel kernel, int grid, size_t smem, cudaStream_t stream, co
                              static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, kThreads, smem, stream>>>(c, params);
-  return cudaGetLastError();
+  if (!c.pdl) {
+    kernel<<<grid, kThreads, smem, stream>>>(c, params);
+    return cudaGetLastError();
+  }
+  // Programmatic dependent launch: the grid is scheduled as the previous
+  // kernel's blocks exit, not after its completion is processed; the kernel
+  // waits for that completion first thing (WaitPreviousKernel).
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, c, params);
 }
 
 }  // namespace

@@ -249,6 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
   const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
   const int lane = threadIdx.x & 31;
   const int64_t gw = GlobalWarp(), W = GridWarps();
+  WaitPreviousKernel();
   LoadPeers(c, s_peer);
 
   uint64_t n;
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
 
     TracePoint(c, n, kLLTraceSent, kOpLLDispatch);
-    if (ArriveLast(SendArrive(c.base))) {
+    if (ArriveLast(SendArrive(c.base), c.gpu_scope != 0)) {
       // counts[b][me][*] of every PE <- scratch.
       const size_t counts_off = CountsOffset(lay, b, me, E);
       if ((E & 3) == 0 && (counts_off & 15) == 0 &&
@@ -466,7 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     p.slot[q] = slot;
   }
   TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
-  if (ArriveLast(RecvArrive(c.base))) FinishRecv(c, s_peer, n);
+  if (ArriveLast(RecvArrive(c.base), c.gpu_scope != 0)) FinishRecv(c, s_peer, n);
 }
 
 }  // namespace

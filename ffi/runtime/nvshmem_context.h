@@ -55,6 +55,8 @@ struct LLInfo {
   int num_sms = 0, ranks_on_device = 0, num_blocks = 0;
   int unmapped_peers = 0;    // PEs nvshmem_ptr cannot map (reached by puts)
   bool force_put = false;
+  bool gpu_scope = false;    // the kernels' flags and fences at GPU, not system, scope
+  bool pdl = false;          // kernels launched with programmatic dependent launch
   double timeout_s = 0;
   LLLayout layout;
 };

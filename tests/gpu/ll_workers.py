@@ -196,9 +196,12 @@ def low_latency(seed="0"):
         checked.append(what)
 
     s = int(seed)
+    modes = {}  # path -> [GPU-scope flags, programmatic dependent launch]
     for force_put in (0, 1):
         mod.nvshmem_ll_set_options(30.0, 0, force_put)
         tag = "put " if force_put else ""
+        info = mod.nvshmem_ll_info()
+        modes["put" if force_put else "direct"] = [info["gpu_scope"], info["pdl"]]
         for dtype in (ml_dtypes.bfloat16, np.float32, np.float16):
             xs, idxs, ws = oracle.make_inputs(s, n, T, H, E, K, dtype=dtype, none_prob=0.05)
             check_fused(xs, idxs, ws, False, f"{tag}{np.dtype(dtype).name}")
@@ -219,7 +222,7 @@ def low_latency(seed="0"):
     mod.nvshmem_ll_set_options(30.0, 0, 0)
     assert mod.ll_last_error() is None, mod.ll_last_error()
     _nvshmem.shutdown_low_latency()
-    return {"ranks": n, "checked": checked}
+    return {"ranks": n, "checked": checked, "modes": modes}
 
 
 def one_rank_never_calls(skipper="1", wait_s="20"):

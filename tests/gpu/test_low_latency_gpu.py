@@ -2,8 +2,9 @@
 
 One PE, then 2, 4 and 8 PEs as processes sharing the GPU under CUDA MPS (NVSHMEM
 multi-process-per-GPU), each run with direct stores and with every row moved
-by NVSHMEM puts (force_put); then a PE that never calls (the timeout message,
-not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
+by NVSHMEM puts (force_put), and again with the system-scope flags and plain
+launches that PEs on several GPUs use; then a PE that never calls (the timeout
+message, not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
 """
 
 
@@ -32,6 +33,22 @@ def test_low_latency_ranks_as_processes(mps, ranks):
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
+        # Every PE on this GPU: GPU-scope flags on the direct path, system
+        # scope once rows go by put; dependent launch on both.
+        assert res.result["modes"] == {"direct": [True, True], "put": [False, True]}
+
+
+# The kernels as peers on other GPUs run them (system-scope flags and
+# fences), and without programmatic dependent launch.
+@pytest.mark.parametrize("ranks", [2, 8])
+def test_low_latency_system_scope_without_dependent_launch(mps, ranks):
+    results = run_multiprocess("ll_workers:low_latency", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": GPU_DIR, "JAX_EP_LL_SYS_SCOPE": "1",
+                                    "JAX_EP_LL_NO_PDL": "1"})
+    for res in results:
+        assert res.ok, res.describe()
+        assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
+        assert res.result["modes"] == {"direct": [False, False], "put": [False, False]}
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
