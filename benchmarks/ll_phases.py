@@ -36,6 +36,7 @@ PHASES = (
     (3, "send: done signals stored", "max"),
     (4, "receive: all done seen (first block)", "min"),
     (4, "receive: all done seen (last block)", "max"),
+    (5, "receive: rows read out (first block)", "min"),
     (5, "receive: rows read out (last block)", "max"),
     (6, "kernel end (last block)", "max"),
 )

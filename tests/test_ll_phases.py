@@ -65,6 +65,8 @@ def test_phases_of_a_synthetic_trace():
     np.testing.assert_allclose(rows["send: rows written (first block)"], (2.0, 2.5))
     np.testing.assert_allclose(rows["send: rows written (last block)"], (2.15, 2.65))
     np.testing.assert_allclose(rows["send: done signals stored"], (3.05, 3.55))
+    np.testing.assert_allclose(rows["receive: rows read out (first block)"], (5.0, 5.5))
+    np.testing.assert_allclose(rows["receive: rows read out (last block)"], (5.15, 5.65))
     np.testing.assert_allclose(rows["kernel end (last block)"], (6.15, 6.65))
     np.testing.assert_allclose(rows["kernel time (own start to end)"], (6.15, 6.15))
     np.testing.assert_allclose(rows["kernel time, mean over the PEs"], (6.15, 6.15))

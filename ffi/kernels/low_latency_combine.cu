@@ -183,7 +183,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
     const int64_t row_bytes = H * p.y_bytes;
     const int64_t units = p.vec_y ? row_bytes / 16 : 1;
     const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, kPartVectors);
-    for (int64_t task = gw; task < total * parts; task += W) {
+    for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < total * parts;
+         task = NextWarpTask(SendTask(c.base), lane)) {
       const int64_t i = task / parts;
       const int part = static_cast<int>(task - i * parts);
       const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));

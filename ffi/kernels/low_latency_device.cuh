@@ -18,6 +18,7 @@
 // once at initialize), same layout on every PE (LLLayout, low_latency.h):
 //   control  +0    u64 op counter (LL ops this PE started; owner only)
 //            +8    u32 / +12 u32  last-block counters of send / receive phases
+//            +16   u32 next row task of a combine send (zeroed by its last block)
 //            +256  u64 done[2][64]  done[b][s] = (n << 4) | op of source s's op n
 //            +1280 u64 ack[2][64]   ack[b][r]  = n once PE r finished reading set b of op n
 //   counts   int32 [2][R][E]        counts[b][s][e] = tokens source s sent to expert e in op n
@@ -51,7 +52,8 @@
 //
 // PEERS. peer_base[r] = nvshmem_ptr(region, r) when PE r's memory is mapped
 // here (NVLink / same GPU): rows are written with 16-byte stores straight into
-// the peer and signals are st.release.sys. Otherwise (another node, or the
+// the peer and signals are st.release.sys, or .gpu (fences and acquires too)
+// when every PE runs on this GPU (LLComm::gpu_scope). Otherwise (another node, or the
 // force_put option) rows are staged in the send buffer and moved with
 // nvshmemx_putmem_nbi_warp; signals are nvshmemx_signal_op(SET).
 //
@@ -65,12 +67,13 @@
 //      each distinct expert; j(t, e) comes from per-expert token bit masks
 //      in shared memory (popcount of the bits below t; one pass over the
 //      earlier tokens' ids when the masks do not fit); jpos for my slots;
-//      the per-expert counts as atomicMax(scratch[e], j + 1).
-//   3. the last block to finish (atomic counter after __threadfence_system;
+//      the per-expert counts as atomicMax(scratch[e], j + 1). Combine: warps
+//      take the rows from the task counter, one row (part) at a time.
+//   3. the last block to finish (atomic counter after a fence;
 //      it runs nvshmem_quiet() first when some rows went by put) broadcasts
 //      scratch into counts[b][me][*] of every PE (dispatch), then sets
 //      done[b][me] = (n << 4) | op in every PE, stores n in the op counter,
-//      and zeroes scratch for the next dispatch of parity b.
+//      zeroes the task counter, and scratch for the next dispatch of parity b.
 //  receive phase (all blocks):
 //   4. wait until done[b][s] >> 4 >= n for every s (and check the op kind).
 //   5. read set b into the XLA outputs (dispatch: one warp per (received
@@ -145,6 +148,21 @@ __device__ __forceinline__ unsigned int* SendArrive(uint8_t* base) {
 __device__ __forceinline__ unsigned int* RecvArrive(uint8_t* base) {
   return reinterpret_cast<unsigned int*>(base + kLLRecvArriveOffset);
 }
+__device__ __forceinline__ unsigned int* SendTask(uint8_t* base) {
+  return reinterpret_cast<unsigned int*>(base + kLLSendTaskOffset);
+}
+
+// The warp's next task from a phase's counter (lane 0 takes it; past the
+// phase's tasks: none left). Blocks whose copies go faster take more rows:
+// at 8 PEs on one GPU the blocks of one PE finished a statically split
+// combine send up to 20 us apart (dynamic: combine 130 -> 127.5 us; the
+// dispatch receive got slower, 79.5 -> 80.5, and keeps its static split).
+__device__ __forceinline__ int64_t NextWarpTask(unsigned int* counter, int lane) {
+  unsigned int task = 0u;
+  if (lane == 0) task = atomicAdd(counter, 1u);
+  return static_cast<int64_t>(__shfl_sync(kFull, task, 0));
+}
+
 __host__ __device__ __forceinline__ size_t DoneOffset(int b, int s) {
   return kLLDoneOffset + (static_cast<size_t>(b) * kLLMaxRanks + s) * 8;
 }
@@ -256,6 +274,7 @@ __device__ __forceinline__ void FinishSend(const LLComm& c, uint8_t* const* s_pe
   if (threadIdx.x == 0) {
     *reinterpret_cast<volatile uint64_t*>(OpCounter(c.base)) = n;
     *reinterpret_cast<volatile unsigned int*>(SendArrive(c.base)) = 0u;
+    *reinterpret_cast<volatile unsigned int*>(SendTask(c.base)) = 0u;
   }
 }
 
