@@ -449,22 +449,27 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       }
     }
   }
-  // slot[t, k] = rows of sources before me for its expert + my position.
-  for (int64_t q = gtid; q < T * K; q += gthreads) {
-    const int64_t t = q / K;
-    const int64_t k = q - t * K;
-    const int32_t e = __ldg(p.idx + q);
-    int32_t slot = -1;
-    if (e >= 0 && e < E) {
-      int64_t first = 0;
-      while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
-      int32_t before = 0;
-      for (int s = 0; s < me; ++s) {
-        before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
+  // slot[t, k] = rows of sources before me for its expert + my position, by
+  // the first block done with its rows: a chain of dependent loads (~2 us at
+  // 8 PEs on one GPU) that the blocks still copying hide (it used to fall to
+  // blocks 0 and 1, and end the kernel when they finished late).
+  if (ArriveFirst(RecvFirst(c.base))) {
+    for (int64_t q = threadIdx.x; q < T * K; q += blockDim.x) {
+      const int64_t t = q / K;
+      const int64_t k = q - t * K;
+      const int32_t e = __ldg(p.idx + q);
+      int32_t slot = -1;
+      if (e >= 0 && e < E) {
+        int64_t first = 0;
+        while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
+        int32_t before = 0;
+        for (int s = 0; s < me; ++s) {
+          before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
+        }
+        slot = before + __ldcg(jpos + t * K + first);
       }
-      slot = before + __ldcg(jpos + t * K + first);
+      p.slot[q] = slot;
     }
-    p.slot[q] = slot;
   }
   TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
   if (ArriveLast(RecvArrive(c.base), c.gpu_scope != 0)) FinishRecv(c, s_peer, n);
