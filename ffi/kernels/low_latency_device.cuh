@@ -19,7 +19,7 @@
 //   control  +0    u64 op counter (LL ops this PE started; owner only)
 //            +8    u32 / +12 u32  last-block counters of send / receive phases
 //            +16   u32 next row task of a combine send (zeroed by its last block)
-//            +20   u32 first-block counter of a dispatch receive (zeroed by its last block)
+//            +20   u32 arrival counter of a dispatch receive's blocks (zeroed by its last)
 //            +256  u64 done[2][64]  done[b][s] = (n << 4) | op of source s's op n
 //            +1280 u64 ack[2][64]   ack[b][r]  = n once PE r finished reading set b of op n
 //   counts   int32 [2][R][E]        counts[b][s][e] = tokens source s sent to expert e in op n
@@ -80,9 +80,9 @@
 //   5. read set b into the XLA outputs (dispatch: one warp per (received
 //      row, part), compacting the index [l][s][j] into rows ordered by
 //      (s, j) using counts[b][*][e], each read from rows[s][index]; all
-//      threads mark and zero the padding rows; the first block done with its
-//      rows computes slot = sum_{s<me} counts[b][s][e] + j; combine: reduce
-//      in k order).
+//      threads mark and zero the padding rows; the first two blocks done with
+//      their rows compute slot = sum_{s<me} counts[b][s][e] + j; combine:
+//      reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
 // 4-6 in the receive kernel (which takes it). The fused combine / gather at
@@ -170,14 +170,14 @@ __device__ __forceinline__ unsigned int* RecvFirst(uint8_t* base) {
   return reinterpret_cast<unsigned int*>(base + kLLRecvFirstOffset);
 }
 
-// True in the first block of the grid to get here (the counter is zeroed by
-// the phase's last block, FinishRecv).
-__device__ __forceinline__ bool ArriveFirst(unsigned int* counter) {
-  __shared__ bool s_first;
+// How many blocks of the grid got here before this one (the counter is
+// zeroed by the phase's last block, FinishRecv).
+__device__ __forceinline__ unsigned int ArrivalOrder(unsigned int* counter) {
+  __shared__ unsigned int s_order;
   __syncthreads();
-  if (threadIdx.x == 0) s_first = atomicAdd(counter, 1u) == 0u;
+  if (threadIdx.x == 0) s_order = atomicAdd(counter, 1u);
   __syncthreads();
-  return s_first;
+  return s_order;
 }
 
 __host__ __device__ __forceinline__ size_t DoneOffset(int b, int s) {

@@ -10,6 +10,7 @@ namespace {
 constexpr float kFp8Max = 448.0f;      // largest finite e4m3
 constexpr float kFp8MinAmax = 1e-4f;   // floor of a block's amax (no zero scales)
 constexpr int64_t kMaskSmemBytes = 64 * 1024;  // largest token-mask table (else TokensBefore)
+constexpr unsigned int kSlotBlocks = 2;         // blocks of the receive that compute the slots
 
 // ------------------------------------------------------------ element types
 // (Bf16Elem, F16Elem, F32Elem: elem_types.cuh; VecOf: device_copy.cuh)
@@ -450,11 +451,14 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
   }
   // slot[t, k] = rows of sources before me for its expert + my position, by
-  // the first block done with its rows: a chain of dependent loads (~2 us at
-  // 8 PEs on one GPU) that the blocks still copying hide (it used to fall to
-  // blocks 0 and 1, and end the kernel when they finished late).
-  if (ArriveFirst(RecvFirst(c.base))) {
-    for (int64_t q = threadIdx.x; q < T * K; q += blockDim.x) {
+  // the first two blocks done with their rows, while the others still copy
+  // (at 8 PEs on one GPU the blocks of a PE finish ~9 us apart). The loads of
+  // an entry are issued together: a chain of them (one per source before me)
+  // took several us under load.
+  const unsigned int order = ArrivalOrder(RecvFirst(c.base));
+  const unsigned int slot_blocks = min(kSlotBlocks, gridDim.x);
+  if (order < slot_blocks) {
+    for (int64_t q = order * blockDim.x + threadIdx.x; q < T * K; q += slot_blocks * blockDim.x) {
       const int64_t t = q / K;
       const int64_t k = q - t * K;
       const int32_t e = __ldg(p.idx + q);
@@ -462,11 +466,13 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       if (e >= 0 && e < E) {
         int64_t first = 0;
         while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
+        const int32_t j = __ldcg(jpos + t * K + first);
         int32_t before = 0;
+#pragma unroll 8
         for (int s = 0; s < me; ++s) {
           before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
         }
-        slot = before + __ldcg(jpos + t * K + first);
+        slot = before + j;
       }
       p.slot[q] = slot;
     }
