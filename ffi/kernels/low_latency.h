@@ -29,7 +29,6 @@ inline constexpr size_t kLLOpCounterOffset = 0;    // u64: LL ops started on thi
 inline constexpr size_t kLLSendArriveOffset = 8;   // u32: last-block counter of send phases
 inline constexpr size_t kLLRecvArriveOffset = 12;  // u32: last-block counter of receive phases
 inline constexpr size_t kLLSendTaskOffset = 16;    // u32: next warp task of a combine send
-inline constexpr size_t kLLRecvFirstOffset = 20;   // u32: first-block counter of a dispatch receive
 inline constexpr size_t kLLDoneOffset = 256;       // u64 done[2][kLLMaxRanks]: written by sources
 inline constexpr size_t kLLAckOffset = kLLDoneOffset + 2 * kLLMaxRanks * 8;  // u64 ack[2][kLLMaxRanks]
 inline constexpr size_t kLLControlBytes = 4096;

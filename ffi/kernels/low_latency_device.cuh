@@ -19,7 +19,6 @@
 //   control  +0    u64 op counter (LL ops this PE started; owner only)
 //            +8    u32 / +12 u32  last-block counters of send / receive phases
 //            +16   u32 next row task of a combine send (zeroed by its last block)
-//            +20   u32 arrival counter of a dispatch receive's blocks (zeroed by its last)
 //            +256  u64 done[2][64]  done[b][s] = (n << 4) | op of source s's op n
 //            +1280 u64 ack[2][64]   ack[b][r]  = n once PE r finished reading set b of op n
 //   counts   int32 [2][R][E]        counts[b][s][e] = tokens source s sent to expert e in op n
@@ -79,10 +78,8 @@
 //   4. wait until done[b][s] >> 4 >= n for every s (and check the op kind).
 //   5. read set b into the XLA outputs (dispatch: one warp per (received
 //      row, part), compacting the index [l][s][j] into rows ordered by
-//      (s, j) using counts[b][*][e], each read from rows[s][index]; all
-//      threads mark and zero the padding rows; the first two blocks done with
-//      their rows compute slot = sum_{s<me} counts[b][s][e] + j; combine:
-//      reduce in k order).
+//      (s, j) using counts[b][*][e], each read from rows[s][index]; all threads mark and zero the padding rows; compute
+//      slot = sum_{s<me} counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
 // 4-6 in the receive kernel (which takes it). The fused combine / gather at
@@ -164,20 +161,6 @@ __device__ __forceinline__ int64_t NextWarpTask(unsigned int* counter, int lane)
   unsigned int task = 0u;
   if (lane == 0) task = atomicAdd(counter, 1u);
   return static_cast<int64_t>(__shfl_sync(kFull, task, 0));
-}
-
-__device__ __forceinline__ unsigned int* RecvFirst(uint8_t* base) {
-  return reinterpret_cast<unsigned int*>(base + kLLRecvFirstOffset);
-}
-
-// How many blocks of the grid got here before this one (the counter is
-// zeroed by the phase's last block, FinishRecv).
-__device__ __forceinline__ unsigned int ArrivalOrder(unsigned int* counter) {
-  __shared__ unsigned int s_order;
-  __syncthreads();
-  if (threadIdx.x == 0) s_order = atomicAdd(counter, 1u);
-  __syncthreads();
-  return s_order;
 }
 
 __host__ __device__ __forceinline__ size_t DoneOffset(int b, int s) {
@@ -299,10 +282,7 @@ __device__ __forceinline__ void FinishSend(const LLComm& c, uint8_t* const* s_pe
 __device__ __forceinline__ void FinishRecv(const LLComm& c, uint8_t* const* s_peer, uint64_t n) {
   const int r = threadIdx.x;
   if (r < c.num_ranks) SignalPe(c, s_peer[r], r, AckOffset(n & 1, c.rank), n);
-  if (threadIdx.x == 0) {
-    *reinterpret_cast<volatile unsigned int*>(RecvArrive(c.base)) = 0u;
-    *reinterpret_cast<volatile unsigned int*>(RecvFirst(c.base)) = 0u;
-  }
+  if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned int*>(RecvArrive(c.base)) = 0u;
 }
 
 // Phase trace (LLComm::trace, low_latency.h): thread 0 of the block stamps

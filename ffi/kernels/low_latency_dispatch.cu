@@ -10,7 +10,6 @@ namespace {
 constexpr float kFp8Max = 448.0f;      // largest finite e4m3
 constexpr float kFp8MinAmax = 1e-4f;   // floor of a block's amax (no zero scales)
 constexpr int64_t kMaskSmemBytes = 64 * 1024;  // largest token-mask table (else TokensBefore)
-constexpr unsigned int kSlotBlocks = 2;         // blocks of the receive that compute the slots
 
 // ------------------------------------------------------------ element types
 // (Bf16Elem, F16Elem, F32Elem: elem_types.cuh; VecOf: device_copy.cuh)
@@ -450,32 +449,22 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
       }
     }
   }
-  // slot[t, k] = rows of sources before me for its expert + my position, by
-  // the first two blocks done with their rows, while the others still copy
-  // (at 8 PEs on one GPU the blocks of a PE finish ~9 us apart). The loads of
-  // an entry are issued together: a chain of them (one per source before me)
-  // took several us under load.
-  const unsigned int order = ArrivalOrder(RecvFirst(c.base));
-  const unsigned int slot_blocks = min(kSlotBlocks, gridDim.x);
-  if (order < slot_blocks) {
-    for (int64_t q = order * blockDim.x + threadIdx.x; q < T * K; q += slot_blocks * blockDim.x) {
-      const int64_t t = q / K;
-      const int64_t k = q - t * K;
-      const int32_t e = __ldg(p.idx + q);
-      int32_t slot = -1;
-      if (e >= 0 && e < E) {
-        int64_t first = 0;
-        while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
-        const int32_t j = __ldcg(jpos + t * K + first);
-        int32_t before = 0;
-#pragma unroll 8
-        for (int s = 0; s < me; ++s) {
-          before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
-        }
-        slot = before + j;
+  // slot[t, k] = rows of sources before me for its expert + my position.
+  for (int64_t q = gtid; q < T * K; q += gthreads) {
+    const int64_t t = q / K;
+    const int64_t k = q - t * K;
+    const int32_t e = __ldg(p.idx + q);
+    int32_t slot = -1;
+    if (e >= 0 && e < E) {
+      int64_t first = 0;
+      while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
+      int32_t before = 0;
+      for (int s = 0; s < me; ++s) {
+        before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
       }
-      p.slot[q] = slot;
+      slot = before + __ldcg(jpos + t * K + first);
     }
+    p.slot[q] = slot;
   }
   TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
   if (ArriveLast(RecvArrive(c.base), c.gpu_scope != 0)) FinishRecv(c, s_peer, n);
