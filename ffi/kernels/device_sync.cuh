@@ -1,6 +1,7 @@
 // Device-side synchronisation shared by the intranode kernels (intranode.cu)
-// and the low-latency kernels (low_latency_*.cu): system-scope acquire / release
-// of 64-bit flags, the %globaltimer clock, the timeout record + trap, the
+// and the low-latency kernels (low_latency_*.cu): acquire / release of 64-bit
+// flags and fences at system scope (or GPU scope, when every reader and writer
+// runs on this GPU), the %globaltimer clock, the timeout record + trap, the
 // spin-wait with a timeout, and the election of the last block of a grid.
 //
 // Header-only (inline device functions): intranode.cu is compiled whole-
