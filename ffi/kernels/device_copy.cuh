@@ -9,9 +9,17 @@
 
 namespace jax_ep {
 
-// The unsigned vector type of kBytes bytes (16, 8, 4, 2 or 1).
+// The unsigned vector type of kBytes bytes (32, 16, 8, 4, 2 or 1).
 template <int kBytes>
 struct VecOf;
+// 32 bytes: two 16-byte vectors (loaded as two).
+struct Vec32 {
+  uint4 lo, hi;
+};
+template <>
+struct VecOf<32> {
+  using Type = Vec32;
+};
 template <>
 struct VecOf<16> {
   using Type = uint4;
@@ -37,7 +45,10 @@ struct VecOf<1> {
 // through L2 only, __ldcg); else it is read-only for the whole kernel (__ldg).
 template <bool kPeer, typename V>
 __device__ __forceinline__ V LoadVec(const V* p) {
-  if constexpr (kPeer) {
+  if constexpr (sizeof(V) == 32) {
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+    return V{LoadVec<kPeer>(q), LoadVec<kPeer>(q + 1)};
+  } else if constexpr (kPeer) {
     return __ldcg(p);
   } else {
     return __ldg(p);

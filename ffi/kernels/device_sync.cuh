@@ -27,29 +27,19 @@ __device__ __forceinline__ void StoreReleaseSys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// The same at GPU scope: enough when every thread that reads or writes the
-// flag runs on this GPU (several PEs as processes sharing one GPU), and
-// cheaper than system scope under load.
-__device__ __forceinline__ uint64_t LoadAcquireGpu(const uint64_t* p) {
+// The same at GPU scope when gpu_scope: enough when every thread that reads
+// or writes the flag runs on this GPU (several PEs as processes sharing one
+// GPU), and cheaper than system scope under load.
+__device__ __forceinline__ uint64_t LoadAcquire(const uint64_t* p, bool gpu_scope) {
+  if (!gpu_scope) return LoadAcquireSys(p);
   uint64_t v;
   asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
-__device__ __forceinline__ void StoreReleaseGpu(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t LoadAcquire(const uint64_t* p, bool gpu_scope) {
-  return gpu_scope ? LoadAcquireGpu(p) : LoadAcquireSys(p);
-}
-
 __device__ __forceinline__ void StoreRelease(uint64_t* p, uint64_t v, bool gpu_scope) {
-  if (gpu_scope) {
-    StoreReleaseGpu(p, v);
-  } else {
-    StoreReleaseSys(p, v);
-  }
+  if (!gpu_scope) return StoreReleaseSys(p, v);
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ void Fence(bool gpu_scope) {
@@ -102,9 +92,10 @@ struct TimeoutSite {
 };
 
 // Spins until (acquire load of flag >> shift) >= target and returns the value
-// loaded (system scope unless gpu_scope). After 64 polls every poll first sleeps sleep_ns (leaves issue slots
-// to co-resident kernels); once timeout_ns passed since the first miss,
-// records the site and the last value seen and traps.
+// loaded (system scope unless gpu_scope). After 64 polls every poll first
+// sleeps sleep_ns (leaves issue slots to co-resident kernels); once
+// timeout_ns passed since the first miss, records the site and the last value
+// seen and traps.
 __device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64_t target,
                                                     int shift, unsigned int sleep_ns,
                                                     const TimeoutSite& site,
@@ -126,11 +117,12 @@ __device__ __forceinline__ uint64_t SpinWaitAtLeast(const uint64_t* flag, uint64
 // ------------------------------------------------------------ grid completion
 
 // Every block of the grid calls this at the end of a phase; true in the last
-// block to arrive. Thread 0 fences (system scope unless gpu_scope) after a barrier, counts the
-// block in, and the last block fences again: the writes of every block are
-// ordered before whatever the last block does next (the pattern of
-// cooperative groups' grid sync: the barrier orders the block's writes
-// before thread 0's fence). Whoever owns `counter` resets it for the next grid.
+// block to arrive. Thread 0 fences (system scope unless gpu_scope) after a
+// barrier, counts the block in, and the last block fences again: the writes
+// of every block are ordered before whatever the last block does next (the
+// pattern of cooperative groups' grid sync: the barrier orders the block's
+// writes before thread 0's fence). Whoever owns `counter` resets it for the
+// next grid.
 __device__ __forceinline__ bool ArriveLast(unsigned int* counter, bool gpu_scope = false) {
   __shared__ bool s_last;
   __syncthreads();

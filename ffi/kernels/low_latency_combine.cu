@@ -16,30 +16,6 @@ namespace {
 
 constexpr int kKChunk = 8;  // combine rows per thread in flight
 
-// 32 bytes of a row: two 16-byte vectors (a thread's chunk of 16 bf16 channels).
-struct Vec32 {
-  uint4 lo, hi;
-};
-template <int kBytes>
-struct ChunkOf {
-  using Type = typename VecOf<kBytes>::Type;
-};
-template <>
-struct ChunkOf<32> {
-  using Type = Vec32;
-};
-
-// A chunk written by another PE in this op: through L2 only.
-template <typename V>
-__device__ __forceinline__ V LoadChunk(const V* p) {
-  return __ldcg(p);
-}
-template <>
-__device__ __forceinline__ Vec32 LoadChunk<Vec32>(const Vec32* p) {
-  const uint4* q = reinterpret_cast<const uint4*>(p);
-  return Vec32{__ldcg(q), __ldcg(q + 1)};
-}
-
 // ------------------------------------------------------------ combine / gather
 
 struct CombineParams {
@@ -96,7 +72,7 @@ template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint8_t* set,
                                               int64_t gtid, int64_t gthreads) {
   using Raw = typename Elem::Raw;
-  using V = typename ChunkOf<kNE * sizeof(Raw)>::Type;
+  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
   const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
   const int64_t chunks = H / kNE;
   const int64_t items = T * chunks;
@@ -130,7 +106,7 @@ __device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint
                                        : nullptr;
         ok[u] = row != nullptr;
         if (ok[u]) {
-          v[u] = LoadChunk(row + c);
+          v[u] = LoadVec<true>(row + c);
           w[u] = __ldg(p.w + t * K + k);
         }
       }
@@ -156,7 +132,7 @@ template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t* set,
                                            int64_t gtid, int64_t gthreads) {
   using Raw = typename Elem::Raw;
-  using V = typename ChunkOf<kNE * sizeof(Raw)>::Type;
+  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
   const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
   const int64_t chunks = H / kNE;
   const int64_t items = T * K * chunks;
@@ -167,7 +143,7 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
     const int32_t e = __ldg(p.idx + tk);
     const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, tk) : nullptr;
     V v{};
-    if (row != nullptr) v = LoadChunk(row + c);
+    if (row != nullptr) v = LoadVec<true>(row + c);
     reinterpret_cast<V*>(p.out + tk * H * sizeof(Raw))[c] = v;
   }
 }

@@ -53,9 +53,9 @@
 // PEERS. peer_base[r] = nvshmem_ptr(region, r) when PE r's memory is mapped
 // here (NVLink / same GPU): rows are written with 16-byte stores straight into
 // the peer and signals are st.release.sys, or .gpu (fences and acquires too)
-// when every PE runs on this GPU (LLComm::gpu_scope). Otherwise (another node, or the
-// force_put option) rows are staged in the send buffer and moved with
-// nvshmemx_putmem_nbi_warp; signals are nvshmemx_signal_op(SET).
+// when every PE runs on this GPU (LLComm::gpu_scope). Otherwise (another
+// node, or the force_put option) rows are staged in the send buffer and moved
+// with nvshmemx_putmem_nbi_warp; signals are nvshmemx_signal_op(SET).
 //
 // PROTOCOL of op n (every PE runs the same LL ops in the same order):
 //  send phase (all blocks):
@@ -78,8 +78,9 @@
 //   4. wait until done[b][s] >> 4 >= n for every s (and check the op kind).
 //   5. read set b into the XLA outputs (dispatch: one warp per (received
 //      row, part), compacting the index [l][s][j] into rows ordered by
-//      (s, j) using counts[b][*][e], each read from rows[s][index]; all threads mark and zero the padding rows; compute
-//      slot = sum_{s<me} counts[b][s][e] + j; combine: reduce in k order).
+//      (s, j) using counts[b][*][e], each read from rows[s][index]; all
+//      threads mark and zero the padding rows; compute slot = sum_{s<me}
+//      counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
 // 4-6 in the receive kernel (which takes it). The fused combine / gather at
