@@ -107,7 +107,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
     }
     if (mapped == nullptr) PutStagedRow(c, off, row, row_bytes, r);
   }
-  if (ArriveLast(SendArrive(c.base), c.gpu_scope != 0)) FinishSend(c, s_peer, n, kOpLLDispatchCached);
+  if (ArriveLast(SendArrive(c.base), c.gpu_scope != 0)) {
+    FinishSend(c, s_peer, n, kOpLLDispatchCached);
+  }
 
   // ---------------- receive: rows [0, count) of each local expert, zeros after
   WaitAllDone(c, n, kOpLLDispatchCached);

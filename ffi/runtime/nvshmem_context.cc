@@ -35,6 +35,8 @@ struct LLContext {
   int num_ranks = 0;
   int num_sms = 0;
   int ranks_on_device = 1;
+  bool sys_scope_forced = false;  // JAX_EP_LL_SYS_SCOPE=1 at allocation
+  bool pdl = true;                // JAX_EP_LL_NO_PDL unset at allocation
   uint8_t* region = nullptr;  // nvshmem_align
   LLLayout layout;
   std::vector<uint8_t*> peers;      // nvshmem_ptr(region, r) (nullptr: not mapped)
@@ -219,17 +221,17 @@ bool EffectiveForcePut(int option) {
   return option < 0 ? EnvTrue("JAX_EP_LL_FORCE_PUT") : option != 0;
 }
 
+// Some rows go by NVSHMEM put: forced, or peers nvshmem_ptr cannot map.
+bool AnyPut(const LLContext& ctx, bool force_put) { return force_put || ctx.unmapped_peers > 0; }
+
 // Every PE on this GPU (processes sharing it) and none reached by put:
 // GPU-scope flags and fences order all the kernels exchange, and cost less
 // than system scope under load (8 PEs on one H200: 3-4 us per op).
 // JAX_EP_LL_SYS_SCOPE=1 keeps system scope (what peers on other GPUs need).
 bool EffectiveGpuScope(const LLContext& ctx, int ranks_on_device_option, bool any_put) {
-  return !any_put && EffectiveRanksOnDevice(ctx, ranks_on_device_option) >= ctx.num_ranks &&
-         !EnvTrue("JAX_EP_LL_SYS_SCOPE");
+  return !any_put && !ctx.sys_scope_forced &&
+         EffectiveRanksOnDevice(ctx, ranks_on_device_option) >= ctx.num_ranks;
 }
-
-// Programmatic dependent launch of the kernels, unless JAX_EP_LL_NO_PDL=1.
-bool EffectivePdl() { return !EnvTrue("JAX_EP_LL_NO_PDL"); }
 
 }  // namespace
 
@@ -336,9 +338,9 @@ LLInfo InfoLocked(const Registry& reg) {
     info.ranks_on_device = EffectiveRanksOnDevice(ctx, reg.ranks_on_device.load());
     info.num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
     info.unmapped_peers = ctx.unmapped_peers;
-    info.gpu_scope = EffectiveGpuScope(ctx, reg.ranks_on_device.load(),
-                                       info.force_put || ctx.unmapped_peers > 0);
-    info.pdl = EffectivePdl();
+    info.gpu_scope =
+        EffectiveGpuScope(ctx, reg.ranks_on_device.load(), AnyPut(ctx, info.force_put));
+    info.pdl = ctx.pdl;
     info.layout = ctx.layout;
   }
   return info;
@@ -385,6 +387,9 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
   ctx->device = device;
   ctx->rank = rank;
   ctx->num_ranks = nranks;
+  // Read once here, not at every op launch (the launches are on the host's hot path).
+  ctx->sys_scope_forced = EnvTrue("JAX_EP_LL_SYS_SCOPE");
+  ctx->pdl = !EnvTrue("JAX_EP_LL_NO_PDL");
   ctx->layout = MakeLLLayout(nranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
   DeviceGuard guard(device);
   CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
@@ -532,7 +537,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
     return false;
   }
   const bool force_put = EffectiveForcePut(reg.force_put.load());
-  const bool any_put = force_put || ctx.unmapped_peers > 0;
+  const bool any_put = AnyPut(ctx, force_put);
   if (any_put && ctx.layout.send_bytes == 0) {
     *error = std::string("jax_ep: ") +
              (force_put ? "force_put (JAX_EP_LL_FORCE_PUT)" : "peers on other nodes") +
@@ -548,7 +553,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
   comm->any_put = any_put ? 1 : 0;
   comm->gpu_scope = EffectiveGpuScope(ctx, reg.ranks_on_device.load(), any_put) ? 1 : 0;
-  comm->pdl = EffectivePdl() ? 1 : 0;
+  comm->pdl = ctx.pdl ? 1 : 0;
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   comm->trace = ctx.trace;
