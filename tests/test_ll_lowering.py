@@ -125,6 +125,9 @@ def test_region_layout_and_info_without_init():
     assert lay["set_bytes"] >= 256 * 128 * stride
     assert lay["send_bytes"] == 0
     assert lay["total_bytes"] == lay["set_offset"] + 2 * lay["set_bytes"]
+    # the streamed combine's arrival counters: u64 [2][M] between jpos and the sets
+    assert lay["arrive_offset"] >= lay["jpos_offset"] + 2 * 128 * 8 * 4
+    assert lay["set_offset"] >= lay["arrive_offset"] + 2 * 128 * 8
     with_send = mod.nvshmem_ll_layout(8, 128, 7168, 256, 8, 2, True)
     assert with_send["send_bytes"] >= 8 * 128 * 8 * stride
     assert mod.nvshmem_ll_region_bytes(8, 128, 7168, 256, 8, 2, True) == with_send["total_bytes"]

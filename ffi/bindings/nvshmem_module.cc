@@ -47,6 +47,7 @@ nb::dict LayoutDict(const jax_ep::LLLayout& lay) {
   d["counts_offset"] = lay.counts_offset;
   d["scratch_offset"] = lay.scratch_offset;
   d["jpos_offset"] = lay.jpos_offset;
+  d["arrive_offset"] = lay.arrive_offset;
   d["set_offset"] = lay.set_offset;
   d["set_bytes"] = lay.set_bytes;
   d["send_offset"] = lay.send_offset;
@@ -69,6 +70,7 @@ nb::dict InfoDict(const jax_ep::LLInfo& info) {
   d["force_put"] = info.force_put;
   d["gpu_scope"] = info.gpu_scope;
   d["pdl"] = info.pdl;
+  d["stream_combine"] = info.stream_combine;
   d["timeout_s"] = info.timeout_s;
   d["layout"] = info.allocated ? nb::object(LayoutDict(info.layout)) : nb::none();
   return d;
@@ -173,7 +175,7 @@ NB_MODULE(_jax_ep_nvshmem, m) {
       nb::arg("device_ordinal"), "cudaDeviceGetPCIBusId of the device, e.g. '0000:1B:00.0'.");
   m.def("nvshmem_ll_info", [] { return InfoDict(jax_ep::LLGetInfo()); },
         "Dict: initialized, allocated, device, rank, num_ranks, num_sms, ranks_on_device, "
-        "num_blocks, unmapped_peers, force_put, gpu_scope, pdl, timeout_s, layout.");
+        "num_blocks, unmapped_peers, force_put, gpu_scope, pdl, stream_combine, timeout_s, layout.");
   m.def(
       "nvshmem_finalize",
       [] {

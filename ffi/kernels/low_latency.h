@@ -29,6 +29,7 @@ inline constexpr size_t kLLOpCounterOffset = 0;    // u64: LL ops started on thi
 inline constexpr size_t kLLSendArriveOffset = 8;   // u32: last-block counter of send phases
 inline constexpr size_t kLLRecvArriveOffset = 12;  // u32: last-block counter of receive phases
 inline constexpr size_t kLLSendTaskOffset = 16;    // u32: next warp task of a combine send
+inline constexpr size_t kLLRecvTaskOffset = 20;    // u32: next warp task of a streamed combine receive
 inline constexpr size_t kLLDoneOffset = 256;       // u64 done[2][kLLMaxRanks]: written by sources
 inline constexpr size_t kLLAckOffset = kLLDoneOffset + 2 * kLLMaxRanks * 8;  // u64 ack[2][kLLMaxRanks]
 inline constexpr size_t kLLControlBytes = 4096;
@@ -47,6 +48,7 @@ struct LLLayout {
   size_t counts_offset = 0;   // int32 counts[2][R][E]: counts[b][s][e] written by source s
   size_t scratch_offset = 0;  // int32 scratch[2][E]: this PE's per-expert token counts (local)
   size_t jpos_offset = 0;     // int32 jpos[2][M * K]: position of (t, k) among my tokens for its expert (local)
+  size_t arrive_offset = 0;   // u64 arrive[2][M]: rows of my token t written so far (streamed combine)
   size_t set_offset = 0;      // data sets [2][set_bytes]
   size_t set_bytes = 0;       // E * M * max(dispatch row stride, combine row stride)
   size_t send_offset = 0;     // staging of rows for NVSHMEM puts (0 bytes without send buffer)
@@ -98,6 +100,7 @@ struct LLComm {
   int32_t any_put = 0;                   // some peer_base is nullptr (needs the send buffer)
   int32_t gpu_scope = 0;                 // every PE on this GPU, none by put: GPU-scope signals
   int32_t pdl = 0;                       // launch with programmatic dependent launch
+  int32_t stream_combine = 0;            // fused combine: receive each token as its rows arrive
   TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
   uint64_t timeout_ns = 0;
   uint64_t* trace = nullptr;             // phase timestamps (JAX_EP_LL_TRACE), nullptr: off

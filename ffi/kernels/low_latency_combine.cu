@@ -1,130 +1,36 @@
 // Low-latency combine and gather (fused, or send / receive halves): expert
 // rows back to their source tokens, reduced with fp32 weights in k order
-// (combine) or returned per (token, k) (gather, for gradients). At one PE the
-// fused ops move no rows: there is no send phase and the receive reads them
-// straight from y at the token's slot (not the split form, whose receive does
-// not hold y: keeping y alive through the overlap would cost its memory).
-// Not at several PEs: there the receive's other
-// rows were just written into the receive area (hot in L2) while y's come
-// from HBM, and every token waits for its slowest row (measured at 8 PEs on
-// one H200: receive 52-57 -> 87-91 us, send only 9 us shorter). Protocol and
-// region: low_latency_device.cuh.
-#include "ffi/kernels/low_latency_device.cuh"
+// (combine) or returned per (token, k) (gather, for gradients). The fused
+// combine at several PEs with every peer mapped runs the streamed kernel
+// instead (low_latency_combine_streamed.cu). At one PE the fused ops move no
+// rows: there is no send phase and the receive reads them straight from y at
+// the token's slot (not the split form, whose receive does not hold y:
+// keeping y alive through the overlap would cost its memory). Not at several
+// PEs: there the receive's other rows were just written into the receive
+// area (hot in L2) while y's come from HBM, and every token waits for its
+// slowest row (measured at 8 PEs on one H200: receive 52-57 -> 87-91 us, send
+// only 9 us shorter). Protocol and region: low_latency_device.cuh.
+#include "ffi/kernels/low_latency_combine.cuh"
 
 namespace jax_ep {
 namespace {
 
-constexpr int kKChunk = 8;  // combine rows per thread in flight
-
-// ------------------------------------------------------------ combine / gather
-
-struct CombineParams {
-  LLShape s;
-  int32_t gather;
-  int32_t phase;
-  int32_t y_bytes;
-  int32_t vec_y;      // rows of y are whole 16-byte vectors (aligned, H * y_bytes % 16 == 0)
-  int64_t stride;     // row bytes in the set and the send buffer (multiple of 16)
-  int64_t send_rows;  // capacity of the send buffer in rows
-  const uint8_t* y;
-  const int32_t* recv_src;
-  const int32_t* recv_count;
-  const int32_t* idx;
-  const float* w;
-  const int32_t* slot;  // [T, K] the dispatch's slot: row of (t, k) among its expert's R * M
-  int64_t e0;           // my first expert (rank * L)
-  int64_t num_local;    // L
-  int64_t expert_rows;  // R * M
-  uint8_t* out;
-  int32_t* token_out;
-  const int32_t* token_in;
-};
-
-// Where row (t, k) of expert e is (e valid; tk = t * K + k): with kSelfRows
-// (fused, one PE) one of my experts' rows straight from y (row slot[tk] of
-// local expert e - e0; nullptr for a slot out of range), else in set b,
-// where its owner wrote it. A
-// template flag, not a run-time one: the slot loads alone, not taken, cost
-// the 8-PE receive as much as reading y.
-template <bool kSelfRows, typename V>
-__device__ __forceinline__ const V* RowOf(const CombineParams& p, const uint8_t* set, int64_t e,
-                                          int64_t t, int64_t tk) {
-  if (kSelfRows && e >= p.e0 && e < p.e0 + p.num_local) {
-    const int32_t row_in_expert = __ldg(p.slot + tk);
-    if (row_in_expert < 0 || row_in_expert >= p.expert_rows) return nullptr;
-    const int64_t row = (e - p.e0) * p.expert_rows + row_in_expert;
-    return reinterpret_cast<const V*>(p.y + row * p.s.hidden * p.y_bytes);
-  }
-  return reinterpret_cast<const V*>(set + (e * p.s.max_tokens + t) * p.stride);
-}
-
-// s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
-__device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
-                                         int32_t* s_base) {
-  BlockExclusiveScan(L, [&](int64_t l) { return min(max(__ldg(count + l), 0), cap); }, s_base);
-}
-
-// One thread per (token, kNE channels): the K rows are loaded kKChunk at a
-// time (all of them for K <= 8), then summed in k order. The rows of the
-// thread's next item are prefetched into L2 first (at 8 PEs on one GPU a
-// thread reduces ~14 items one after the other).
+// The plain receive: one thread per (token, kNE channels), the rows of the
+// thread's next item prefetched into L2 first (at 8 PEs on one GPU a thread
+// reduces ~14 items one after the other).
 template <typename Elem, int kNE, bool kSelfRows>
-__device__ __forceinline__ void CombineReduce(const CombineParams& p, const uint8_t* set,
-                                              int64_t gtid, int64_t gthreads) {
-  using Raw = typename Elem::Raw;
-  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
-  const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
-  const int64_t chunks = H / kNE;
-  const int64_t items = T * chunks;
+__device__ __forceinline__ void CombineReduceItems(const CombineParams& p, const uint8_t* set,
+                                                   int64_t gtid, int64_t gthreads) {
+  using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
+  const int64_t chunks = p.s.hidden / kNE;
+  const int64_t items = p.s.num_tokens * chunks;
   for (int64_t item = gtid; item < items; item += gthreads) {
-    const int64_t t = item / chunks;
-    const int64_t c = item - t * chunks;
-    const int32_t* idx_row = p.idx + t * K;
     if (item + gthreads < items) {
       const int64_t t_next = (item + gthreads) / chunks;
-      const int64_t c_next = item + gthreads - t_next * chunks;
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t e = __ldg(p.idx + t_next * K + k);
-        const V* row =
-            e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t_next, t_next * K + k)
-                            : nullptr;
-        if (row != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + c_next));
-      }
+      PrefetchRows<V, kSelfRows>(p, set, t_next, item + gthreads - t_next * chunks);
     }
-    float acc[kNE];
-#pragma unroll
-    for (int i = 0; i < kNE; ++i) acc[i] = 0.0f;
-    for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
-      V v[kKChunk];
-      float w[kKChunk];
-      bool ok[kKChunk];
-#pragma unroll
-      for (int u = 0; u < kKChunk; ++u) {
-        const int64_t k = k0 + u;
-        const int32_t e = k < K ? __ldg(idx_row + k) : -1;
-        const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k)
-                                       : nullptr;
-        ok[u] = row != nullptr;
-        if (ok[u]) {
-          v[u] = LoadVec<true>(row + c);
-          w[u] = __ldg(p.w + t * K + k);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kKChunk; ++u) {
-        if (!ok[u]) continue;
-        Raw raw[kNE];
-        memcpy(raw, &v[u], sizeof(V));
-#pragma unroll
-        for (int i = 0; i < kNE; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], Elem::ToFloat(raw[i])));
-      }
-    }
-    Raw res[kNE];
-#pragma unroll
-    for (int i = 0; i < kNE; ++i) res[i] = Elem::FromFloat(acc[i]);
-    V packed;
-    memcpy(&packed, res, sizeof(V));
-    reinterpret_cast<V*>(p.out + t * H * sizeof(Raw))[c] = packed;
+    const int64_t t = item / chunks;
+    ReduceChunk<Elem, kNE, kSelfRows>(p, set, t, item - t * chunks);
   }
 }
 
@@ -195,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       const int64_t t = code - static_cast<int64_t>(s) * M;
       if (s >= R) continue;
       const int64_t e = static_cast<int64_t>(me) * L + l;
-      const size_t off = set_off + static_cast<size_t>(e * M + t) * p.stride;
+      const size_t off = set_off + static_cast<size_t>(CombineSetRow(e, t, E)) * p.stride;
       const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
       uint8_t* mapped = s_peer[s];
       if (mapped != nullptr && parts > 1) {
@@ -228,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   if (p.gather) {
     GatherRows<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
   } else {
-    CombineReduce<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
+    CombineReduceItems<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
   }
   TracePoint(c, n, kLLTraceCopied, op);
   TracePoint(c, n, kLLTraceEnd, op);
@@ -244,6 +150,7 @@ cudaError_t LaunchCombine(bool self_rows, int grid, size_t smem, cudaStream_t st
   return self_rows ? Launch(LLCombineKernel<Elem, kNE, true>, grid, smem, stream, comm, p)
                    : Launch(LLCombineKernel<Elem, kNE, false>, grid, smem, stream, comm, p);
 }
+
 
 }  // namespace
 
@@ -290,6 +197,8 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const bool vec = (a.shape.hidden * yb) % 16 == 0 &&
                    ((reinterpret_cast<uintptr_t>(a.out) % 16 == 0 &&
                      (!one || reinterpret_cast<uintptr_t>(a.y) % 16 == 0)) || !recv);
+  const size_t stream_smem = LLStreamedCombineSmem(comm, a, phase, vec);
+  if (stream_smem > 0) return LaunchLLStreamedCombine(comm, p, a.dtype, stream_smem, stream);
   switch (a.dtype) {
     case LLDtype::kBF16:
       // One PE, fused: 16 channels (two 16-byte loads per row) per thread,

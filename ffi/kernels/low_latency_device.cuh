@@ -19,12 +19,15 @@
 //   control  +0    u64 op counter (LL ops this PE started; owner only)
 //            +8    u32 / +12 u32  last-block counters of send / receive phases
 //            +16   u32 next row task of a combine send (zeroed by its last block)
+//            +20   u32 next token task of a streamed combine receive (zeroed by its last block)
 //            +256  u64 done[2][64]  done[b][s] = (n << 4) | op of source s's op n
 //            +1280 u64 ack[2][64]   ack[b][r]  = n once PE r finished reading set b of op n
 //   counts   int32 [2][R][E]        counts[b][s][e] = tokens source s sent to expert e in op n
 //   scratch  int32 [2][E]           my per-expert counts (local, then broadcast; all zero
 //                                   between ops: the op that used it zeroes it)
 //   jpos     int32 [2][M*K]         j(t, k): position of token t among my tokens for its expert
+//   arrive   u64 [2][M]             streamed combine: rows of my token t written so far in set b
+//                                   (adds by the rows' writers; zeroed by my last receive block)
 //   sets     [2][set_bytes]         receive area of ops with parity b:
 //              dispatch:  int32 index [L][R][M], then rows [R][M] of the payload (x row,
 //                         or e4m3 row + H/128 f32 scales), 16-byte rounded. Source
@@ -35,10 +38,11 @@
 //                         top-k ids. One row per PE, not per expert: at DeepEP's decode
 //                         routing (top-8 of 256 over 8 PEs) a token reaches ~5.3 PEs for
 //                         8 experts, so a third fewer rows to write and read.
-//              combine /  rows [E][M] of H * itemsize: the owner of expert e writes the
-//              gather:    output row of (source me, token t) at [e][t] (a token naming e
-//                         twice reads the same row twice: no special case); fused
-//                         at one PE the rows stay in y, where the receive reads them
+//              combine /  rows [M][E] of H * itemsize: the owner of expert e writes the
+//              gather:    output row of (source me, token t) at [t][e] (a token's rows side
+//                         by side; a token naming e twice reads the same row twice: no
+//                         special case); fused at one PE the rows stay in y, where the
+//                         receive reads them
 //              cached:    rows [L][R*M]: the source writes straight to the final row (slot)
 //   send     staging rows for NVSHMEM puts (only with a send buffer): the source of a put
 //            must be symmetric memory, so rows are built here and then put (dispatch:
@@ -47,7 +51,8 @@
 // which also covers the FP8 row H + 4 H / 128):
 //   set_bytes  = max(E * M * stride, round256(4 E M) + R * M * stride)   (x2: double buffered)
 //   send_bytes = max(M * K, min(E * M, R * M * K)) * stride   (0 without send buffer)
-//   total      = 4 KiB + 8 R E + 8 E + 8 M K (each rounded to 256) + 2 set_bytes + send_bytes
+//   total      = 4 KiB + 8 R E + 8 E + 8 M K + 16 M (each rounded to 256) + 2 set_bytes
+//                + send_bytes
 // e.g. R = 8, M = 128, H = 7168, E = 256, K = 8, bf16: 896 MiB (1008 MiB with send buffer).
 //
 // PEERS. peer_base[r] = nvshmem_ptr(region, r) when PE r's memory is mapped
@@ -83,7 +88,12 @@
 //      counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
-// 4-6 in the receive kernel (which takes it). The fused combine / gather at
+// 4-6 in the receive kernel (which takes it). The streamed combine (fused, R >
+// 1, every peer mapped; low_latency_combine_streamed.cu) runs 1-6 per token:
+// each row's writer adds 1 to arrive[b][t] at the row's owner after the row
+// (release), and 4-5 for token t wait for arrive[b][t] = its distinct valid
+// experts (or every done signal); its last receive block waits for every done
+// signal before it zeroes arrive[b] and runs 6. The fused combine / gather at
 // one PE moves no rows: it runs 1, 5 (from y) and the signals of 3 and 6.
 //
 // WHY IT IS SAFE. Set b is written in op n only (parity), and only after

@@ -61,6 +61,8 @@ LLLayout MakeLLLayout(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t
   off += RoundUp(2 * num_experts * 4, 256);
   lay.jpos_offset = off;
   off += RoundUp(2 * max_tokens * top_k * 4, 256);
+  lay.arrive_offset = off;
+  off += RoundUp(2 * max_tokens * 8, 256);
   lay.set_offset = off;
   lay.set_bytes = static_cast<size_t>(
       RoundUp(std::max(num_experts * max_tokens * stride,

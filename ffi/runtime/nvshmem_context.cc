@@ -37,6 +37,7 @@ struct LLContext {
   int ranks_on_device = 1;
   bool sys_scope_forced = false;  // JAX_EP_LL_SYS_SCOPE=1 at allocation
   bool pdl = true;                // JAX_EP_LL_NO_PDL unset at allocation
+  bool stream_combine = true;     // JAX_EP_LL_NO_STREAM unset at allocation
   uint8_t* region = nullptr;  // nvshmem_align
   LLLayout layout;
   std::vector<uint8_t*> peers;      // nvshmem_ptr(region, r) (nullptr: not mapped)
@@ -341,6 +342,8 @@ LLInfo InfoLocked(const Registry& reg) {
     info.gpu_scope =
         EffectiveGpuScope(ctx, reg.ranks_on_device.load(), AnyPut(ctx, info.force_put));
     info.pdl = ctx.pdl;
+    info.stream_combine =
+        ctx.stream_combine && ctx.num_ranks > 1 && !AnyPut(ctx, info.force_put);
     info.layout = ctx.layout;
   }
   return info;
@@ -390,6 +393,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
   // Read once here, not at every op launch (the launches are on the host's hot path).
   ctx->sys_scope_forced = EnvTrue("JAX_EP_LL_SYS_SCOPE");
   ctx->pdl = !EnvTrue("JAX_EP_LL_NO_PDL");
+  ctx->stream_combine = !EnvTrue("JAX_EP_LL_NO_STREAM");
   ctx->layout = MakeLLLayout(nranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
   DeviceGuard guard(device);
   CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
@@ -554,6 +558,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->any_put = any_put ? 1 : 0;
   comm->gpu_scope = EffectiveGpuScope(ctx, reg.ranks_on_device.load(), any_put) ? 1 : 0;
   comm->pdl = ctx.pdl ? 1 : 0;
+  comm->stream_combine = ctx.stream_combine ? 1 : 0;
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   comm->trace = ctx.trace;

@@ -196,12 +196,13 @@ def low_latency(seed="0"):
         checked.append(what)
 
     s = int(seed)
-    modes = {}  # path -> [GPU-scope flags, programmatic dependent launch]
+    modes = {}  # path -> [GPU-scope flags, programmatic dependent launch, streamed combine]
     for force_put in (0, 1):
         mod.nvshmem_ll_set_options(30.0, 0, force_put)
         tag = "put " if force_put else ""
         info = mod.nvshmem_ll_info()
-        modes["put" if force_put else "direct"] = [info["gpu_scope"], info["pdl"]]
+        modes["put" if force_put else "direct"] = [info["gpu_scope"], info["pdl"],
+                                                   info["stream_combine"]]
         for dtype in (ml_dtypes.bfloat16, np.float32, np.float16):
             xs, idxs, ws = oracle.make_inputs(s, n, T, H, E, K, dtype=dtype, none_prob=0.05)
             check_fused(xs, idxs, ws, False, f"{tag}{np.dtype(dtype).name}")
@@ -251,6 +252,47 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
 
     args = put(xs), put(idxs)
     return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s,
+                            _ffi.nvshmem_module().ll_last_error)
+
+
+def one_rank_skips_the_combine(skipper="1", wait_s="20"):
+    """Every PE runs ll_dispatch, then every PE but `skipper` runs ll_combine:
+    the streamed combine's receive waits for the skipper's rows and must fail
+    with the timeout message naming it."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_ep import _ffi, _nvshmem
+    from jax_ep.testing import oracle
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("ep",))
+    _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E,
+                                    top_k=K, itemsize=4, timeout_s=3)  # x is float32
+    xs, idxs, ws = oracle.make_inputs(0, n, T, H, E, K)
+    sharding = NamedSharding(mesh, P("ep"))
+    put = lambda per: jax.make_array_from_callback(
+        (n * T,) + per[0].shape[1:], sharding, lambda i: np.concatenate(per)[i])
+    smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+
+    @jax.jit
+    @smap
+    def dispatch(x, idx):
+        recv_x, count, src, slot = _nvshmem.ll_dispatch(x, idx, num_experts=E,
+                                                        max_tokens_per_rank=M, num_ranks=n)
+        return recv_x[None], count[None], src[None], slot
+
+    @jax.jit
+    @smap
+    def combine(y, idx, w, src, count, slot):
+        return _nvshmem.ll_combine(y[0], idx, w, src[0], count[0], slot, num_ranks=n)
+
+    idx, w = put(idxs), put(ws)
+    y, count, src, slot = jax.block_until_ready(dispatch(put(xs), idx))
+    info = _ffi.nvshmem_module().nvshmem_ll_info()
+    print("streamed combine:", info["stream_combine"], flush=True)
+    args = y, idx, w, src, count, slot
+    return run_without_peer(combine.lower(*args).compile(), args, skipper, wait_s,
                             _ffi.nvshmem_module().ll_last_error)
 
 

@@ -3,8 +3,8 @@
 One PE, then 2, 4 and 8 PEs as processes sharing the GPU under CUDA MPS (NVSHMEM
 multi-process-per-GPU), each run with direct stores and with every row moved
 by NVSHMEM puts (force_put), and again with the system-scope flags and plain
-launches that PEs on several GPUs use; then a PE that never calls (the timeout
-message, not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
+launches that PEs on several GPUs use and with the plain (not streamed) fused
+combine; then a PE that never calls (the timeout message, not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
 """
 
 
@@ -34,21 +34,36 @@ def test_low_latency_ranks_as_processes(mps, ranks):
         assert res.result["ranks"] == ranks
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
         # Every PE on this GPU: GPU-scope flags on the direct path, system
-        # scope once rows go by put; dependent launch on both.
-        assert res.result["modes"] == {"direct": [True, True], "put": [False, True]}
+        # scope once rows go by put; dependent launch on both; the streamed
+        # combine at several PEs on the direct path only.
+        assert res.result["modes"] == {"direct": [True, True, ranks > 1],
+                                       "put": [False, True, False]}
 
 
 # The kernels as peers on other GPUs run them (system-scope flags and
-# fences), and without programmatic dependent launch.
+# fences, the streamed combine's adds at system scope), without programmatic
+# dependent launch; and the plain fused combine at several PEs on the direct
+# path (JAX_EP_LL_NO_STREAM).
+SETTINGS = {
+    "system_scope_without_dependent_launch": (
+        {"JAX_EP_LL_SYS_SCOPE": "1", "JAX_EP_LL_NO_PDL": "1"},
+        {"direct": [False, False, True], "put": [False, False, False]}),
+    "plain_combine": (
+        {"JAX_EP_LL_NO_STREAM": "1"},
+        {"direct": [True, True, False], "put": [False, True, False]}),
+}
+
+
 @pytest.mark.parametrize("ranks", [2, 8])
-def test_low_latency_system_scope_without_dependent_launch(mps, ranks):
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_low_latency_with_other_settings(mps, setting, ranks):
+    env, modes = SETTINGS[setting]
     results = run_multiprocess("ll_workers:low_latency", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR, "JAX_EP_LL_SYS_SCOPE": "1",
-                                    "JAX_EP_LL_NO_PDL": "1"})
+                               env={"PYTHONPATH": GPU_DIR, **env})
     for res in results:
         assert res.ok, res.describe()
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
-        assert res.result["modes"] == {"direct": [False, False], "put": [False, False]}
+        assert res.result["modes"] == modes
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
@@ -89,4 +104,13 @@ def test_pe_that_never_calls_times_out_with_a_message(mps):
         pytest.skip("needs to control which PE calls; run without a scheduler")
     text, seconds = silent_peer_output("ll_workers:one_rank_never_calls", GPU_DIR)
     assert "timed out" in text and "of PE 1" in text, text[-3000:]
+    assert seconds < 100, seconds
+
+
+def test_pe_that_skips_the_streamed_combine_times_out_with_a_message(mps):
+    if external_launch():
+        pytest.skip("needs to control which PE calls; run without a scheduler")
+    text, seconds = silent_peer_output("ll_workers:one_rank_skips_the_combine", GPU_DIR)
+    assert "streamed combine: True" in text, text[-3000:]
+    assert "timed out" in text and "ll_combine" in text and "of PE 1" in text, text[-3000:]
     assert seconds < 100, seconds

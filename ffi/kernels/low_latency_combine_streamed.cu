@@ -1,0 +1,250 @@
+// Low-latency combine, streamed: the fused combine at several PEs when every
+// peer is mapped (NVLink / the same GPU). Not with puts, not gather, not the
+// split form: those run the plain kernel (low_latency_combine.cu).
+//
+// The plain kernel reduces after every source's done signal. Here a token is
+// reduced as soon as its own rows are in:
+//  - sends go in token-bucket order (every PE sends the rows of its early
+//    tokens first, so tokens complete roughly in order everywhere);
+//  - after each row its writer adds 1 to arrive[b][t] at the token's owner
+//    (fence, then the add: a release);
+//  - a receiving warp takes the next (token, segment) from a task counter and
+//    waits until arrive[b][t] reaches the token's distinct valid experts (the
+//    rows the dispatch made), or until every source signalled done (what ends
+//    a wait whatever the ids);
+//  - kEarlyRecvWarps warps per block receive from the start, the others once
+//    the send tasks run out; the last send warp of the grid signals done;
+//  - the last receiving block waits for every done signal (no add of op n can
+//    still arrive), zeroes arrive[b] and the task counter, then releases set
+//    b as the plain kernel does.
+// Measured at 8 PEs on one H200 (benchmarks/ll_phases.py, kernel mean):
+// 127 -> 120 us. Most of it is the receive starting without the done-signal
+// round; more early receivers slowed the send (4 per block: 121, 8: 126.5).
+#include "ffi/kernels/low_latency_combine.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kStreamBuckets = 8;   // token buckets of the send order (16: no better)
+constexpr int kEarlyRecvWarps = 2;  // warps per block that receive from the start
+
+__device__ __forceinline__ int TokenBucket(int32_t code, int64_t M) {
+  if (code < 0) return 0;
+  return static_cast<int>((code % M) * kStreamBuckets / M);
+}
+
+__device__ __forceinline__ unsigned int* RecvTask(uint8_t* base) {
+  return reinterpret_cast<unsigned int*>(base + kLLRecvTaskOffset);
+}
+
+__device__ __forceinline__ uint64_t* ArriveCount(uint8_t* base, const LLLayout& lay, int b,
+                                                 int64_t t) {
+  return reinterpret_cast<uint64_t*>(base + lay.arrive_offset +
+                                     (static_cast<size_t>(b) * lay.max_tokens + t) * 8);
+}
+
+// Position among expert l's rows (its `count` entries of recv_src) of the
+// r-th row whose token is in bucket q, and its code (-1, -1 if none): the
+// warp scans 32 entries at a time.
+__device__ __forceinline__ int2 NthRowInBucket(const int32_t* src_l, int32_t count, int q,
+                                               int64_t r, int64_t M, int lane) {
+  for (int32_t p0 = 0; p0 < count; p0 += 32) {
+    const int32_t pos = p0 + lane;
+    const int32_t code = pos < count ? __ldg(src_l + pos) : -1;
+    const unsigned hits = __ballot_sync(kFull, pos < count && TokenBucket(code, M) == q);
+    const int n = __popc(hits);
+    if (r < n) {
+      const int from = static_cast<int>(__fns(hits, 0, static_cast<int>(r) + 1));
+      return make_int2(p0 + from, __shfl_sync(kFull, code, from));
+    }
+    r -= n;
+  }
+  return make_int2(-1, -1);
+}
+
+// The warp waits until token t's rows are all in (arrive >= its distinct
+// valid experts) or every source signalled op n done.
+__device__ __forceinline__ void WaitTokenRows(const LLComm& c, const CombineParams& p,
+                                              const uint64_t* arrive, int64_t t, uint64_t n,
+                                              int lane) {
+  const int64_t K = p.s.top_k, E = p.s.num_experts;
+  const int32_t e = lane < K ? __ldg(p.idx + t * K + lane) : -1;
+  const bool valid = e >= 0 && e < E;
+  const unsigned same = __match_any_sync(kFull, valid ? e : -1 - lane);
+  const uint64_t expected = __popc(__ballot_sync(kFull, valid && __ffs(same) - 1 == lane));
+  const bool gpu = c.gpu_scope != 0;
+  uint64_t start = 0;
+  for (uint32_t spins = 0;; ++spins) {
+    const uint64_t seen = lane == 0 ? LoadAcquire(arrive, gpu) : 0;
+    if (__shfl_sync(kFull, seen >= expected, 0)) break;
+    int missing = -1;  // a source whose done signal of op n this lane has not seen
+    uint64_t signal = 0;
+    for (int r = lane; r < c.num_ranks && missing < 0; r += 32) {
+      const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.base + DoneOffset(n & 1, r));
+      signal = LoadAcquire(flag, gpu);
+      if ((signal >> 4) < n) missing = r;
+    }
+    const unsigned waiting = __ballot_sync(kFull, missing >= 0);
+    if (waiting == 0u) break;
+    if (spins == 0) start = GlobalTimerNs();
+    if (spins >= 16) __nanosleep(64);
+    if (GlobalTimerNs() - start > c.timeout_ns) {
+      const int from = __ffs(waiting) - 1;
+      if (lane == from) {
+        RecordTimeoutAndTrap(c.timeout_record, c.rank, kOpLLCombine, kWaitLLData, missing,
+                             c.timeout_ns, n, signal);
+      }
+    }
+  }
+  __syncwarp();  // the lanes' row loads after lane 0's acquire
+}
+
+template <typename Elem, int kNE>
+__global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c, CombineParams p) {
+  extern __shared__ int32_t s_mem[];  // s_base[L + 1], s_hist[Q * L], s_qbase[Q * L + 1]
+  __shared__ uint8_t* s_peer[kLLMaxRanks];
+
+  const LLLayout& lay = c.layout;
+  const int R = c.num_ranks;
+  const int me = c.rank;
+  const int64_t H = p.s.hidden, E = p.s.num_experts, M = p.s.max_tokens, T = p.s.num_tokens;
+  const int64_t L = E / R;
+  const int64_t RM = R * M;
+  const int64_t QL = kStreamBuckets * L;
+  const int lane = threadIdx.x & 31;
+  const bool gpu = c.gpu_scope != 0;
+  LoadPeers(c, s_peer);
+
+  const uint64_t n = StartOp(c);
+  const int b = static_cast<int>(n & 1);
+  const size_t set_off = SetOffset(lay, b);
+  TracePoint(c, n, kLLTraceStart, kOpLLCombine);
+  WaitReleased(c, n, kOpLLCombine);
+  TracePoint(c, n, kLLTraceReleased, kOpLLCombine);
+
+  // Send order: bucket-major, then expert, then row (s_qbase over [q][l]).
+  int32_t* s_base = s_mem;
+  int32_t* s_hist = s_base + L + 1;
+  int32_t* s_qbase = s_hist + QL;
+  for (int64_t i = threadIdx.x; i < QL; i += blockDim.x) s_hist[i] = 0;
+  RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
+  const int64_t total = s_base[L];
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
+    const int32_t code = __ldg(p.recv_src + l * RM + (i - s_base[l]));
+    atomicAdd(&s_hist[TokenBucket(code, M) * L + l], 1);
+  }
+  __syncthreads();
+  BlockExclusiveScan(QL, [&](int64_t j) { return s_hist[j]; }, s_qbase);
+
+  if ((threadIdx.x >> 5) < kWarps - kEarlyRecvWarps) {
+    // ---------------- send: my experts' rows, early tokens first
+    const int64_t row_bytes = H * p.y_bytes;
+    for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < total;
+         task = NextWarpTask(SendTask(c.base), lane)) {
+      const int ql = UpperIndex(s_qbase, static_cast<int>(QL), static_cast<int32_t>(task));
+      const int q = ql / static_cast<int>(L);
+      const int l = ql - q * static_cast<int>(L);
+      const int2 row = NthRowInBucket(p.recv_src + l * RM, s_base[l + 1] - s_base[l], q,
+                                      task - s_qbase[ql], M, lane);
+      if (row.y < 0) continue;
+      const int s = row.y / static_cast<int32_t>(M);
+      const int64_t t = row.y - static_cast<int64_t>(s) * M;
+      if (s >= R) continue;
+      const int64_t e = static_cast<int64_t>(me) * L + l;
+      uint8_t* dst = s_peer[s] + set_off + CombineSetRow(e, t, E) * p.stride;
+      const uint8_t* src = p.y + (l * RM + row.x) * row_bytes;
+      WarpPrefetchL2(src, row_bytes, lane);
+      WarpCopy<false>(dst, src, row_bytes, lane);
+      __syncwarp();
+      if (lane == 0) {
+        Fence(gpu);
+        auto* count = reinterpret_cast<unsigned long long*>(
+            s_peer[s] + (reinterpret_cast<uint8_t*>(ArriveCount(c.base, lay, b, t)) - c.base));
+        if (gpu) {
+          atomicAdd(count, 1ull);
+        } else {
+          atomicAdd_system(count, 1ull);
+        }
+      }
+    }
+    TracePoint(c, n, kLLTraceSent, kOpLLCombine);
+    // The last send warp of the grid signals done (as FinishSend, per warp).
+    __syncwarp();
+    bool last = false;
+    if (lane == 0) {
+      Fence(gpu);
+      const unsigned int send_warps = gridDim.x * (kWarps - kEarlyRecvWarps);
+      last = atomicAdd(SendArrive(c.base), 1u) == send_warps - 1;
+      if (last) Fence(gpu);
+    }
+    if (__shfl_sync(kFull, last, 0)) {
+      __syncwarp();
+      for (int r = lane; r < R; r += 32) {
+        SignalPe(c, s_peer[r], r, DoneOffset(b, me), (n << 4) | (kOpLLCombine & 15));
+      }
+      if (lane == 0) {
+        *reinterpret_cast<volatile uint64_t*>(OpCounter(c.base)) = n;
+        *reinterpret_cast<volatile unsigned int*>(SendArrive(c.base)) = 0u;
+        *reinterpret_cast<volatile unsigned int*>(SendTask(c.base)) = 0u;
+      }
+    }
+  }
+
+  // ---------------- receive: my tokens in order, each once its rows are in
+  TracePoint(c, n, kLLTraceArrived, kOpLLCombine);
+  const uint8_t* set = c.base + set_off;
+  const uint64_t* arrive = ArriveCount(c.base, lay, b, 0);
+  const int64_t chunks = H / kNE;
+  const int64_t segs = max(int64_t{1}, min((GridWarps() + T - 1) / max(T, int64_t{1}),
+                                           (chunks + 31) / 32));
+  using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
+  for (int64_t unit = NextWarpTask(RecvTask(c.base), lane); unit < T * segs;
+       unit = NextWarpTask(RecvTask(c.base), lane)) {
+    const int64_t t = unit / segs;
+    WaitTokenRows(c, p, arrive + t, t, n, lane);
+    const UnitRange range = PartOf(chunks, static_cast<int>(unit - t * segs), static_cast<int>(segs));
+    for (int64_t ch = range.begin + lane; ch < range.end; ch += 32) {
+      if (ch + 32 < range.end) PrefetchRows<V, false>(p, set, t, ch + 32);
+      ReduceChunk<Elem, kNE, false>(p, set, t, ch);
+    }
+  }
+  TracePoint(c, n, kLLTraceCopied, kOpLLCombine);
+  TracePoint(c, n, kLLTraceEnd, kOpLLCombine);
+  if (ArriveLast(RecvArrive(c.base), gpu)) {
+    WaitAllDone(c, n, kOpLLCombine);
+    uint64_t* mine = ArriveCount(c.base, lay, b, 0);
+    for (int64_t t = threadIdx.x; t < M; t += blockDim.x) mine[t] = 0;
+    if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned int*>(RecvTask(c.base)) = 0u;
+    __syncthreads();
+    FinishRecv(c, s_peer, n);
+  }
+}
+
+}  // namespace
+
+size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec) {
+  if (!comm.stream_combine || comm.num_ranks < 2 || comm.any_put || phase != kLLFused || a.gather ||
+      !vec) {
+    return 0;
+  }
+  const int64_t L = a.shape.num_experts / comm.num_ranks;
+  const size_t smem = static_cast<size_t>(L + 2 + 2 * kStreamBuckets * L) * 4;
+  return smem <= 96 * 1024 ? smem : 0;
+}
+
+cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, LLDtype dtype,
+                                    size_t smem, cudaStream_t stream) {
+  const int grid = GridFor(comm);
+  switch (dtype) {
+    case LLDtype::kBF16:
+      return Launch(LLStreamedCombineKernel<Bf16Elem, 8>, grid, smem, stream, comm, p);
+    case LLDtype::kF16:
+      return Launch(LLStreamedCombineKernel<F16Elem, 8>, grid, smem, stream, comm, p);
+    case LLDtype::kF32:
+      return Launch(LLStreamedCombineKernel<F32Elem, 4>, grid, smem, stream, comm, p);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jax_ep
