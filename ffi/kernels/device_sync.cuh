@@ -59,23 +59,35 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 // ------------------------------------------------------------ timeouts
 
 // Fills the host-mapped record (only the first timeout of the process gets
-// it: state 0 -> 1 -> 2) and traps. Out of line: spin loops stay small.
+// it: state 0 -> 1 -> 2) and traps. A thread that loses the race waits (up to
+// 10 ms) until the winner's record is complete: its trap would otherwise end
+// the kernel halfway through the winner's writes to host memory, and the
+// message would be lost (seen when hundreds of warps timed out together).
+// Out of line: spin loops stay small.
 inline __device__ __noinline__ void RecordTimeoutAndTrap(TimeoutRecord* rec, int32_t rank,
                                                          int32_t op, int32_t what, int32_t peer,
                                                          uint64_t timeout_ns, uint64_t epoch,
                                                          uint64_t seen) {
-  if (rec != nullptr && atomicCAS_system(&rec->state, 0, 1) == 0) {
-    volatile TimeoutRecord* v = rec;
-    v->rank = rank;
-    v->op = op;
-    v->what = what;
-    v->peer = peer;
-    v->timeout_ns = timeout_ns;
-    v->epoch = epoch;
-    v->seen = seen;
-    __threadfence_system();
-    atomicExch_system(&rec->state, 2);
-    __threadfence_system();
+  if (rec != nullptr) {
+    if (atomicCAS_system(&rec->state, 0, 1) == 0) {
+      volatile TimeoutRecord* v = rec;
+      v->rank = rank;
+      v->op = op;
+      v->what = what;
+      v->peer = peer;
+      v->timeout_ns = timeout_ns;
+      v->epoch = epoch;
+      v->seen = seen;
+      __threadfence_system();
+      atomicExch_system(&rec->state, 2);
+      __threadfence_system();
+    } else {
+      const uint64_t start = GlobalTimerNs();
+      while (*reinterpret_cast<volatile decltype(rec->state)*>(&rec->state) != 2 &&
+             GlobalTimerNs() - start < 10000000ull) {
+        __nanosleep(1000);
+      }
+    }
   }
   __trap();
 }
