@@ -157,6 +157,8 @@ def worker(iters="200", with_reference="0", profile="0", chain="1"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    p.add_argument("--gpu-per-rank", action="store_true",
+                   help="process i on GPU i instead (a host with --ranks GPUs; NVLink peers)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--no-chain", action="store_true", help="skip the chained timing")
     p.add_argument("--timeout", type=float, default=560,
@@ -168,7 +170,9 @@ def main(argv=None):
 
     here = os.path.dirname(os.path.abspath(__file__))
     with mps_daemon():
-        results = launch("bench_low_latency:worker", args.ranks, platform="gpu", timeout=args.timeout,
+        platform = "gpu-per-process" if args.gpu_per_rank else "gpu"
+        results = launch("bench_low_latency:worker", args.ranks, platform=platform,
+                         timeout=args.timeout,
                          env={"PYTHONPATH": here},
                          args=(str(args.iters), "1" if args.ranks == 1 else "0",
                                "1" if args.profile else "0", "0" if args.no_chain else "1"))

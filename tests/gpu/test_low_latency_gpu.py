@@ -13,7 +13,7 @@ import pytest
 from jax_ep import _ffi
 from jax_ep.testing import external_launch, run_multiprocess
 
-from gpu_env import GPU_DIR, gpu_present
+from gpu_env import GPU_DIR, gpu_count, gpu_present
 from ll_workers import SHAPES
 from silent_peer import silent_peer_output
 
@@ -64,6 +64,20 @@ def test_low_latency_with_other_settings(mps, setting, ranks):
         assert res.ok, res.describe()
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
         assert res.result["modes"] == modes
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs a host with several GPUs")
+def test_low_latency_one_process_per_gpu():
+    """The usual multi-GPU launch: PE i on GPU i, peers mapped over NVLink
+    (system-scope flags, the streamed combine's adds across GPUs)."""
+    n = gpu_count()
+    results = run_multiprocess("ll_workers:low_latency", n, platform="gpu-per-process",
+                               timeout=500, env={"PYTHONPATH": GPU_DIR})
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == n
+        assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
+        assert res.result["modes"] == {"direct": [False, True, True], "put": [False, True, False]}
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
