@@ -1,8 +1,8 @@
 // Low-latency combine and gather (fused, or send / receive halves): expert
 // rows back to their source tokens, reduced with fp32 weights in k order
 // (combine) or returned per (token, k) (gather, for gradients). The fused
-// combine at several PEs with every peer mapped runs the streamed kernel
-// instead (low_latency_combine_streamed.cu). At one PE the fused ops move no
+// combine at several PEs all on this GPU runs the streamed kernel instead
+// (low_latency_combine_streamed.cu). At one PE the fused ops move no
 // rows: there is no send phase and the receive reads them straight from y at
 // the token's slot (not the split form, whose receive does not hold y:
 // keeping y alive through the overlap would cost its memory). Not at several

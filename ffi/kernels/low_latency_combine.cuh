@@ -30,7 +30,7 @@ struct CombineParams {
   const int32_t* token_in;
 };
 
-// The streamed combine (fused, several PEs, every peer mapped): the dynamic
+// The streamed combine (fused, several PEs, all on this GPU): the dynamic
 // shared memory it needs for this call, 0 where it does not apply (then the
 // plain kernel runs); and its launch.
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec);

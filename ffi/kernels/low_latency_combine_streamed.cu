@@ -1,6 +1,11 @@
 // Low-latency combine, streamed: the fused combine at several PEs when every
-// peer is mapped (NVLink / the same GPU). Not with puts, not gather, not the
-// split form: those run the plain kernel (low_latency_combine.cu).
+// PE runs on this GPU (LLComm::gpu_scope: peers mapped, GPU-scope flags). Not
+// with puts, not gather, not the split form, and not across GPUs: those run
+// the plain kernel (low_latency_combine.cu). Across GPUs the per-row
+// system-scope fence costs more than the early start gains (2 H200s over
+// NVLink, one PE each, chained combine: 57 us streamed, 45-47 plain); the
+// kernel's system-scope branches stay correct (tested on one GPU with
+// JAX_EP_LL_SYS_SCOPE=1 when it landed) but are not launched.
 //
 // The plain kernel reduces after every source's done signal. Here a token is
 // reduced as soon as its own rows are in:
@@ -224,8 +229,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
 }  // namespace
 
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec) {
-  if (!comm.stream_combine || comm.num_ranks < 2 || comm.any_put || phase != kLLFused || a.gather ||
-      !vec) {
+  if (!comm.stream_combine || comm.num_ranks < 2 || comm.any_put || !comm.gpu_scope ||
+      phase != kLLFused || a.gather || !vec) {
     return 0;
   }
   const int64_t L = a.shape.num_experts / comm.num_ranks;

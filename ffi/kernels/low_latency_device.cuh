@@ -89,7 +89,7 @@
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
 // 4-6 in the receive kernel (which takes it). The streamed combine (fused, R >
-// 1, every peer mapped; low_latency_combine_streamed.cu) runs 1-6 per token:
+// 1, every PE on this GPU; low_latency_combine_streamed.cu) runs 1-6 per token:
 // each row's writer adds 1 to arrive[b][t] at the row's owner after the row
 // (release), and 4-5 for token t wait for arrive[b][t] = its distinct valid
 // experts (or every done signal); its last receive block waits for every done

@@ -342,8 +342,7 @@ LLInfo InfoLocked(const Registry& reg) {
     info.gpu_scope =
         EffectiveGpuScope(ctx, reg.ranks_on_device.load(), AnyPut(ctx, info.force_put));
     info.pdl = ctx.pdl;
-    info.stream_combine =
-        ctx.stream_combine && ctx.num_ranks > 1 && !AnyPut(ctx, info.force_put);
+    info.stream_combine = ctx.stream_combine && ctx.num_ranks > 1 && info.gpu_scope;
     info.layout = ctx.layout;
   }
   return info;

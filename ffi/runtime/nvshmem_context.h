@@ -57,7 +57,7 @@ struct LLInfo {
   bool force_put = false;
   bool gpu_scope = false;    // the kernels' flags and fences at GPU, not system, scope
   bool pdl = false;          // kernels launched with programmatic dependent launch
-  bool stream_combine = false;  // the fused combine runs streamed (several PEs, none by put)
+  bool stream_combine = false;  // the fused combine runs streamed (several PEs, GPU scope)
   double timeout_s = 0;
   LLLayout layout;
 };

@@ -35,19 +35,18 @@ def test_low_latency_ranks_as_processes(mps, ranks):
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
         # Every PE on this GPU: GPU-scope flags on the direct path, system
         # scope once rows go by put; dependent launch on both; the streamed
-        # combine at several PEs on the direct path only.
+        # combine at several PEs at GPU scope only.
         assert res.result["modes"] == {"direct": [True, True, ranks > 1],
                                        "put": [False, True, False]}
 
 
 # The kernels as peers on other GPUs run them (system-scope flags and
-# fences, the streamed combine's adds at system scope), without programmatic
-# dependent launch; and the plain fused combine at several PEs on the direct
-# path (JAX_EP_LL_NO_STREAM).
+# fences, the plain combine), without programmatic dependent launch; and the
+# plain fused combine at GPU scope (JAX_EP_LL_NO_STREAM).
 SETTINGS = {
     "system_scope_without_dependent_launch": (
         {"JAX_EP_LL_SYS_SCOPE": "1", "JAX_EP_LL_NO_PDL": "1"},
-        {"direct": [False, False, True], "put": [False, False, False]}),
+        {"direct": [False, False, False], "put": [False, False, False]}),
     "plain_combine": (
         {"JAX_EP_LL_NO_STREAM": "1"},
         {"direct": [True, True, False], "put": [False, True, False]}),
@@ -69,7 +68,7 @@ def test_low_latency_with_other_settings(mps, setting, ranks):
 @pytest.mark.skipif(gpu_count() < 2, reason="needs a host with several GPUs")
 def test_low_latency_one_process_per_gpu():
     """The usual multi-GPU launch: PE i on GPU i, peers mapped over NVLink
-    (system-scope flags, the streamed combine's adds across GPUs)."""
+    (system-scope flags, the plain combine)."""
     n = gpu_count()
     results = run_multiprocess("ll_workers:low_latency", n, platform="gpu-per-process",
                                timeout=500, env={"PYTHONPATH": GPU_DIR})
@@ -77,7 +76,7 @@ def test_low_latency_one_process_per_gpu():
         assert res.ok, res.describe()
         assert res.result["ranks"] == n
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
-        assert res.result["modes"] == {"direct": [False, True, True], "put": [False, True, False]}
+        assert res.result["modes"] == {"direct": [False, True, False], "put": [False, True, False]}
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
