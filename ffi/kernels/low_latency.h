@@ -100,7 +100,7 @@ struct LLComm {
   int32_t any_put = 0;                   // some peer_base is nullptr (needs the send buffer)
   int32_t gpu_scope = 0;                 // every PE on this GPU, none by put: GPU-scope signals
   int32_t pdl = 0;                       // launch with programmatic dependent launch
-  int32_t stream_combine = 0;            // fused combine at GPU scope: reduce each token as its rows arrive
+  int32_t stream_combine = 0;            // R > 1 at GPU scope: the fused combine reduces tokens as rows arrive
   TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
   uint64_t timeout_ns = 0;
   uint64_t* trace = nullptr;             // phase timestamps (JAX_EP_LL_TRACE), nullptr: off

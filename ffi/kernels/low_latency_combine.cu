@@ -151,7 +151,6 @@ cudaError_t LaunchCombine(bool self_rows, int grid, size_t smem, cudaStream_t st
                    : Launch(LLCombineKernel<Elem, kNE, false>, grid, smem, stream, comm, p);
 }
 
-
 }  // namespace
 
 cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase phase,

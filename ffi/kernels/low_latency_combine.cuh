@@ -30,9 +30,9 @@ struct CombineParams {
   const int32_t* token_in;
 };
 
-// The streamed combine (fused, several PEs, all on this GPU): the dynamic
-// shared memory it needs for this call, 0 where it does not apply (then the
-// plain kernel runs); and its launch.
+// The streamed combine (LLComm::stream_combine, fused, not gather): the
+// dynamic shared memory it needs for this call, 0 where it does not apply
+// (then the plain kernel runs); and its launch.
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec);
 cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, LLDtype dtype,
                                     size_t smem, cudaStream_t stream);

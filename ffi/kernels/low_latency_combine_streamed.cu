@@ -42,10 +42,9 @@ __device__ __forceinline__ unsigned int* RecvTask(uint8_t* base) {
   return reinterpret_cast<unsigned int*>(base + kLLRecvTaskOffset);
 }
 
-__device__ __forceinline__ uint64_t* ArriveCount(uint8_t* base, const LLLayout& lay, int b,
-                                                 int64_t t) {
-  return reinterpret_cast<uint64_t*>(base + lay.arrive_offset +
-                                     (static_cast<size_t>(b) * lay.max_tokens + t) * 8);
+// arrive[b][t] in any PE's region.
+__device__ __forceinline__ size_t ArriveOffset(const LLLayout& lay, int b, int64_t t) {
+  return lay.arrive_offset + (static_cast<size_t>(b) * lay.max_tokens + t) * 8;
 }
 
 // Position among expert l's rows (its `count` entries of recv_src) of the
@@ -164,8 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
       __syncwarp();
       if (lane == 0) {
         Fence(gpu);
-        auto* count = reinterpret_cast<unsigned long long*>(
-            s_peer[s] + (reinterpret_cast<uint8_t*>(ArriveCount(c.base, lay, b, t)) - c.base));
+        auto* count = reinterpret_cast<unsigned long long*>(s_peer[s] + ArriveOffset(lay, b, t));
         if (gpu) {
           atomicAdd(count, 1ull);
         } else {
@@ -185,21 +183,14 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
     }
     if (__shfl_sync(kFull, last, 0)) {
       __syncwarp();
-      for (int r = lane; r < R; r += 32) {
-        SignalPe(c, s_peer[r], r, DoneOffset(b, me), (n << 4) | (kOpLLCombine & 15));
-      }
-      if (lane == 0) {
-        *reinterpret_cast<volatile uint64_t*>(OpCounter(c.base)) = n;
-        *reinterpret_cast<volatile unsigned int*>(SendArrive(c.base)) = 0u;
-        *reinterpret_cast<volatile unsigned int*>(SendTask(c.base)) = 0u;
-      }
+      PublishDone(c, s_peer, n, kOpLLCombine, lane, 32);
     }
   }
 
   // ---------------- receive: my tokens in order, each once its rows are in
   TracePoint(c, n, kLLTraceArrived, kOpLLCombine);
   const uint8_t* set = c.base + set_off;
-  const uint64_t* arrive = ArriveCount(c.base, lay, b, 0);
+  const uint64_t* arrive = reinterpret_cast<const uint64_t*>(c.base + ArriveOffset(lay, b, 0));
   const int64_t chunks = H / kNE;
   const int64_t segs = max(int64_t{1}, min((GridWarps() + T - 1) / max(T, int64_t{1}),
                                            (chunks + 31) / 32));
@@ -218,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
   TracePoint(c, n, kLLTraceEnd, kOpLLCombine);
   if (ArriveLast(RecvArrive(c.base), gpu)) {
     WaitAllDone(c, n, kOpLLCombine);
-    uint64_t* mine = ArriveCount(c.base, lay, b, 0);
+    uint64_t* mine = reinterpret_cast<uint64_t*>(c.base + ArriveOffset(lay, b, 0));
     for (int64_t t = threadIdx.x; t < M; t += blockDim.x) mine[t] = 0;
     if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned int*>(RecvTask(c.base)) = 0u;
     __syncthreads();
@@ -229,8 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
 }  // namespace
 
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec) {
-  if (!comm.stream_combine || comm.num_ranks < 2 || comm.any_put || !comm.gpu_scope ||
-      phase != kLLFused || a.gather || !vec) {
+  if (!comm.stream_combine || phase != kLLFused || a.gather || !vec) {
     return 0;
   }
   const int64_t L = a.shape.num_experts / comm.num_ranks;

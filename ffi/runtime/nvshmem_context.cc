@@ -234,6 +234,13 @@ bool EffectiveGpuScope(const LLContext& ctx, int ranks_on_device_option, bool an
          EffectiveRanksOnDevice(ctx, ranks_on_device_option) >= ctx.num_ranks;
 }
 
+// The streamed fused combine: several PEs, all at GPU scope (across GPUs its
+// per-row system-scope fence made it slower: low_latency_combine_streamed.cu),
+// unless JAX_EP_LL_NO_STREAM=1.
+bool EffectiveStreamCombine(const LLContext& ctx, bool gpu_scope) {
+  return ctx.stream_combine && ctx.num_ranks > 1 && gpu_scope;
+}
+
 }  // namespace
 
 void NvshmemSetEnvDefaults(bool single_host, size_t heap_bytes) {
@@ -342,7 +349,7 @@ LLInfo InfoLocked(const Registry& reg) {
     info.gpu_scope =
         EffectiveGpuScope(ctx, reg.ranks_on_device.load(), AnyPut(ctx, info.force_put));
     info.pdl = ctx.pdl;
-    info.stream_combine = ctx.stream_combine && ctx.num_ranks > 1 && info.gpu_scope;
+    info.stream_combine = EffectiveStreamCombine(ctx, info.gpu_scope);
     info.layout = ctx.layout;
   }
   return info;
@@ -557,7 +564,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->any_put = any_put ? 1 : 0;
   comm->gpu_scope = EffectiveGpuScope(ctx, reg.ranks_on_device.load(), any_put) ? 1 : 0;
   comm->pdl = ctx.pdl ? 1 : 0;
-  comm->stream_combine = ctx.stream_combine ? 1 : 0;
+  comm->stream_combine = EffectiveStreamCombine(ctx, comm->gpu_scope != 0) ? 1 : 0;
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   comm->trace = ctx.trace;

@@ -226,26 +226,39 @@ def low_latency(seed="0"):
     return {"ranks": n, "checked": checked, "modes": modes}
 
 
-def one_rank_never_calls(skipper="1", wait_s="20"):
-    """Every PE but `skipper` runs ll_dispatch; they must fail with the timeout
-    message (naming the PE and what it waited for) instead of hanging."""
+def _silent_peer_setup():
+    """The timeout workers' common start: a 3 s timeout, float32 inputs
+    (oracle seed 0), an `ep` mesh and its shard_map; returns
+    (n, xs, idxs, ws, put, smap)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jax_ep import _ffi, _nvshmem
+    from jax_ep import _nvshmem
     from jax_ep.testing import oracle
 
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
     _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E,
                                     top_k=K, itemsize=4, timeout_s=3)  # x is float32
-    xs, idxs, _ = oracle.make_inputs(0, n, T, H, E, K)
+    xs, idxs, ws = oracle.make_inputs(0, n, T, H, E, K)
     sharding = NamedSharding(mesh, P("ep"))
     put = lambda per: jax.make_array_from_callback(
         (n * T,) + per[0].shape[1:], sharding, lambda i: np.concatenate(per)[i])
+    smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    return n, xs, idxs, ws, put, smap
+
+
+def one_rank_never_calls(skipper="1", wait_s="20"):
+    """Every PE but `skipper` runs ll_dispatch; they must fail with the timeout
+    message (naming the PE and what it waited for) instead of hanging."""
+    import jax
+
+    from jax_ep import _ffi, _nvshmem
+
+    n, xs, idxs, _, put, smap = _silent_peer_setup()
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    @smap
     def f(x, idx):
         return _nvshmem.ll_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
                                     num_ranks=n)[1]
@@ -260,20 +273,10 @@ def one_rank_skips_the_combine(skipper="1", wait_s="20"):
     the streamed combine's receive waits for the skipper's rows and must fail
     with the timeout message naming it."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_ep import _ffi, _nvshmem
-    from jax_ep.testing import oracle
 
-    n = jax.device_count()
-    mesh = jax.make_mesh((n,), ("ep",))
-    _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E,
-                                    top_k=K, itemsize=4, timeout_s=3)  # x is float32
-    xs, idxs, ws = oracle.make_inputs(0, n, T, H, E, K)
-    sharding = NamedSharding(mesh, P("ep"))
-    put = lambda per: jax.make_array_from_callback(
-        (n * T,) + per[0].shape[1:], sharding, lambda i: np.concatenate(per)[i])
-    smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    n, xs, idxs, ws, put, smap = _silent_peer_setup()
 
     @jax.jit
     @smap
