@@ -85,14 +85,43 @@ __device__ __forceinline__ void PrefetchRows(const CombineParams& p, const uint8
   }
 }
 
+// acc += w[u] * v[u] for the rows u < kKChunk present (ok[u]), in u order:
+// the one accumulation order of every combine (bitwise reproducible).
+template <typename Elem, int kNE, typename V>
+__device__ __forceinline__ void AddWeightedRows(const V* v, const float* w, const bool* ok,
+                                                float* acc) {
+  using Raw = typename Elem::Raw;
+#pragma unroll
+  for (int u = 0; u < kKChunk; ++u) {
+    if (!ok[u]) continue;
+    Raw raw[kNE];
+    memcpy(raw, &v[u], sizeof(V));
+#pragma unroll
+    for (int i = 0; i < kNE; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], Elem::ToFloat(raw[i])));
+  }
+}
+
+// Output chunk c of token t = acc rounded to the output type.
+template <typename Elem, int kNE>
+__device__ __forceinline__ void StoreOutChunk(const CombineParams& p, int64_t t, int64_t c,
+                                              const float* acc) {
+  using Raw = typename Elem::Raw;
+  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
+  Raw res[kNE];
+#pragma unroll
+  for (int i = 0; i < kNE; ++i) res[i] = Elem::FromFloat(acc[i]);
+  V packed;
+  memcpy(&packed, res, sizeof(V));
+  reinterpret_cast<V*>(p.out + t * p.s.hidden * sizeof(Raw))[c] = packed;
+}
+
 // Output chunk c (kNE channels) of token t: its K rows loaded kKChunk at a
 // time (all of them for K <= 8), then summed in k order.
 template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void ReduceChunk(const CombineParams& p, const uint8_t* set, int64_t t,
                                             int64_t c) {
-  using Raw = typename Elem::Raw;
-  using V = typename VecOf<kNE * sizeof(Raw)>::Type;
-  const int64_t H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
+  using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
+  const int64_t K = p.s.top_k, E = p.s.num_experts;
   const int32_t* idx_row = p.idx + t * K;
   float acc[kNE];
 #pragma unroll
@@ -107,26 +136,12 @@ __device__ __forceinline__ void ReduceChunk(const CombineParams& p, const uint8_
       const int32_t e = k < K ? __ldg(idx_row + k) : -1;
       const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k) : nullptr;
       ok[u] = row != nullptr;
-      if (ok[u]) {
-        v[u] = LoadVec<true>(row + c);
-        w[u] = __ldg(p.w + t * K + k);
-      }
+      v[u] = ok[u] ? LoadVec<true>(row + c) : V{};
+      w[u] = ok[u] ? __ldg(p.w + t * K + k) : 0.0f;
     }
-#pragma unroll
-    for (int u = 0; u < kKChunk; ++u) {
-      if (!ok[u]) continue;
-      Raw raw[kNE];
-      memcpy(raw, &v[u], sizeof(V));
-#pragma unroll
-      for (int i = 0; i < kNE; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], Elem::ToFloat(raw[i])));
-    }
+    AddWeightedRows<Elem, kNE>(v, w, ok, acc);
   }
-  Raw res[kNE];
-#pragma unroll
-  for (int i = 0; i < kNE; ++i) res[i] = Elem::FromFloat(acc[i]);
-  V packed;
-  memcpy(&packed, res, sizeof(V));
-  reinterpret_cast<V*>(p.out + t * H * sizeof(Raw))[c] = packed;
+  StoreOutChunk<Elem, kNE>(p, t, c, acc);
 }
 
 }  // namespace

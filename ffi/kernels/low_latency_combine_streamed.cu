@@ -38,6 +38,14 @@ __device__ __forceinline__ int TokenBucket(int32_t code, int64_t M) {
   return static_cast<int>((code % M) * kStreamBuckets / M);
 }
 
+// A row the send copies: a valid source other than me (my own experts' rows
+// stay in y, where the receive reads them).
+__device__ __forceinline__ bool SentRow(int32_t code, int64_t M, int R, int me) {
+  if (code < 0) return false;
+  const int64_t s = code / M;
+  return s < R && s != me;
+}
+
 __device__ __forceinline__ unsigned int* RecvTask(uint8_t* base) {
   return reinterpret_cast<unsigned int*>(base + kLLRecvTaskOffset);
 }
@@ -48,14 +56,14 @@ __device__ __forceinline__ size_t ArriveOffset(const LLLayout& lay, int b, int64
 }
 
 // Position among expert l's rows (its `count` entries of recv_src) of the
-// r-th row whose token is in bucket q, and its code (-1, -1 if none): the
-// warp scans 32 entries at a time.
+// r-th sent row whose token is in bucket q, and its code (-1, -1 if none):
+// the warp scans 32 entries at a time.
 __device__ __forceinline__ int2 NthRowInBucket(const int32_t* src_l, int32_t count, int q,
-                                               int64_t r, int64_t M, int lane) {
+                                               int64_t r, int64_t M, int R, int me, int lane) {
   for (int32_t p0 = 0; p0 < count; p0 += 32) {
     const int32_t pos = p0 + lane;
     const int32_t code = pos < count ? __ldg(src_l + pos) : -1;
-    const unsigned hits = __ballot_sync(kFull, pos < count && TokenBucket(code, M) == q);
+    const unsigned hits = __ballot_sync(kFull, SentRow(code, M, R, me) && TokenBucket(code, M) == q);
     const int n = __popc(hits);
     if (r < n) {
       const int from = static_cast<int>(__fns(hits, 0, static_cast<int>(r) + 1));
@@ -67,13 +75,13 @@ __device__ __forceinline__ int2 NthRowInBucket(const int32_t* src_l, int32_t cou
 }
 
 // The warp waits until token t's rows are all in (arrive >= its distinct
-// valid experts) or every source signalled op n done.
+// valid experts on other PEs) or every source signalled op n done.
 __device__ __forceinline__ void WaitTokenRows(const LLComm& c, const CombineParams& p,
                                               const uint64_t* arrive, int64_t t, uint64_t n,
                                               int lane) {
   const int64_t K = p.s.top_k, E = p.s.num_experts;
   const int32_t e = lane < K ? __ldg(p.idx + t * K + lane) : -1;
-  const bool valid = e >= 0 && e < E;
+  const bool valid = e >= 0 && e < E && (e < p.e0 || e >= p.e0 + p.num_local);
   const unsigned same = __match_any_sync(kFull, valid ? e : -1 - lane);
   const uint64_t expected = __popc(__ballot_sync(kFull, valid && __ffs(same) - 1 == lane));
   const bool gpu = c.gpu_scope != 0;
@@ -103,6 +111,61 @@ __device__ __forceinline__ void WaitTokenRows(const LLComm& c, const CombinePara
   __syncwarp();  // the lanes' row loads after lane 0's acquire
 }
 
+// Channels `range` of token t: lane k < K finds row k once (my own
+// experts' rows in y at the dispatch's slot, the others in the set), every
+// lane takes the K pointers, then sums its chunks in k order. K > kKChunk:
+// ReduceChunk per chunk.
+template <typename Elem, int kNE>
+__device__ __forceinline__ void ReduceTokenRange(const CombineParams& p, const uint8_t* set,
+                                                 int64_t t, UnitRange range, int lane) {
+  using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
+  const int64_t K = p.s.top_k, E = p.s.num_experts;
+  if (K > kKChunk) {
+    for (int64_t ch = range.begin + lane; ch < range.end; ch += 32) {
+      if (ch + 32 < range.end) PrefetchRows<V, true>(p, set, t, ch + 32);
+      ReduceChunk<Elem, kNE, true>(p, set, t, ch);
+    }
+    return;
+  }
+  const V* mine = nullptr;
+  float w_mine = 0.0f;
+  if (lane < K) {
+    const int32_t e = __ldg(p.idx + t * K + lane);
+    if (e >= 0 && e < E) {
+      mine = RowOf<true, V>(p, set, e, t, t * K + lane);
+      w_mine = __ldg(p.w + t * K + lane);
+    }
+  }
+  const V* rows[kKChunk];
+  float w[kKChunk];
+  bool ok[kKChunk];
+#pragma unroll
+  for (int u = 0; u < kKChunk; ++u) {
+    rows[u] = reinterpret_cast<const V*>(
+        __shfl_sync(kFull, reinterpret_cast<unsigned long long>(mine), u));
+    w[u] = __shfl_sync(kFull, w_mine, u);
+    ok[u] = rows[u] != nullptr;
+  }
+  for (int64_t ch = range.begin + lane; ch < range.end; ch += 32) {
+    if (ch + 32 < range.end) {
+#pragma unroll
+      for (int u = 0; u < kKChunk; ++u) {
+        if (ok[u]) asm volatile("prefetch.global.L2 [%0];" ::"l"(rows[u] + ch + 32));
+      }
+    }
+    V v[kKChunk];
+#pragma unroll
+    for (int u = 0; u < kKChunk; ++u) {
+      v[u] = ok[u] ? LoadVec<true>(rows[u] + ch) : V{};  // V{}: no value carried across chunks
+    }
+    float acc[kNE];
+#pragma unroll
+    for (int i = 0; i < kNE; ++i) acc[i] = 0.0f;
+    AddWeightedRows<Elem, kNE>(v, w, ok, acc);
+    StoreOutChunk<Elem, kNE>(p, t, ch, acc);
+  }
+}
+
 template <typename Elem, int kNE>
 __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c, CombineParams p) {
   extern __shared__ int32_t s_mem[];  // s_base[L + 1], s_hist[Q * L], s_qbase[Q * L + 1]
@@ -126,7 +189,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
   WaitReleased(c, n, kOpLLCombine);
   TracePoint(c, n, kLLTraceReleased, kOpLLCombine);
 
-  // Send order: bucket-major, then expert, then row (s_qbase over [q][l]).
+  // Send order: bucket-major, then expert, then row (s_qbase over [q][l]);
+  // rows from my own tokens are not sent.
   int32_t* s_base = s_mem;
   int32_t* s_hist = s_base + L + 1;
   int32_t* s_qbase = s_hist + QL;
@@ -136,25 +200,25 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
   for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
     const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
     const int32_t code = __ldg(p.recv_src + l * RM + (i - s_base[l]));
-    atomicAdd(&s_hist[TokenBucket(code, M) * L + l], 1);
+    if (SentRow(code, M, R, me)) atomicAdd(&s_hist[TokenBucket(code, M) * L + l], 1);
   }
   __syncthreads();
   BlockExclusiveScan(QL, [&](int64_t j) { return s_hist[j]; }, s_qbase);
+  const int64_t sent = s_qbase[QL];
 
   if ((threadIdx.x >> 5) < kWarps - kEarlyRecvWarps) {
     // ---------------- send: my experts' rows, early tokens first
     const int64_t row_bytes = H * p.y_bytes;
-    for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < total;
+    for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < sent;
          task = NextWarpTask(SendTask(c.base), lane)) {
       const int ql = UpperIndex(s_qbase, static_cast<int>(QL), static_cast<int32_t>(task));
       const int q = ql / static_cast<int>(L);
       const int l = ql - q * static_cast<int>(L);
       const int2 row = NthRowInBucket(p.recv_src + l * RM, s_base[l + 1] - s_base[l], q,
-                                      task - s_qbase[ql], M, lane);
+                                      task - s_qbase[ql], M, R, me, lane);
       if (row.y < 0) continue;
       const int s = row.y / static_cast<int32_t>(M);
       const int64_t t = row.y - static_cast<int64_t>(s) * M;
-      if (s >= R) continue;
       const int64_t e = static_cast<int64_t>(me) * L + l;
       uint8_t* dst = s_peer[s] + set_off + CombineSetRow(e, t, E) * p.stride;
       const uint8_t* src = p.y + (l * RM + row.x) * row_bytes;
@@ -194,16 +258,12 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
   const int64_t chunks = H / kNE;
   const int64_t segs = max(int64_t{1}, min((GridWarps() + T - 1) / max(T, int64_t{1}),
                                            (chunks + 31) / 32));
-  using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
   for (int64_t unit = NextWarpTask(RecvTask(c.base), lane); unit < T * segs;
        unit = NextWarpTask(RecvTask(c.base), lane)) {
     const int64_t t = unit / segs;
     WaitTokenRows(c, p, arrive + t, t, n, lane);
     const UnitRange range = PartOf(chunks, static_cast<int>(unit - t * segs), static_cast<int>(segs));
-    for (int64_t ch = range.begin + lane; ch < range.end; ch += 32) {
-      if (ch + 32 < range.end) PrefetchRows<V, false>(p, set, t, ch + 32);
-      ReduceChunk<Elem, kNE, false>(p, set, t, ch);
-    }
+    ReduceTokenRange<Elem, kNE>(p, set, t, range, lane);
   }
   TracePoint(c, n, kLLTraceCopied, kOpLLCombine);
   TracePoint(c, n, kLLTraceEnd, kOpLLCombine);
@@ -220,7 +280,10 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
 }  // namespace
 
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec) {
-  if (!comm.stream_combine || phase != kLLFused || a.gather || !vec) {
+  // The receive reads my own experts' rows from y at the dispatch's slot.
+  const bool y_rows = reinterpret_cast<uintptr_t>(a.y) % 16 == 0 &&
+                      (a.slot != nullptr || a.shape.num_tokens == 0);
+  if (!comm.stream_combine || phase != kLLFused || a.gather || !vec || !y_rows) {
     return 0;
   }
   const int64_t L = a.shape.num_experts / comm.num_ranks;

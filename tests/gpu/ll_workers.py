@@ -14,7 +14,8 @@ T, H, K, E, M = 24, 256, 4, 16, 32
 # public_api's shapes: "small" (above), and the ones test_low_latency_gpu.py
 # explains next to its test (decode, many_experts, odd_hidden).
 SHAPES = {"small": (T, H, K, E, M), "decode": (128, 7168, 8, 64, 128),
-          "many_experts": (160, 128, 8, 4096, 160), "odd_hidden": (40, 2304, 4, 16, 48)}
+          "many_experts": (160, 128, 8, 4096, 160), "odd_hidden": (40, 2304, 4, 16, 48),
+          "wide_top_k": (32, 256, 12, 32, 32)}
 
 
 def _env():

@@ -100,8 +100,11 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
 #                144: a warp's second pass (of 32 x 4 vectors) has work for 16
 #                lanes only (a full-mask shuffle in such a pass hung the
 #                dispatch send).
+#  wide_top_k:   top-12: more rows per token than a combine thread keeps in
+#                flight (8), so the streamed combine's receive takes the
+#                per-chunk path (own experts' rows read from y there too).
 @pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("shape", ["decode", "many_experts", "odd_hidden"])
+@pytest.mark.parametrize("shape", ["decode", "many_experts", "odd_hidden", "wide_top_k"])
 def test_public_low_latency_api_on_cuda_at_other_shapes(mps, shape, ranks):
     results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
                                env={"PYTHONPATH": GPU_DIR}, args=("0", shape))
