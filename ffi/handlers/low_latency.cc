@@ -29,7 +29,8 @@
 //   operands  y [L, RM, H], topk_idx s32[T, K], recv_src s32[L, RM], recv_count s32[L], slot
 //   results   out [T, K, H] (y dtype)
 // At one PE the fused combine and gather read the rows from y (row slot of
-// the expert) instead of moving them.
+// the expert) instead of moving them; so does the streamed combine for a
+// PE's own experts' rows at several PEs.
 // jax_ep_ll_dispatch_cached     attrs zero_fill
 //   operands  x [T, H], topk_idx s32[T, K], slot s32[T, K], recv_count s32[L],
 //             optional scale f32[T, K]

@@ -5,11 +5,12 @@
 // (low_latency_combine_streamed.cu). At one PE the fused ops move no
 // rows: there is no send phase and the receive reads them straight from y at
 // the token's slot (not the split form, whose receive does not hold y:
-// keeping y alive through the overlap would cost its memory). Not at several
-// PEs: there the receive's other rows were just written into the receive
-// area (hot in L2) while y's come from HBM, and every token waits for its
-// slowest row (measured at 8 PEs on one H200: receive 52-57 -> 87-91 us, send
-// only 9 us shorter). Protocol and region: low_latency_device.cuh.
+// keeping y alive through the overlap would cost its memory). At several PEs
+// this kernel still sends a PE's rows to itself: when it read them from y
+// with a slot load per chunk the 8-PE receive went 52-57 -> 87-91 us; the
+// streamed kernel reads them from y with the row pointers found once per
+// token, and gains (106 -> 99-101 us). Protocol and region:
+// low_latency_device.cuh.
 #include "ffi/kernels/low_latency_combine.cuh"
 
 namespace jax_ep {

@@ -9,22 +9,29 @@
 //
 // The plain kernel reduces after every source's done signal. Here a token is
 // reduced as soon as its own rows are in:
+//  - my own tokens' rows are not sent: the receive reads them from y at
+//    the dispatch's slot (1/R of the rows: no copy, no second write);
 //  - sends go in token-bucket order (every PE sends the rows of its early
 //    tokens first, so tokens complete roughly in order everywhere);
 //  - after each row its writer adds 1 to arrive[b][t] at the token's owner
 //    (fence, then the add: a release);
 //  - a receiving warp takes the next (token, segment) from a task counter and
-//    waits until arrive[b][t] reaches the token's distinct valid experts (the
-//    rows the dispatch made), or until every source signalled done (what ends
-//    a wait whatever the ids);
+//    waits until arrive[b][t] reaches the token's distinct valid experts on
+//    other PEs (the rows the dispatch made there), or until every source
+//    signalled done (what ends a wait whatever the ids); lanes k find the
+//    token's K rows once, every lane then reduces its chunks;
 //  - kEarlyRecvWarps warps per block receive from the start, the others once
 //    the send tasks run out; the last send warp of the grid signals done;
 //  - the last receiving block waits for every done signal (no add of op n can
 //    still arrive), zeroes arrive[b] and the task counter, then releases set
 //    b as the plain kernel does.
 // Measured at 8 PEs on one H200 (benchmarks/ll_phases.py, kernel mean):
-// 127 -> 120 us. Most of it is the receive starting without the done-signal
-// round; more early receivers slowed the send (4 per block: 121, 8: 126.5).
+// plain 127 -> streamed 120 us (the receive starts without the done-signal
+// round; more early receivers slowed the send: 4 per block 121, 8 126.5);
+// row pointers once per token instead of per chunk (which had also kept
+// every row's last value alive across chunks: ~200 B of spills) 106; own
+// rows from y 99-101. At 2 and 4 PEs the streamed kernel was slower than
+// the plain one until then (50 / 76 against 38 / 68 us), now 31 / 53.
 #include "ffi/kernels/low_latency_combine.cuh"
 
 namespace jax_ep {
@@ -223,7 +230,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
       uint8_t* dst = s_peer[s] + set_off + CombineSetRow(e, t, E) * p.stride;
       const uint8_t* src = p.y + (l * RM + row.x) * row_bytes;
       WarpPrefetchL2(src, row_bytes, lane);
-      WarpCopy<false>(dst, src, row_bytes, lane);
+      WarpCopyVecRange<false, kRowUnroll>(reinterpret_cast<uint4*>(dst),
+                                          reinterpret_cast<const uint4*>(src), 0, row_bytes / 16,
+                                          lane);
       __syncwarp();
       if (lane == 0) {
         Fence(gpu);

@@ -141,6 +141,10 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;   // vectors per lane in flight in warp copies
+// ... in the copies of whole rows (dispatch receive, streamed combine send).
+// Deeper than kUnroll where the kernel has the registers: 8-PE dispatch
+// 77.3 -> 76.3 us on one H200 (16: no better, and the dispatch would spill).
+constexpr int kRowUnroll = 8;
 constexpr int kPartVectors = 128;  // fewest 16-byte vectors per row part
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -388,21 +392,22 @@ __device__ __forceinline__ void WarpPrefetchL2(const void* p, int64_t n, int lan
   }
 }
 
-// Vectors [begin, n) by one warp, kUnroll per lane in flight. Not StridedCopy
-// (device_copy.cuh): there the registers of vectors past n are zeroed, which
-// nvcc compiles differently; this loop keeps the code the GPU runs tested.
-template <bool kPeer, typename V>
+// Vectors [begin, n) by one warp, kU per lane in flight. A vector past n is
+// zero, not left unset: an unset one kept the previous pass's value alive
+// (nvcc carried it across passes), which cost the 8-PE dispatch 2.4 us and
+// made a deeper unroll spill.
+template <bool kPeer, int kU = kUnroll, typename V>
 __device__ __forceinline__ void WarpCopyVecRange(V* __restrict__ dst, const V* __restrict__ src,
                                                  int64_t begin, int64_t n, int lane) {
-  for (int64_t base = begin + lane; base < n; base += 32 * kUnroll) {
-    V v[kUnroll];
+  for (int64_t base = begin + lane; base < n; base += 32 * kU) {
+    V v[kU];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int64_t i = base + 32 * u;
-      if (i < n) v[u] = LoadVec<kPeer>(src + i);
+      v[u] = i < n ? LoadVec<kPeer>(src + i) : V{};
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int64_t i = base + 32 * u;
       if (i < n) dst[i] = v[u];
     }

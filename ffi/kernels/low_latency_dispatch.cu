@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
     if (p.vec_out) {
       const UnitRange range = PartOf(out_units, part, rparts);
-      WarpCopyVecRange<true>(reinterpret_cast<uint4*>(out),
+      WarpCopyVecRange<true, kRowUnroll>(reinterpret_cast<uint4*>(out),
                              reinterpret_cast<const uint4*>(src), range.begin,
                              range.end, lane);
     } else {
