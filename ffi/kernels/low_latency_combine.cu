@@ -6,11 +6,11 @@
 // rows: there is no send phase and the receive reads them straight from y at
 // the token's slot (not the split form, whose receive does not hold y:
 // keeping y alive through the overlap would cost its memory). At several PEs
-// this kernel still sends a PE's rows to itself: when it read them from y
-// with a slot load per chunk the 8-PE receive went 52-57 -> 87-91 us; the
-// streamed kernel reads them from y with the row pointers found once per
-// token, and gains (106 -> 99-101 us). Protocol and region:
-// low_latency_device.cuh.
+// this kernel still sends a PE's rows to itself: reading them from y instead
+// made it slower at 8 PEs on one H200, twice (receive 52-57 -> 87-91 us;
+// kernel 128.7 -> 146.5 us), not understood; the streamed kernel does read
+// them from y (row pointers found once per token) and gains (106 -> 99-101
+// us). Protocol and region: low_latency_device.cuh.
 #include "ffi/kernels/low_latency_combine.cuh"
 
 namespace jax_ep {
