@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
     }
     if (mapped == nullptr) PutStagedRow(c, off, row, row_bytes, r);
   }
-  if (ArriveLast(SendArrive(c.base), c.gpu_scope != 0)) {
+  if (LastToSend(c)) {
     FinishSend(c, s_peer, n, kOpLLDispatchCached);
   }
 
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
       WarpZero(out, row_bytes, lane);
     }
   }
-  if (ArriveLast(RecvArrive(c.base), c.gpu_scope != 0)) FinishRecv(c, s_peer, n);
+  if (LastToReceive(c)) FinishRecv(c, s_peer, n);
 }
 
 }  // namespace

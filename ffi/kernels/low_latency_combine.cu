@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
       }
     }
     TracePoint(c, n, kLLTraceSent, op);
-    if (ArriveLast(SendArrive(c.base))) {
+    if (LastToSend(c)) {
       FinishSend(c, s_peer, n, op);
       TracePoint(c, n, kLLTraceSignalled, op);
     }
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, Combine
   }
   TracePoint(c, n, kLLTraceCopied, op);
   TracePoint(c, n, kLLTraceEnd, op);
-  if (ArriveLast(RecvArrive(c.base))) {
+  if (LastToReceive(c)) {
     if (kSelfRows) FinishSend(c, s_peer, n, op);  // done signal + op counter, after every block started
     FinishRecv(c, s_peer, n);
   }

@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c,
   }
   TracePoint(c, n, kLLTraceCopied, kOpLLCombine);
   TracePoint(c, n, kLLTraceEnd, kOpLLCombine);
-  if (ArriveLast(RecvArrive(c.base), gpu)) {
+  if (LastToReceive(c)) {
     WaitAllDone(c, n, kOpLLCombine);
     uint64_t* mine = reinterpret_cast<uint64_t*>(c.base + ArriveOffset(lay, b, 0));
     for (int64_t t = threadIdx.x; t < M; t += blockDim.x) mine[t] = 0;

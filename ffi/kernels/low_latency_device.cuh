@@ -167,6 +167,15 @@ __device__ __forceinline__ unsigned int* SendTask(uint8_t* base) {
   return reinterpret_cast<unsigned int*>(base + kLLSendTaskOffset);
 }
 
+// True in the last block of the grid to finish its send (receive) phase
+// (ArriveLast, device_sync.cuh), with fences at the comm's scope.
+__device__ __forceinline__ bool LastToSend(const LLComm& c) {
+  return ArriveLast(SendArrive(c.base), c.gpu_scope != 0);
+}
+__device__ __forceinline__ bool LastToReceive(const LLComm& c) {
+  return ArriveLast(RecvArrive(c.base), c.gpu_scope != 0);
+}
+
 // The warp's next task from a phase's counter (lane 0 takes it; past the
 // phase's tasks: none left). Blocks whose copies go faster take more rows:
 // at 8 PEs on one GPU the blocks of one PE finished a statically split

@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
 
     TracePoint(c, n, kLLTraceSent, kOpLLDispatch);
-    if (ArriveLast(SendArrive(c.base), c.gpu_scope != 0)) {
+    if (LastToSend(c)) {
       // counts[b][me][*] of every PE <- scratch.
       const size_t counts_off = CountsOffset(lay, b, me, E);
       if ((E & 3) == 0 && (counts_off & 15) == 0 &&
@@ -411,8 +411,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     uint8_t* out = p.recv_x + row * out_row_bytes;
     if (p.vec_out) {
       const UnitRange range = PartOf(out_units, part, rparts);
-      WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16,
-                     lane);
+      WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
     }
     if (part == 0) {
       if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
@@ -425,8 +424,8 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     if (p.vec_out) {
       const UnitRange range = PartOf(out_units, part, rparts);
       WarpCopyVecRange<true, kRowUnroll>(reinterpret_cast<uint4*>(out),
-                             reinterpret_cast<const uint4*>(src), range.begin,
-                             range.end, lane);
+                                         reinterpret_cast<const uint4*>(src), range.begin,
+                                         range.end, lane);
     } else {
       WarpCopy<true>(out, src, out_row_bytes, lane);
     }
@@ -467,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     p.slot[q] = slot;
   }
   TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
-  if (ArriveLast(RecvArrive(c.base), c.gpu_scope != 0)) FinishRecv(c, s_peer, n);
+  if (LastToReceive(c)) FinishRecv(c, s_peer, n);
 }
 
 }  // namespace

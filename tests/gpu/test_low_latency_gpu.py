@@ -4,7 +4,9 @@ One PE, then 2, 4 and 8 PEs as processes sharing the GPU under CUDA MPS (NVSHMEM
 multi-process-per-GPU), each run with direct stores and with every row moved
 by NVSHMEM puts (force_put), and again with the system-scope flags and plain
 launches that PEs on several GPUs use and with the plain (not streamed) fused
-combine; then a PE that never calls (the timeout message, not a hang). Run with ``python -m pytest tests/gpu``; skipped without a GPU.
+combine; the public API at several shapes; then a PE that never calls and one
+that skips the streamed combine (timeout messages, not hangs). Run with
+``python -m pytest tests/gpu``; skipped without a GPU.
 """
 
 
