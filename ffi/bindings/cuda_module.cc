@@ -11,9 +11,9 @@
 #include <nanobind/stl/optional.h>
 
 #include "ffi/bindings/capsule.h"
-#include "ffi/handlers/handlers.h"
-#include "ffi/kernels/intranode.h"
-#include "ffi/runtime/comm_context.h"
+#include "ffi/handlers/cuda_handlers.h"
+#include "ffi/kernels/intranode/intranode.h"
+#include "ffi/runtime/intranode_runtime.h"
 
 namespace nb = nanobind;
 
@@ -31,7 +31,7 @@ nb::dict Registrations() {
   });
 }
 
-// ---- Intranode communicator runtime (ffi/runtime/comm_context.h). Called at
+// ---- Intranode communicator runtime (ffi/runtime/intranode_runtime.h). Called at
 // initialize only; CUDA work runs with the GIL released.
 
 // peers[r] = ("self", 0) | ("local", pointer: int) | ("ipc", handle: bytes).

@@ -14,9 +14,9 @@
 #include <nvshmem_host.h>
 
 #include "ffi/bindings/capsule.h"
-#include "ffi/handlers/ll_handlers.h"
-#include "ffi/kernels/low_latency.h"
-#include "ffi/runtime/nvshmem_context.h"
+#include "ffi/handlers/low_latency_handlers.h"
+#include "ffi/kernels/low_latency/low_latency.h"
+#include "ffi/runtime/low_latency_runtime.h"
 
 namespace nb = nanobind;
 

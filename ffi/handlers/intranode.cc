@@ -1,5 +1,5 @@
-// XLA FFI handlers for the intranode ops (kernels: ffi/kernels/intranode.h;
-// communicator: ffi/runtime/comm_context.h). They find this device's rank
+// XLA FFI handlers for the intranode ops (kernels: ffi/kernels/intranode/intranode.h;
+// communicator: ffi/runtime/intranode_runtime.h). They find this device's rank
 // context, check shapes, fill plain structs and launch on XLA's stream. No
 // math, no host synchronisation, no CUDA API calls besides the launches.
 //
@@ -25,10 +25,10 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/handlers/handler_util.h"
-#include "ffi/handlers/handlers.h"
-#include "ffi/kernels/intranode.h"
-#include "ffi/runtime/comm_context.h"
+#include "ffi/handlers/ffi_helpers.h"
+#include "ffi/handlers/cuda_handlers.h"
+#include "ffi/kernels/intranode/intranode.h"
+#include "ffi/runtime/intranode_runtime.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -1,5 +1,5 @@
 // XLA FFI handlers of the low-latency (NVSHMEM) ops (kernels:
-// ffi/kernels/low_latency.h; runtime: ffi/runtime/nvshmem_context.h). They
+// ffi/kernels/low_latency/low_latency.h; runtime: ffi/runtime/low_latency_runtime.h). They
 // find this device's PE context, check shapes, fill plain structs and launch
 // on XLA's stream. No math, no host synchronisation.
 //
@@ -42,10 +42,10 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/handlers/handler_util.h"
-#include "ffi/handlers/ll_handlers.h"
-#include "ffi/kernels/low_latency.h"
-#include "ffi/runtime/nvshmem_context.h"
+#include "ffi/handlers/ffi_helpers.h"
+#include "ffi/handlers/low_latency_handlers.h"
+#include "ffi/kernels/low_latency/low_latency.h"
+#include "ffi/runtime/low_latency_runtime.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

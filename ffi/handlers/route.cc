@@ -1,6 +1,6 @@
 // XLA FFI handler for the dispatch routing (target jax_ep_route): checks
 // buffer shapes and attributes, then launches the kernel declared in
-// ffi/kernels/route.h on XLA's stream. No math here.
+// ffi/kernels/layout/route.h on XLA's stream. No math here.
 //
 //   operand  topk_idx  s32[T, K]
 //   attrs    num_experts (i64), num_ranks (i64)
@@ -12,9 +12,9 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/handlers/handler_util.h"
-#include "ffi/handlers/handlers.h"
-#include "ffi/kernels/route.h"
+#include "ffi/handlers/ffi_helpers.h"
+#include "ffi/handlers/cuda_handlers.h"
+#include "ffi/kernels/layout/route.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

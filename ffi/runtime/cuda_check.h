@@ -1,6 +1,6 @@
 // CUDA error handling of the initialize-time runtime calls, shared by the
-// intranode runtime (comm_context.cc) and the NVSHMEM runtime
-// (nvshmem_context.cc): errors become std::runtime_error naming the device
+// intranode runtime (intranode_runtime.cc) and the NVSHMEM runtime
+// (low_latency_runtime.cc): errors become std::runtime_error naming the device
 // and the CUDA error, and a guard restores the caller's current device.
 #pragma once
 

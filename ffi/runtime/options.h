@@ -1,5 +1,5 @@
-// Run-time options both communicator runtimes take (comm_context.cc:
-// comm_set_options, nvshmem_context.cc: nvshmem_ll_set_options): the
+// Run-time options both communicator runtimes take (intranode_runtime.cc:
+// comm_set_options, low_latency_runtime.cc: nvshmem_ll_set_options): the
 // spin-wait timeout and the grid size of the kernels.
 #pragma once
 

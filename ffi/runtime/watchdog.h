@@ -1,6 +1,6 @@
-// Host side of the kernels' timeout records (ffi/kernels/timeout_record.h),
-// shared by the intranode runtime (comm_context.cc) and the NVSHMEM runtime
-// (nvshmem_context.cc): allocating a record, reading a completed one and
+// Host side of the kernels' timeout records (ffi/kernels/common/timeout_record.h),
+// shared by the intranode runtime (intranode_runtime.cc) and the NVSHMEM runtime
+// (low_latency_runtime.cc): allocating a record, reading a completed one and
 // keeping the first message (TimeoutReports), and the watchdog thread that
 // polls the records while kernels may be spinning (and once more at exit).
 //
@@ -16,7 +16,7 @@
 #include <string>
 #include <thread>
 
-#include "ffi/kernels/timeout_record.h"
+#include "ffi/kernels/common/timeout_record.h"
 
 namespace jax_ep {
 

@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "ffi/kernels/intranode.h"
+#include "ffi/kernels/intranode/intranode.h"
 
 using namespace jax_ep;
 

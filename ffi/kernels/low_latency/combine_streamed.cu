@@ -1,7 +1,7 @@
 // Low-latency combine, streamed: the fused combine at several PEs when every
 // PE runs on this GPU (LLComm::gpu_scope: peers mapped, GPU-scope flags). Not
 // with puts, not gather, not the split form, and not across GPUs: those run
-// the plain kernel (low_latency_combine.cu). Across GPUs the per-row
+// the plain kernel (combine.cu). Across GPUs the per-row
 // system-scope fence costs more than the early start gains (2 H200s over
 // NVLink, one PE each, chained combine: 57 us streamed, 45-47 plain); the
 // kernel's system-scope branches stay correct (tested on one GPU with
@@ -32,7 +32,7 @@
 // every row's last value alive across chunks: ~200 B of spills) 106; own
 // rows from y 99-101. At 2 and 4 PEs the streamed kernel was slower than
 // the plain one until then (50 / 76 against 38 / 68 us), now 31 / 53.
-#include "ffi/kernels/low_latency_combine.cuh"
+#include "ffi/kernels/low_latency/combine.cuh"
 
 namespace jax_ep {
 namespace {

@@ -1,6 +1,6 @@
-// Runtime state of the intranode communicator (see comm_context.h and the
-// protocol comment at the top of ffi/kernels/intranode.cu).
-#include "ffi/runtime/comm_context.h"
+// Runtime state of the intranode communicator (see intranode_runtime.h and the
+// protocol comment at the top of ffi/kernels/intranode/intranode.cu).
+#include "ffi/runtime/intranode_runtime.h"
 
 #include <algorithm>
 #include <atomic>

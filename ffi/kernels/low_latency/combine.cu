@@ -2,7 +2,7 @@
 // rows back to their source tokens, reduced with fp32 weights in k order
 // (combine) or returned per (token, k) (gather, for gradients). The fused
 // combine at several PEs all on this GPU runs the streamed kernel instead
-// (low_latency_combine_streamed.cu). At one PE the fused ops move no
+// (combine_streamed.cu). At one PE the fused ops move no
 // rows: there is no send phase and the receive reads them straight from y at
 // the token's slot (not the split form, whose receive does not hold y:
 // keeping y alive through the overlap would cost its memory). At several PEs
@@ -10,8 +10,8 @@
 // made it slower at 8 PEs on one H200, twice (receive 52-57 -> 87-91 us;
 // kernel 128.7 -> 146.5 us), not understood; the streamed kernel does read
 // them from y (row pointers found once per token) and gains (106 -> 99-101
-// us). Protocol and region: low_latency_device.cuh.
-#include "ffi/kernels/low_latency_combine.cuh"
+// us). Protocol and region: low_latency/device.cuh.
+#include "ffi/kernels/low_latency/combine.cuh"
 
 namespace jax_ep {
 namespace {

@@ -1,6 +1,6 @@
 // Intranode (NVLink / same-GPU CUDA IPC) dispatch and combine: interface for
 // host code. Plain C++ types only; the FFI handlers (ffi/handlers/intranode.cc)
-// fill these structs from XLA buffers, the runtime (ffi/runtime/comm_context.*)
+// fill these structs from XLA buffers, the runtime (ffi/runtime/intranode_runtime.*)
 // owns the buffers the kernels communicate through. The buffer layout and the
 // synchronisation protocol are described at the top of intranode.cu.
 #pragma once
@@ -10,7 +10,7 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/kernels/timeout_record.h"
+#include "ffi/kernels/common/timeout_record.h"
 
 namespace jax_ep {
 

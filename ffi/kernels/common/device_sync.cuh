@@ -1,5 +1,5 @@
 // Device-side synchronisation shared by the intranode kernels (intranode.cu)
-// and the low-latency kernels (low_latency_*.cu): acquire / release of 64-bit
+// and the low-latency kernels (low_latency/*.cu): acquire / release of 64-bit
 // flags and fences at system scope (or GPU scope, when every reader and writer
 // runs on this GPU), the %globaltimer clock, the timeout record + trap, the
 // spin-wait with a timeout, and the election of the last block of a grid.
@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "ffi/kernels/timeout_record.h"
+#include "ffi/kernels/common/timeout_record.h"
 
 namespace jax_ep {
 

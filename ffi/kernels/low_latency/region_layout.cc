@@ -1,9 +1,9 @@
 // Low-latency region layout, row strides and the checks that a call fits
 // the allocated region (host code; the layout is drawn in
-// low_latency_device.cuh).
+// low_latency/device.cuh).
 #include <algorithm>
 
-#include "ffi/kernels/low_latency.h"
+#include "ffi/kernels/low_latency/low_latency.h"
 
 namespace jax_ep {
 namespace {

@@ -1,5 +1,5 @@
 // Element types of the reductions and casts in the intranode kernels
-// (intranode.cu) and the low-latency kernels (low_latency_*.cu): the raw
+// (intranode.cu) and the low-latency kernels (low_latency/*.cu): the raw
 // storage type and exact fp32 conversions. Header-only (see device_sync.cuh).
 #pragma once
 

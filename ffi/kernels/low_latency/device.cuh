@@ -5,10 +5,10 @@
 //
 // This header holds what the kernels share: the protocol (below), region
 // accessors, signals and puts, warp copies, row sharing between warps, and
-// the launch helper. The kernels: low_latency_dispatch.cu,
-// low_latency_combine.cu (combine and gather), low_latency_cached.cu (cached
+// the launch helper. The kernels: dispatch.cu,
+// combine.cu (combine and gather), cached_dispatch.cu (cached
 // dispatch, the backward of combine); the region layout and argument checks:
-// low_latency_layout.cc.
+// region_layout.cc.
 //
 // Notation: R PEs (= EP ranks), me = this PE, T <= M tokens, K top-k, E
 // experts, L = E / R local experts, expert e lives on PE e / L as local
@@ -89,7 +89,7 @@
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
 // 4-6 in the receive kernel (which takes it). The streamed combine (fused, R >
-// 1, every PE on this GPU; low_latency_combine_streamed.cu) runs 1-6 per token:
+// 1, every PE on this GPU; combine_streamed.cu) runs 1-6 per token:
 // each row's writer adds 1 to arrive[b][t] at the row's owner after the row
 // (release), and 4-5 for token t wait for arrive[b][t] = its distinct valid
 // experts (or every done signal); its last receive block waits for every done
@@ -112,13 +112,13 @@
 //
 // Every spin-wait reads %globaltimer; past the timeout it fills the
 // host-mapped TimeoutRecord and traps (device_sync.cuh); the watchdog
-// (ffi/runtime/watchdog.h, messages in nvshmem_context.cc) prints which PE
+// (ffi/runtime/watchdog.h, messages in low_latency_runtime.cc) prints which PE
 // waited for what from whom.
 //
 // CO-RESIDENCY. The fused kernels spin on signals produced by other blocks of
 // the same grid (the last send block signals my own receive) and by other
 // PEs' kernels, so the grid is sized to be co-resident with the kernels of
-// every PE sharing the GPU (nvshmem_context.cc: num_blocks).
+// every PE sharing the GPU (low_latency_runtime.cc: num_blocks).
 #pragma once
 
 #include <algorithm>
@@ -127,10 +127,10 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
-#include "ffi/kernels/device_copy.cuh"
-#include "ffi/kernels/device_sync.cuh"
-#include "ffi/kernels/elem_types.cuh"
-#include "ffi/kernels/low_latency.h"
+#include "ffi/kernels/common/device_copy.cuh"
+#include "ffi/kernels/common/device_sync.cuh"
+#include "ffi/kernels/common/elem_types.cuh"
+#include "ffi/kernels/low_latency/low_latency.h"
 
 namespace jax_ep {
 // Internal linkage on purpose: each kernel file gets its own copy of these

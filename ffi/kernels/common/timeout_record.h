@@ -1,6 +1,6 @@
 // The record a device spin-wait fills when it times out, shared by the
 // intranode kernels (intranode.cu) and the low-latency kernels
-// (low_latency_*.cu) and read by the host watchdog (ffi/runtime/watchdog.h).
+// (low_latency/*.cu) and read by the host watchdog (ffi/runtime/watchdog.h).
 // Plain C++: included by host and device code.
 #pragma once
 

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "ffi/kernels/intranode.h"
+#include "ffi/kernels/intranode/intranode.h"
 
 namespace jax_ep {
 
@@ -29,7 +29,7 @@ struct PeerSpec {
   std::string ipc_handle;  // kIpc: the 64 bytes of comm_ipc_handle() from another process
 };
 
-struct CommContext;  // defined in comm_context.cc
+struct CommContext;  // defined in intranode_runtime.cc
 
 // ---- Initialize-time calls (Python). All throw std::runtime_error with a
 // message naming the device and the CUDA error on failure; the current CUDA

@@ -1,7 +1,7 @@
 // Vector copies of the intranode kernels (intranode.cu) and the low-latency
-// kernels (low_latency_*.cu): the vector type of an access width and the load
+// kernels (low_latency/*.cu): the vector type of an access width and the load
 // flavour (both), and a strided copy with several loads in flight per thread
-// (intranode's grid copies; low_latency_device.cuh keeps its own warp loop, see
+// (intranode's grid copies; low_latency/device.cuh keeps its own warp loop, see
 // WarpCopyVec there). Header-only (see device_sync.cuh).
 #pragma once
 

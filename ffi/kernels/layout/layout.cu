@@ -12,7 +12,7 @@
 // At the end each block adds its shared histograms to the outputs with
 // integer atomics. Integer sums are exact and each bit flips exactly once,
 // so the results do not depend on thread or block order (deterministic).
-#include "ffi/kernels/layout.h"
+#include "ffi/kernels/layout/layout.h"
 
 #include <algorithm>
 #include <cstdint>

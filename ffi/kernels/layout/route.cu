@@ -11,7 +11,7 @@
 // Integer counts in token order: deterministic. This replaces an XLA cumsum
 // over [T, R] that took ~48 µs for T = 4096 on an H200 (reduce-window
 // lowering); a first kernel with one block per rank still took 11 µs.
-#include "ffi/kernels/route.h"
+#include "ffi/kernels/layout/route.h"
 
 #include <algorithm>
 #include <climits>

@@ -1,9 +1,9 @@
 // Low-latency (decode) dispatch / combine over NVSHMEM: interface for host
 // code. Plain C++ types only; the FFI handlers (ffi/handlers/low_latency.cc)
 // fill these structs from XLA buffers, the runtime
-// (ffi/runtime/nvshmem_context.*) owns the NVSHMEM symmetric region the
+// (ffi/runtime/low_latency_runtime.*) owns the NVSHMEM symmetric region the
 // kernels communicate through. Buffer layout and protocol: the comment at the
-// top of low_latency_device.cuh.
+// top of low_latency/device.cuh.
 #pragma once
 
 #include <cstddef>
@@ -11,7 +11,7 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/kernels/timeout_record.h"  // the same host-mapped record + watchdog scheme
+#include "ffi/kernels/common/timeout_record.h"  // the same host-mapped record + watchdog scheme
 
 namespace jax_ep {
 
@@ -24,7 +24,7 @@ inline constexpr int64_t kLLMaxExperts = 4096;   // E
 inline constexpr int64_t kLLFp8Block = 128;      // channels per FP8 scale
 
 // ------------------------------------------------------------------ region layout
-// Byte offsets inside the region (identical on every PE; see low_latency_device.cuh).
+// Byte offsets inside the region (identical on every PE; see low_latency/device.cuh).
 inline constexpr size_t kLLOpCounterOffset = 0;    // u64: LL ops started on this PE (owner only)
 inline constexpr size_t kLLSendArriveOffset = 8;   // u32: last-block counter of send phases
 inline constexpr size_t kLLRecvArriveOffset = 12;  // u32: last-block counter of receive phases
@@ -96,7 +96,7 @@ struct LLComm {
   LLLayout layout;
   int32_t rank = 0;
   int32_t num_ranks = 0;
-  int32_t num_blocks = 1;                // grid size (co-resident: see nvshmem_context.cc)
+  int32_t num_blocks = 1;                // grid size (co-resident: see low_latency_runtime.cc)
   int32_t any_put = 0;                   // some peer_base is nullptr (needs the send buffer)
   int32_t gpu_scope = 0;                 // every PE on this GPU, none by put: GPU-scope signals
   int32_t pdl = 0;                       // launch with programmatic dependent launch
@@ -110,7 +110,7 @@ struct LLComm {
 // stores %globaltimer at each event into trace[op n % kLLTraceOps][block]
 // [event] (blocks past kLLTraceBlocks share the last row); event kLLTraceTag
 // holds (n << 8) | op kind, written by block 0. Written to <path>.pe<rank> at
-// finalize (nvshmem_context.cc); read by benchmarks/ll_phases.py.
+// finalize (low_latency_runtime.cc); read by benchmarks/ll_phases.py.
 inline constexpr int kLLTraceOps = 256;
 inline constexpr int kLLTraceBlocks = 160;
 inline constexpr int kLLTraceEvents = 8;

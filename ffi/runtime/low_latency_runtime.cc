@@ -1,5 +1,5 @@
-// NVSHMEM runtime of the low-latency ops (see nvshmem_context.h and the
-// protocol comment at the top of ffi/kernels/low_latency_device.cuh).
+// NVSHMEM runtime of the low-latency ops (see low_latency_runtime.h and the
+// protocol comment at the top of ffi/kernels/low_latency/device.cuh).
 //
 // Bootstrap: NVSHMEM's init code is `static inline` in its headers and calls
 // nvshmemi_init_thread from libnvshmem_device.a, which registers the device
@@ -9,7 +9,7 @@
 // NVSHMEM calls work; initializing only through nvshmem4py would leave this
 // module's device state zeroed (GPU_HOST.md, fact 6). nvshmem4py is not
 // needed: the unique id comes from nvshmemx_get_uniqueid here too.
-#include "ffi/runtime/nvshmem_context.h"
+#include "ffi/runtime/low_latency_runtime.h"
 
 #include <algorithm>
 #include <atomic>
@@ -235,7 +235,7 @@ bool EffectiveGpuScope(const LLContext& ctx, int ranks_on_device_option, bool an
 }
 
 // The streamed fused combine: several PEs, all at GPU scope (across GPUs its
-// per-row system-scope fence made it slower: low_latency_combine_streamed.cu),
+// per-row system-scope fence made it slower: combine_streamed.cu),
 // unless JAX_EP_LL_NO_STREAM=1.
 bool EffectiveStreamCombine(const LLContext& ctx, bool gpu_scope) {
   return ctx.stream_combine && ctx.num_ranks > 1 && gpu_scope;

@@ -1,10 +1,10 @@
-// Low-latency combine / gather: what the plain kernels (low_latency_combine.cu)
-// and the streamed combine (low_latency_combine_streamed.cu) share: the
+// Low-latency combine / gather: what the plain kernels (combine.cu)
+// and the streamed combine (combine_streamed.cu) share: the
 // parameters, where a row lives in a receive set, and the reduction of one
-// output chunk in k order. Protocol and region: low_latency_device.cuh.
+// output chunk in k order. Protocol and region: low_latency/device.cuh.
 #pragma once
 
-#include "ffi/kernels/low_latency_device.cuh"
+#include "ffi/kernels/low_latency/device.cuh"
 
 namespace jax_ep {
 

@@ -1,8 +1,8 @@
 // Low-latency dispatch (fused, or its send / receive halves): tokens to the
 // per-expert slots of their experts' PEs, FP8-cast in the kernel when asked;
 // the receive compacts them into [L, R*M] rows in (source, token) order.
-// Protocol and region: low_latency_device.cuh.
-#include "ffi/kernels/low_latency_device.cuh"
+// Protocol and region: low_latency/device.cuh.
+#include "ffi/kernels/low_latency/device.cuh"
 
 namespace jax_ep {
 namespace {

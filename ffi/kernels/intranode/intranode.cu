@@ -42,7 +42,7 @@
 //     in rank order, the rows its peers sent back (its own from y), in fp32.
 // Every spin-wait reads %globaltimer; past the timeout it writes a
 // TimeoutRecord into host-mapped memory and traps (device_sync.cuh), and a
-// host watchdog (ffi/runtime/watchdog.h, messages in comm_context.cc)
+// host watchdog (ffi/runtime/watchdog.h, messages in intranode_runtime.cc)
 // reports which rank waited for what.
 //
 // WORK MAPPING (256-thread blocks, grid <= num_blocks).
@@ -63,14 +63,14 @@
 // as streams of ONE process (tests only) must enqueue phase p of every rank
 // before phase p+1 of any (LaunchIntranode*Phase): a stream-ordered kernel
 // waiting at the head of a shared hardware queue would block a peer's notify.
-#include "ffi/kernels/intranode.h"
+#include "ffi/kernels/intranode/intranode.h"
 
 #include <algorithm>
 #include <cstring>
 
-#include "ffi/kernels/device_copy.cuh"
-#include "ffi/kernels/device_sync.cuh"
-#include "ffi/kernels/elem_types.cuh"
+#include "ffi/kernels/common/device_copy.cuh"
+#include "ffi/kernels/common/device_sync.cuh"
+#include "ffi/kernels/common/elem_types.cuh"
 
 namespace jax_ep {
 namespace {

@@ -1,7 +1,7 @@
 // Low-latency cached dispatch: rows (optionally scaled per (token, expert))
 // straight to the slots a previous dispatch assigned; the backward of
-// combine. Protocol and region: low_latency_device.cuh.
-#include "ffi/kernels/low_latency_device.cuh"
+// combine. Protocol and region: low_latency/device.cuh.
+#include "ffi/kernels/low_latency/device.cuh"
 
 namespace jax_ep {
 namespace {

@@ -1,6 +1,6 @@
 // Per-process NVSHMEM state for the low-latency ops: bootstrap (unique id,
 // init from inside this library so that its kernels' device state is
-// registered), the symmetric region (ffi/kernels/low_latency.h: LLLayout),
+// registered), the symmetric region (ffi/kernels/low_latency/low_latency.h: LLLayout),
 // the peer-pointer tables, run-time options and the timeout watchdog.
 //
 // NVSHMEM has one PE per process, bound to one CUDA device: the low-latency
@@ -16,11 +16,11 @@
 #include <optional>
 #include <string>
 
-#include "ffi/kernels/low_latency.h"
+#include "ffi/kernels/low_latency/low_latency.h"
 
 namespace jax_ep {
 
-struct LLContext;  // nvshmem_context.cc
+struct LLContext;  // low_latency_runtime.cc
 
 // Sets NVSHMEM environment defaults, only for variables that are unset:
 // NVSHMEM_DISABLE_NVLS=1 always (NVLink multicast is never used); with
