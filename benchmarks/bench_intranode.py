@@ -1,4 +1,4 @@
-"""Benchmark of normal-mode dispatch / combine in DeepEP's setting (DESIGN.md §7).
+"""Benchmark of normal-mode dispatch / combine in DeepEP's setting (docs/design.md §7).
 
 hidden 7168, top-8 of 256 experts, 4096 tokens per rank; FP8 and BF16 dispatch,
 BF16 combine. Bandwidth uses DeepEP's byte formula: received rows x H x bytes

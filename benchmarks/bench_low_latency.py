@@ -1,4 +1,4 @@
-"""Benchmark of the low-latency (decode) ops in DeepEP's setting (DESIGN.md §7).
+"""Benchmark of the low-latency (decode) ops in DeepEP's setting (docs/design.md §7).
 
 128 tokens per rank, hidden 7168, top-8 of 256 experts; FP8 dispatch, BF16
 combine (BF16 dispatch too). Dispatch runs with zero_padding=False, like

@@ -1,7 +1,8 @@
 """jax_ep: DeepEP-class expert-parallel dispatch / combine for JAX.
 
-Public API (DESIGN.md §2). Every op is called inside `jax.shard_map` on local
-shards, works under `jax.jit`, and is differentiable.
+Public API (docs/design.md §2). Every op is called inside `jax.shard_map` on
+local shards, works under `jax.jit`, and is differentiable (the split
+send / recv forms excepted).
 """
 
 from ._backend import BACKENDS, default_backend, set_default_backend
@@ -19,22 +20,18 @@ from ._overlap import (
     low_latency_dispatch_recv,
     low_latency_dispatch_send,
 )
-from ._runtime import buffer_size, initialize, is_initialized, shutdown
+from ._runtime import initialize, is_initialized, runtime_info, shutdown
 from ._version import __version__
-
-
-def build_info() -> dict:
-    """What this install holds: {"cuda": bool, "nvshmem": bool, "cuda_archs": [...], ...}."""
-    from . import _ffi
-
-    return _ffi.build_info()
-
+from .cuda.extension import build_info
+from .cuda.intranode import buffer_size
+from .options import Options
 
 __all__ = [
     "BACKENDS",
     "DispatchHandle",
     "LowLatencyHandle",
     "LowLatencyPending",
+    "Options",
     "__version__",
     "buffer_size",
     "build_info",
@@ -50,6 +47,7 @@ __all__ = [
     "low_latency_dispatch",
     "low_latency_dispatch_recv",
     "low_latency_dispatch_send",
+    "runtime_info",
     "set_default_backend",
     "shutdown",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from jax import lax
 
+from . import cuda
+
 BACKENDS = ("reference", "cuda", "auto")
 
 _default = "auto"
@@ -38,9 +40,7 @@ def resolve(backend, op):
     name = _validate(backend if backend is not None else _default)
     if name == "reference":
         return "reference"
-    from . import _cuda  # imported lazily: pulls in the extension module
-
-    why = _cuda.why_unavailable(op)
+    why = cuda.why_unavailable(op)
     if name == "cuda":
         if why is not None:
             raise NotImplementedError(
@@ -51,7 +51,7 @@ def resolve(backend, op):
         return "reference"
     # Peer-talking ops are only ready once initialize() mapped GPU buffers, so the
     # platform is known; stateless ops decide per platform when lowered.
-    return "cuda" if _cuda.needs_runtime(op) else "auto"
+    return "cuda" if cuda.needs_runtime(op) else "auto"
 
 
 def select(op, backend, reference_fn, cuda_fn):

@@ -7,6 +7,20 @@ barrier is a no-op.
 
 from __future__ import annotations
 
+import itertools
+
+_setups = itertools.count(1)
+
+
+def new_scope(name: str) -> str:
+    """A fresh key prefix for one setup step, e.g. "jax_ep/3/intranode".
+
+    Every process makes the same setup calls in the same order, so the n-th
+    call names the same scope everywhere, and a later initialize never reads a
+    stale record of an earlier one.
+    """
+    return f"jax_ep/{next(_setups)}/{name}"
+
 
 def _client(required=True):
     from jax._src import distributed as jax_distributed

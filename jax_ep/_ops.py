@@ -1,6 +1,6 @@
 """The public ops: argument checks, backend choice and `custom_vjp` rules.
 
-This is the one place for the math contract of DESIGN.md §2. Backends only
+This is the one place for the math contract of docs/design.md §2. Backends only
 move rows; the autodiff rules below are written in terms of the backend's
 row-moving primitives, so every backend differentiates the same way:
 
@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _backend, _checks, _cuda, _reference
+from . import _backend, _checks, _reference, cuda
 from ._handles import DispatchHandle, LowLatencyHandle
 
 
@@ -62,7 +62,7 @@ def get_dispatch_layout(topk_idx, *, num_experts, num_ranks, backend=None):
     kw = dict(num_experts=num_experts, num_ranks=num_ranks)
     fn = _backend.select("get_dispatch_layout", backend,
                          functools.partial(_reference.get_dispatch_layout, **kw),
-                         functools.partial(_cuda.get_dispatch_layout, **kw))
+                         functools.partial(cuda.layout.get_dispatch_layout, **kw))
     return tuple(fn(idx))
 
 
@@ -74,13 +74,13 @@ def get_dispatch_layout(topk_idx, *, num_experts, num_ranks, backend=None):
 def _dispatch_rows(cfg):
     """The chosen backend's cached dispatch: ([T, ...] parts, handle) -> [capacity, ...]."""
     return _backend.select("dispatch", cfg.backend, _reference.dispatch_rows,
-                           _cuda.dispatch_rows)
+                           cuda.intranode.dispatch_rows)
 
 
 def _combine_rows(cfg):
     """The chosen backend's combine: ([capacity, ...] parts, handle) -> [T, ...]."""
     return _backend.select("combine", cfg.backend, _reference.combine_rows,
-                           _cuda.combine_rows)
+                           cuda.intranode.combine_rows)
 
 
 def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None,
@@ -124,7 +124,7 @@ def _dispatch_impl(parts, idx, w, cfg):
     kw = dict(num_experts=cfg.num_experts, axis_name=cfg.axis_name, capacity=cfg.size)
     fn = _backend.select("dispatch", cfg.backend,
                          functools.partial(_reference.dispatch, **kw),
-                         functools.partial(_cuda.dispatch, **kw))
+                         functools.partial(cuda.intranode.dispatch, **kw))
     return fn(list(parts), idx, w)
 
 
@@ -230,7 +230,7 @@ def _ll(cfg, name):
     """The chosen backend's low-latency primitive `name` (same signature in both)."""
     op = "low_latency_dispatch" if "dispatch" in name else "low_latency_combine"
     return _backend.select(op, cfg.backend, getattr(_reference, name),
-                           getattr(_cuda, name, None))
+                           getattr(cuda.low_latency, name))
 
 
 def _ll_dispatch_impl(x, idx, cfg):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from . import _backend, _checks, _cuda, _ops
+from . import _backend, _checks, _ops, cuda
 from ._handles import LowLatencyHandle, LowLatencyPending
 
 
@@ -43,7 +43,7 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
     kw = dict(num_experts=num_experts, axis_name=axis_name, max_tokens_per_rank=m,
               use_fp8=bool(use_fp8))
     if _backend.resolve(backend, "low_latency_dispatch") == "cuda":
-        arrays = _cuda.low_latency_dispatch_send(x, idx, **kw)
+        arrays = cuda.low_latency.low_latency_dispatch_send(x, idx, **kw)
         meta = tuple(sorted(kw.items())) + (("hidden", x.shape[1]),
                                             ("x_dtype", np.dtype(x.dtype).name),
                                             ("zero_padding", bool(zero_padding)))
@@ -61,7 +61,7 @@ def low_latency_dispatch_recv(pending):
         return pending.arrays
     meta = dict(pending.meta)
     meta["x_dtype"] = np.dtype(meta["x_dtype"])
-    recv, count, handle = _cuda.low_latency_dispatch_recv(*pending.arrays, **meta)
+    recv, count, handle = cuda.low_latency.low_latency_dispatch_recv(*pending.arrays, **meta)
     return (tuple(recv) if meta["use_fp8"] else recv[0]), count, handle
 
 
@@ -76,7 +76,7 @@ def low_latency_combine_send(y, handle, *, backend=None):
                       op, "local experts x R * max_tokens_per_rank slots")
     y = _not_differentiable(op)(y)
     if _backend.resolve(backend, "low_latency_combine") == "cuda":
-        token = _cuda.low_latency_combine_send(y, handle)
+        token = cuda.low_latency.low_latency_combine_send(y, handle)
         meta = (("hidden", y.shape[-1]), ("y_dtype", np.dtype(y.dtype).name))
         return LowLatencyPending(arrays=(token, handle), kind="combine", backend="cuda",
                                  meta=meta)
@@ -94,7 +94,7 @@ def low_latency_combine_recv(pending, topk_idx, topk_weights):
     idx = _checks.topk_idx(topk_idx, handle.slot.shape[0], handle.num_experts, op)
     w = _checks.topk_weights(topk_weights, idx.shape, op)
     meta = dict(pending.meta)
-    return _cuda.low_latency_combine_recv(first, w, handle, hidden=meta["hidden"],
+    return cuda.low_latency.low_latency_combine_recv(first, w, handle, hidden=meta["hidden"],
                                           y_dtype=np.dtype(meta["y_dtype"]))
 
 

@@ -2,7 +2,7 @@
 
 Runs everywhere (it is what CPU runs) and is the baseline every benchmark
 reports. Every function here is called inside `shard_map` on local shards and
-implements DESIGN.md §2 exactly; argument checking lives in `_checks`.
+implements docs/design.md §2 exactly; argument checking lives in `_checks`.
 
 Data paths are written as gathers with precomputed indices (never scatters
 with colliding indices), so results are bitwise deterministic, and no Python

@@ -13,7 +13,8 @@ if os.environ.get("JAX_EP_GPU_TESTS") == "1":
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for peers
 else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(__file__))
+# Worker modules (imported by name in launched processes) and shared helpers.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 import jax  # noqa: E402
 

@@ -1,7 +1,8 @@
-"""benchmarks/ll_phases.py reads the kernels' phase trace (JAX_EP_LL_TRACE):
-its layout constants match ffi/kernels/low_latency.h, and a synthetic trace
+"""benchmarks/ll_phases.py reads the kernels' phase trace (Options.phase_trace):
+its layout constants match the headers of ffi/kernels/low_latency/, and a synthetic trace
 with known stamps gives the phase times and per-PE kernel times it encodes."""
 
+import glob
 import os
 import re
 import sys
@@ -15,8 +16,12 @@ import ll_phases  # noqa: E402
 
 
 def _header_constants():
-    with open(os.path.join(ROOT, "ffi", "kernels", "low_latency.h")) as f:
-        text = f.read()
+    headers = sorted(glob.glob(os.path.join(ROOT, "ffi", "kernels", "low_latency", "*.h")))
+    assert headers, "no low-latency kernel headers found"
+    text = ""
+    for path in headers:
+        with open(path) as f:
+            text += f.read()
     ints = {name: int(value) for name, value in
             re.findall(r"inline constexpr int (kLLTrace\w+) = (\d+);", text)}
     events = {name: int(value) for name, value in re.findall(r"(kLLTrace\w+) = (\d+),", text)}

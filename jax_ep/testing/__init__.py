@@ -3,7 +3,7 @@
 Importing this package does not import jax or the rest of jax_ep's API:
 
 * :mod:`jax_ep.testing.oracle` — the expected global results of every op,
-  computed in numpy from all ranks' inputs (DESIGN.md §2, §6).
+  computed in numpy from all ranks' inputs (docs/design.md §2, §6).
 * :mod:`jax_ep.testing.launcher` — run a function in N ``jax.distributed``
   processes (CPU + gloo, or N processes sharing one GPU under CUDA MPS), or
   in place when pytest itself was started once per process by a scheduler.

@@ -1,4 +1,4 @@
-"""An independent numpy oracle for the jax_ep contract (DESIGN.md §2).
+"""An independent numpy oracle for the jax_ep contract (docs/design.md §2).
 
 Everything here is written from the contract, not from the library: pure
 numpy + ml_dtypes, no jax, no import of the rest of jax_ep.  Each function

@@ -1,6 +1,11 @@
-"""The CUDA MPS daemon fixture shared by the multi-process GPU tests."""
+"""The CUDA MPS daemon fixture shared by the multi-process GPU tests; the workers' folder on sys.path."""
+
+import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
 
 from jax_ep.testing import external_launch, mps_daemon
 

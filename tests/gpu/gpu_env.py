@@ -1,4 +1,4 @@
-"""Where the GPU tests run: is there a GPU, and the folder of their workers.
+"""Where the GPU tests run: is there a GPU, and the folder of their worker modules.
 
 The GPU check asks nvidia-smi instead of starting JAX's GPU backend: the pytest
 process must hold no CUDA context of its own while MPS clients run.
@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 
-GPU_DIR = os.path.dirname(os.path.abspath(__file__))
+WORKERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers")
 
 
 def gpu_present() -> bool:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ep import _ffi
+from jax_ep.cuda import extension, layout
 
-pytestmark = pytest.mark.skipif(not _ffi.cuda_available(), reason="jax_ep built without CUDA ops")
+pytestmark = pytest.mark.skipif(not extension.cuda_available(), reason="jax_ep built without CUDA ops")
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ def random_topk(rng, num_tokens, num_topk, num_experts, invalid_fraction=0.1):
     return idx
 
 
-_layout = jax.jit(_ffi.get_dispatch_layout_ffi, static_argnames=("num_experts", "num_ranks"))
+_layout = jax.jit(layout.get_dispatch_layout_ffi, static_argnames=("num_experts", "num_ranks"))
 
 
 def _check(idx, num_experts, num_ranks):
@@ -107,7 +107,7 @@ def test_deepep_setting_inside_shard_map():
     @jax.jit
     @jax.shard_map(mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
     def f(t):
-        outs = _ffi.get_dispatch_layout_ffi(t, num_experts=256, num_ranks=8)
+        outs = layout.get_dispatch_layout_ffi(t, num_experts=256, num_ranks=8)
         return tuple(o[None] for o in outs)
 
     x = jax.device_put(idx, jax.NamedSharding(mesh, P("ep")))
@@ -118,9 +118,9 @@ def test_deepep_setting_inside_shard_map():
 
 def _raw_layout_call(idx, num_experts, num_ranks, result_shapes):
     """The custom call with caller-chosen result shapes (bypasses the wrapper's checks)."""
-    _ffi.ensure_cuda_targets_registered()
+    extension.register_targets()
     types = [jax.ShapeDtypeStruct(s, d) for s, d in zip(result_shapes, (jnp.int32, jnp.int32, jnp.bool_))]
-    call = jax.ffi.ffi_call(_ffi.GET_DISPATCH_LAYOUT, types)
+    call = jax.ffi.ffi_call(layout.GET_DISPATCH_LAYOUT, types)
     return jax.block_until_ready(
         call(jnp.asarray(idx), num_experts=np.int64(num_experts), num_ranks=np.int64(num_ranks))
     )
@@ -146,7 +146,7 @@ def numpy_route(idx: np.ndarray, num_experts: int, num_ranks: int):
     return np.where(in_rank, before, -1).astype(np.int32), in_rank.sum(0).astype(np.int32)
 
 
-_route = jax.jit(_ffi.route_ffi, static_argnames=("num_experts", "num_ranks"))
+_route = jax.jit(layout.route_ffi, static_argnames=("num_experts", "num_ranks"))
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 1023, 1024, 4096, 5000])

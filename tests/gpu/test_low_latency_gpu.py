@@ -12,25 +12,25 @@ that skips the streamed combine (timeout messages, not hangs). Run with
 
 import pytest
 
-from jax_ep import _ffi
+from jax_ep.cuda import extension
 from jax_ep.testing import external_launch, run_multiprocess
 
-from gpu_env import GPU_DIR, gpu_count, gpu_present
-from ll_workers import SHAPES
+from gpu_env import WORKERS_DIR, gpu_count, gpu_present
+from low_latency_workers import SHAPES
 from silent_peer import silent_peer_output
 
 
 pytestmark = [
     pytest.mark.skipif(not gpu_present(), reason="needs an NVIDIA GPU and CUDA MPS"),
-    pytest.mark.skipif(not _ffi.nvshmem_available(),
+    pytest.mark.skipif(not extension.nvshmem_available(),
                        reason="jax_ep built without the NVSHMEM low-latency kernels"),
 ]
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_low_latency_ranks_as_processes(mps, ranks):
-    results = run_multiprocess("ll_workers:low_latency", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR})
+    results = run_multiprocess("low_latency_workers:low_latency", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": WORKERS_DIR})
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks
@@ -59,8 +59,8 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_low_latency_with_other_settings(mps, setting, ranks):
     env, modes = SETTINGS[setting]
-    results = run_multiprocess("ll_workers:low_latency", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR, **env})
+    results = run_multiprocess("low_latency_workers:low_latency", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": WORKERS_DIR, **env})
     for res in results:
         assert res.ok, res.describe()
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
@@ -72,8 +72,8 @@ def test_low_latency_one_process_per_gpu():
     """The usual multi-GPU launch: PE i on GPU i, peers mapped over NVLink
     (system-scope flags, the plain combine)."""
     n = gpu_count()
-    results = run_multiprocess("ll_workers:low_latency", n, platform="gpu-per-process",
-                               timeout=500, env={"PYTHONPATH": GPU_DIR})
+    results = run_multiprocess("low_latency_workers:low_latency", n, platform="gpu-per-process",
+                               timeout=500, env={"PYTHONPATH": WORKERS_DIR})
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == n
@@ -83,15 +83,15 @@ def test_low_latency_one_process_per_gpu():
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_public_low_latency_api_on_cuda(mps, ranks):
-    results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR})
+    results = run_multiprocess("low_latency_workers:public_api", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": WORKERS_DIR})
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks, res.result
 
 
 # Shapes beyond the small one, each reaching code the small shape does not
-# (SHAPES in ll_workers.py):
+# (SHAPES in workers/low_latency_workers.py):
 #  decode:       hidden 7168, top-8, 128 tokens: several warps share a row (send,
 #                receive and combine).
 #  many_experts: 4096 experts, 160 tokens: the dispatch's token-position
@@ -108,8 +108,8 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("shape", ["decode", "many_experts", "odd_hidden", "wide_top_k"])
 def test_public_low_latency_api_on_cuda_at_other_shapes(mps, shape, ranks):
-    results = run_multiprocess("ll_workers:public_api", ranks, platform="gpu", timeout=500,
-                               env={"PYTHONPATH": GPU_DIR}, args=("0", shape))
+    results = run_multiprocess("low_latency_workers:public_api", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": WORKERS_DIR}, args=("0", shape))
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks, res.result
@@ -120,7 +120,7 @@ def test_public_low_latency_api_on_cuda_at_other_shapes(mps, shape, ranks):
 def test_pe_that_never_calls_times_out_with_a_message(mps):
     if external_launch():
         pytest.skip("needs to control which PE calls; run without a scheduler")
-    text, seconds = silent_peer_output("ll_workers:one_rank_never_calls", GPU_DIR)
+    text, seconds = silent_peer_output("low_latency_workers:one_rank_never_calls", WORKERS_DIR)
     assert "timed out" in text and "of PE 1" in text, text[-3000:]
     assert seconds < 100, seconds
 
@@ -128,7 +128,7 @@ def test_pe_that_never_calls_times_out_with_a_message(mps):
 def test_pe_that_skips_the_streamed_combine_times_out_with_a_message(mps):
     if external_launch():
         pytest.skip("needs to control which PE calls; run without a scheduler")
-    text, seconds = silent_peer_output("ll_workers:one_rank_skips_the_combine", GPU_DIR)
+    text, seconds = silent_peer_output("low_latency_workers:one_rank_skips_the_combine", WORKERS_DIR)
     assert "streamed combine: True" in text, text[-3000:]
     assert "timed out" in text and "ll_combine" in text and "of PE 1" in text, text[-3000:]
     assert seconds < 100, seconds

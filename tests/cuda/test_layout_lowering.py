@@ -1,6 +1,6 @@
 """The layout custom call lowers for CUDA on a CPU-only machine.
 
-Checks the StableHLO that jax_ep._ffi.get_dispatch_layout_ffi emits (target
+Checks the StableHLO that jax_ep.cuda.layout.get_dispatch_layout_ffi emits (target
 name, attributes, operand and result types), the result types under
 shard_map and vmap, and the Python-side argument checks. Needs the CUDA ops
 compiled in, not a GPU.
@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jax_ep import _ffi
+from jax_ep.cuda import extension, layout
 
 pytestmark = pytest.mark.skipif(
-    not _ffi.cuda_available(), reason="jax_ep built without CUDA ops (JAX_EP_CUDA=OFF or no nvcc)"
+    not extension.cuda_available(), reason="jax_ep built without CUDA ops (JAX_EP_CUDA=OFF or no nvcc)"
 )
 
 
 def _layout(t, e=16, r=4):
-    return _ffi.get_dispatch_layout_ffi(t, num_experts=e, num_ranks=r)
+    return layout.get_dispatch_layout_ffi(t, num_experts=e, num_ranks=r)
 
 
 def _cuda_hlo(fn, *shapes):
@@ -94,7 +94,7 @@ def test_bad_arguments(shape, dtype, e, r, err):
 
 
 def test_route_custom_call_in_cuda_lowering():
-    text = _cuda_hlo(lambda t: _ffi.route_ffi(t, num_experts=256, num_ranks=8),
+    text = _cuda_hlo(lambda t: layout.route_ffi(t, num_experts=256, num_ranks=8),
                      jax.ShapeDtypeStruct((4096, 8), jnp.int32))
     calls = [line for line in text.splitlines() if "custom_call @jax_ep_route" in line]
     assert len(calls) == 1, text

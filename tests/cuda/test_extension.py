@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from jax_ep import _ffi
+from jax_ep.cuda import extension
 
 
 def test_cpu_extension_imports():
@@ -25,7 +25,7 @@ def test_cpu_extension_imports():
 
 
 def test_build_info_keys_and_types():
-    info = _ffi.build_info()
+    info = extension.build_info()
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["nvshmem"], bool)
     assert isinstance(info["cuda_archs"], list)
@@ -38,14 +38,14 @@ def test_build_info_keys_and_types():
 def test_version_matches_package():
     import jax_ep
 
-    assert _ffi.build_info()["version"] == jax_ep.__version__
-    assert _ffi.build_info()["version"] == _ffi.build_info()["version"].strip()
+    assert extension.build_info()["version"] == jax_ep.__version__
+    assert extension.build_info()["version"] == extension.build_info()["version"].strip()
 
 
 def test_cuda_flag_is_consistent():
-    info = _ffi.build_info()
+    info = extension.build_info()
     module_present = importlib.util.find_spec("jax_ep._jax_ep_cuda") is not None
-    assert info["cuda"] == module_present == info["cuda_built"] == _ffi.cuda_available()
+    assert info["cuda"] == module_present == info["cuda_built"] == extension.cuda_available()
     if info["cuda"]:
         assert info["cuda_archs"], "a CUDA build must report its architectures"
         assert "jax_ep_get_dispatch_layout" in info["ffi_targets"]
@@ -54,7 +54,7 @@ def test_cuda_flag_is_consistent():
     nvshmem_present = importlib.util.find_spec("jax_ep._jax_ep_nvshmem") is not None
     assert nvshmem_present == info["nvshmem_built"]
     # Built but not loadable only when libnvshmem_host.so.3 (nvidia-nvshmem-cu13) is missing.
-    assert info["nvshmem"] == _ffi.nvshmem_available()
+    assert info["nvshmem"] == extension.nvshmem_available()
     assert not info["nvshmem"] or nvshmem_present
     if info["nvshmem"]:
         assert info["cuda"], "the NVSHMEM module is only built with the CUDA one"
@@ -67,22 +67,22 @@ def test_cuda_flag_is_consistent():
 
 @pytest.mark.skipif("JAX_EP_EXPECT_CUDA" not in os.environ, reason="JAX_EP_EXPECT_CUDA not set")
 def test_cuda_matches_expectation():
-    assert _ffi.build_info()["cuda"] == (os.environ["JAX_EP_EXPECT_CUDA"] == "1")
+    assert extension.build_info()["cuda"] == (os.environ["JAX_EP_EXPECT_CUDA"] == "1")
 
 
 @pytest.mark.skipif("JAX_EP_EXPECT_NVSHMEM" not in os.environ,
                     reason="JAX_EP_EXPECT_NVSHMEM not set")
 def test_nvshmem_matches_expectation():
-    assert _ffi.build_info()["nvshmem"] == (os.environ["JAX_EP_EXPECT_NVSHMEM"] == "1")
+    assert extension.build_info()["nvshmem"] == (os.environ["JAX_EP_EXPECT_NVSHMEM"] == "1")
 
 
 def test_import_registers_nothing():
     # Registration must happen on first use, not at `import jax_ep`.
     code = (
-        "import jax_ep, jax_ep._ffi as f\n"
+        "import jax_ep, jax_ep.cuda.extension as f\n"
         "assert f._registered_targets == (), f._registered_targets\n"
         "if f.cuda_available():\n"
-        "    f.ensure_cuda_targets_registered(); f.ensure_cuda_targets_registered()\n"
+        "    f.register_targets(); f.register_targets()\n"
         "    assert 'jax_ep_get_dispatch_layout' in f._registered_targets\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -181,7 +181,7 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
     from jax.sharding import PartitionSpec as P
 
     import jax_ep
-    from jax_ep import _ffi
+    from jax_ep.cuda import extension
     from jax_ep.testing import oracle
 
     n = jax.device_count()
@@ -200,4 +200,4 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
 
     args = put(xs), put(idxs), put(ws)
     return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s,
-                            _ffi.cuda_module().last_error)
+                            extension.cuda_module().last_error)

@@ -1,7 +1,7 @@
 """The low-latency (NVSHMEM) custom calls lower for CUDA on a CPU-only machine.
 
 Checks the target names, attributes and operand / result types that the
-jax_ep._nvshmem wrappers emit, and the pure-Python helpers of the extension
+jax_ep.cuda.low_latency wrappers emit, and the pure-Python helpers of the extension
 (region layout, info before init). Needs the NVSHMEM module compiled in, not
 a GPU.
 """
@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_ep import _ffi
+from jax_ep.cuda import extension
+from jax_ep.cuda import low_latency as ll
 
 pytestmark = pytest.mark.skipif(
-    not _ffi.nvshmem_available(),
+    not extension.nvshmem_available(),
     reason="jax_ep built without the NVSHMEM low-latency ops (JAX_EP_NVSHMEM=OFF or no wheel)",
 )
 
@@ -33,9 +34,7 @@ def _s(shape, dtype):
 
 
 def test_dispatch_bf16():
-    from jax_ep import _nvshmem
-
-    call = _calls(lambda x, i: _nvshmem.ll_dispatch(x, i, num_experts=E, max_tokens_per_rank=M,
+    call = _calls(lambda x, i: ll.dispatch_call(x, i, num_experts=E, max_tokens_per_rank=M,
                                                     num_ranks=R),
                   _s((T, H), jnp.bfloat16), _s((T, K), jnp.int32), target="jax_ep_ll_dispatch")
     assert f"(tensor<{T}x{H}xbf16>, tensor<{T}x{K}xi32>) -> (tensor<{L}x{R * M}x{H}xbf16>, " \
@@ -46,9 +45,7 @@ def test_dispatch_bf16():
 
 
 def test_dispatch_fp8_has_scales():
-    from jax_ep import _nvshmem
-
-    call = _calls(lambda x, i: _nvshmem.ll_dispatch(x, i, num_experts=E, max_tokens_per_rank=M,
+    call = _calls(lambda x, i: ll.dispatch_call(x, i, num_experts=E, max_tokens_per_rank=M,
                                                     use_fp8=True, num_ranks=R)[0],
                   _s((T, H), jnp.float32), _s((T, K), jnp.int32), target="jax_ep_ll_dispatch")
     assert f"tensor<{L}x{R * M}x{H}xf8E4M3FN>" in call
@@ -57,11 +54,9 @@ def test_dispatch_fp8_has_scales():
 
 
 def test_split_dispatch_token_orders_halves():
-    from jax_ep import _nvshmem
-
     def fn(x, i):
-        tok = _nvshmem.ll_dispatch_send(x, i, num_experts=E, max_tokens_per_rank=M)
-        return _nvshmem.ll_dispatch_recv(tok, i, hidden=H, x_dtype=x.dtype, num_experts=E,
+        tok = ll.dispatch_send_call(x, i, num_experts=E, max_tokens_per_rank=M)
+        return ll.dispatch_recv_call(tok, i, hidden=H, x_dtype=x.dtype, num_experts=E,
                                          max_tokens_per_rank=M, num_ranks=R)
 
     shapes = (_s((T, H), jnp.float16), _s((T, K), jnp.int32))
@@ -72,26 +67,24 @@ def test_split_dispatch_token_orders_halves():
 
 
 def test_combine_gather_and_split_combine():
-    from jax_ep import _nvshmem
-
     y = _s((L, R * M, H), jnp.bfloat16)
     idx, w = _s((T, K), jnp.int32), _s((T, K), jnp.float32)
     src, cnt = _s((L, R * M), jnp.int32), _s((L,), jnp.int32)
     slot = _s((T, K), jnp.int32)
     y_type = f"tensor<{L}x{R * M}x{H}xbf16>"
-    call = _calls(lambda *a: _nvshmem.ll_combine(*a, num_ranks=R), y, idx, w, src, cnt, slot,
+    call = _calls(lambda *a: ll.combine_call(*a, num_ranks=R), y, idx, w, src, cnt, slot,
                   target="jax_ep_ll_combine")
     assert f"-> tensor<{T}x{H}xbf16>" in call
     assert (f"({y_type}, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>, tensor<{L}x{R * M}xi32>, "
             f"tensor<{L}xi32>, tensor<{T}x{K}xi32>)") in call
     assert f"max_tokens_per_rank = {M} : i64" in call and f"num_experts = {E} : i64" in call
-    call = _calls(lambda y, i, s, c, sl: _nvshmem.ll_gather(y, i, s, c, sl, num_ranks=R), y, idx,
+    call = _calls(lambda y, i, s, c, sl: ll.gather_call(y, i, s, c, sl, num_ranks=R), y, idx,
                   src, cnt, slot, target="jax_ep_ll_gather")
     assert f"-> tensor<{T}x{K}x{H}xbf16>" in call
 
     def split(y, i, w, s, c):
-        tok = _nvshmem.ll_combine_send(y, s, c, num_ranks=R)
-        return _nvshmem.ll_combine_recv(tok, i, w, hidden=H, y_dtype=y.dtype, num_experts=E,
+        tok = ll.combine_send_call(y, s, c, num_ranks=R)
+        return ll.combine_recv_call(tok, i, w, hidden=H, y_dtype=y.dtype, num_experts=E,
                                         max_tokens_per_rank=M)
 
     args = (y, idx, w, src, cnt)
@@ -103,21 +96,19 @@ def test_combine_gather_and_split_combine():
 
 
 def test_cached_dispatch_optional_scale():
-    from jax_ep import _nvshmem
-
     x, idx = _s((T, H), jnp.float32), _s((T, K), jnp.int32)
     slot, cnt, scale = _s((T, K), jnp.int32), _s((L,), jnp.int32), _s((T, K), jnp.float32)
     kw = dict(num_experts=E, max_tokens_per_rank=M, num_ranks=R)
-    plain = _calls(lambda *a: _nvshmem.ll_dispatch_cached(*a, **kw), x, idx, slot, cnt,
+    plain = _calls(lambda *a: ll.dispatch_cached_call(*a, **kw), x, idx, slot, cnt,
                    target="jax_ep_ll_dispatch_cached")
     assert f"tensor<{L}xi32>) -> tensor<{L}x{R * M}x{H}xf32>" in plain
-    scaled = _calls(lambda *a: _nvshmem.ll_dispatch_cached(*a, **kw), x, idx, slot, cnt, scale,
+    scaled = _calls(lambda *a: ll.dispatch_cached_call(*a, **kw), x, idx, slot, cnt, scale,
                     target="jax_ep_ll_dispatch_cached")
     assert f"tensor<{L}xi32>, tensor<{T}x{K}xf32>) -> tensor<{L}x{R * M}x{H}xf32>" in scaled
 
 
 def test_region_layout_and_info_without_init():
-    mod = _ffi.nvshmem_module()
+    mod = extension.nvshmem_module()
     info = mod.nvshmem_ll_info()
     assert info["initialized"] is False and info["allocated"] is False
     lay = mod.nvshmem_ll_layout(8, 128, 7168, 256, 8, 2, False)

@@ -22,13 +22,13 @@ def _env():
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jax_ep import _nvshmem
+    from jax_ep import Options
+    from jax_ep.cuda import low_latency as ll
 
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
-    info = _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H,
-                                           num_experts=E, top_k=K, itemsize=4, send_buffer=True,
-                                           timeout_s=30)
+    info = ll.setup(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E, top_k=K,
+                    itemsize=4, send_buffer=True, options=Options.from_env(), timeout_s=30)
     sharding = NamedSharding(mesh, P("ep"))
     me = info["rank"]
 
@@ -84,12 +84,12 @@ def low_latency(seed="0"):
     import ml_dtypes
     from jax.sharding import PartitionSpec as P
 
-    from jax_ep import _ffi, _nvshmem
+    from jax_ep.cuda import extension, low_latency as ll
     from jax_ep.testing import oracle
 
     n, mesh, put, local, me = _env()
     spec = P("ep")
-    mod = _ffi.nvshmem_module()
+    mod = extension.nvshmem_module()
     checked = []
     smap = functools.partial(jax.shard_map, mesh=mesh, in_specs=spec, out_specs=spec)
 
@@ -98,15 +98,15 @@ def low_latency(seed="0"):
         @jax.jit
         @smap
         def f(x, idx, w):
-            recv_x, count, src, slot = _nvshmem.ll_dispatch(
+            recv_x, count, src, slot = ll.dispatch_call(
                 x, idx, num_experts=E, max_tokens_per_rank=M, use_fp8=use_fp8, num_ranks=n)
             if use_fp8:
                 y = recv_x[0].astype(jnp.float32) * jnp.repeat(recv_x[1], 128, axis=-1)
                 y = (y * 2.0 - 1.0).astype(jnp.bfloat16)
             else:
                 y = (recv_x.astype(jnp.float32) * 2.0 - 1.0).astype(recv_x.dtype)
-            out = _nvshmem.ll_combine(y, idx, w, src, count, slot, num_ranks=n)
-            gathered = _nvshmem.ll_gather(y, idx, src, count, slot, num_ranks=n)
+            out = ll.combine_call(y, idx, w, src, count, slot, num_ranks=n)
+            gathered = ll.gather_call(y, idx, src, count, slot, num_ranks=n)
             parts = tuple(recv_x) if use_fp8 else (recv_x,)
             return (*[p[None] for p in parts], count[None], src[None], slot, out,
                     gathered)
@@ -118,19 +118,19 @@ def low_latency(seed="0"):
         @smap
         def f(x, idx, w, x2, idx2):
             # Two ops in flight: send a, send b, receive a, receive b.
-            ta = _nvshmem.ll_dispatch_send(x, idx, num_experts=E, max_tokens_per_rank=M)
-            tb = _nvshmem.ll_dispatch_send(x2, idx2, num_experts=E, max_tokens_per_rank=M)
+            ta = ll.dispatch_send_call(x, idx, num_experts=E, max_tokens_per_rank=M)
+            tb = ll.dispatch_send_call(x2, idx2, num_experts=E, max_tokens_per_rank=M)
             kw = dict(hidden=H, x_dtype=x.dtype, num_experts=E, max_tokens_per_rank=M,
                       num_ranks=n)
-            ra, ca, sa, _ = _nvshmem.ll_dispatch_recv(ta, idx, **kw)
-            rb, cb, sb, _ = _nvshmem.ll_dispatch_recv(tb, idx2, **kw)
+            ra, ca, sa, _ = ll.dispatch_recv_call(ta, idx, **kw)
+            rb, cb, sb, _ = ll.dispatch_recv_call(tb, idx2, **kw)
             # The combine's send is a third op: it must run after both receives
             # (XLA may order the independent halves either way, e.g. send b
             # first, and then a send before receive b would wait for it).
             ra, rb = jax.lax.optimization_barrier((ra, rb))
             ya = (ra.astype(jnp.float32) * 2.0 - 1.0).astype(ra.dtype)
-            tc = _nvshmem.ll_combine_send(ya, sa, ca, num_ranks=n)
-            out = _nvshmem.ll_combine_recv(tc, idx, w, hidden=H, y_dtype=ya.dtype,
+            tc = ll.combine_send_call(ya, sa, ca, num_ranks=n)
+            out = ll.combine_recv_call(tc, idx, w, hidden=H, y_dtype=ya.dtype,
                                            num_experts=E, max_tokens_per_rank=M)
             return ra[None], rb[None], out
         return f
@@ -140,7 +140,7 @@ def low_latency(seed="0"):
         @jax.jit
         @smap
         def f(x, idx, w, slot, count):
-            return _nvshmem.ll_dispatch_cached(x, idx, slot, count[0], w if with_scale else None,
+            return ll.dispatch_cached_call(x, idx, slot, count[0], w if with_scale else None,
                                                num_experts=E, max_tokens_per_rank=M,
                                                num_ranks=n)[None]
         return f
@@ -223,7 +223,7 @@ def low_latency(seed="0"):
             check_fused(xs, idxs, ws, False, f"{tag}routing {call}")
     mod.nvshmem_ll_set_options(30.0, 0, 0)
     assert mod.ll_last_error() is None, mod.ll_last_error()
-    _nvshmem.shutdown_low_latency()
+    ll.teardown()
     return {"ranks": n, "checked": checked, "modes": modes}
 
 
@@ -234,13 +234,14 @@ def _silent_peer_setup():
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jax_ep import _nvshmem
+    from jax_ep import Options
+    from jax_ep.cuda import low_latency as ll
     from jax_ep.testing import oracle
 
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
-    _nvshmem.initialize_low_latency(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E,
-                                    top_k=K, itemsize=4, timeout_s=3)  # x is float32
+    ll.setup(mesh, "ep", max_tokens_per_rank=M, hidden=H, num_experts=E, top_k=K,
+             itemsize=4, options=Options.from_env(), timeout_s=3)  # x is float32
     xs, idxs, ws = oracle.make_inputs(0, n, T, H, E, K)
     sharding = NamedSharding(mesh, P("ep"))
     put = lambda per: jax.make_array_from_callback(
@@ -254,19 +255,19 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
     message (naming the PE and what it waited for) instead of hanging."""
     import jax
 
-    from jax_ep import _ffi, _nvshmem
+    from jax_ep.cuda import extension, low_latency as ll
 
     n, xs, idxs, _, put, smap = _silent_peer_setup()
 
     @jax.jit
     @smap
     def f(x, idx):
-        return _nvshmem.ll_dispatch(x, idx, num_experts=E, max_tokens_per_rank=M,
+        return ll.dispatch_call(x, idx, num_experts=E, max_tokens_per_rank=M,
                                     num_ranks=n)[1]
 
     args = put(xs), put(idxs)
     return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s,
-                            _ffi.nvshmem_module().ll_last_error)
+                            extension.nvshmem_module().ll_last_error)
 
 
 def one_rank_skips_the_combine(skipper="1", wait_s="20"):
@@ -275,29 +276,29 @@ def one_rank_skips_the_combine(skipper="1", wait_s="20"):
     with the timeout message naming it."""
     import jax
 
-    from jax_ep import _ffi, _nvshmem
+    from jax_ep.cuda import extension, low_latency as ll
 
     n, xs, idxs, ws, put, smap = _silent_peer_setup()
 
     @jax.jit
     @smap
     def dispatch(x, idx):
-        recv_x, count, src, slot = _nvshmem.ll_dispatch(x, idx, num_experts=E,
+        recv_x, count, src, slot = ll.dispatch_call(x, idx, num_experts=E,
                                                         max_tokens_per_rank=M, num_ranks=n)
         return recv_x[None], count[None], src[None], slot
 
     @jax.jit
     @smap
     def combine(y, idx, w, src, count, slot):
-        return _nvshmem.ll_combine(y[0], idx, w, src[0], count[0], slot, num_ranks=n)
+        return ll.combine_call(y[0], idx, w, src[0], count[0], slot, num_ranks=n)
 
     idx, w = put(idxs), put(ws)
     y, count, src, slot = jax.block_until_ready(dispatch(put(xs), idx))
-    info = _ffi.nvshmem_module().nvshmem_ll_info()
+    info = extension.nvshmem_module().nvshmem_ll_info()
     print("streamed combine:", info["stream_combine"], flush=True)
     args = y, idx, w, src, count, slot
     return run_without_peer(combine.lower(*args).compile(), args, skipper, wait_s,
-                            _ffi.nvshmem_module().ll_last_error)
+                            extension.nvshmem_module().ll_last_error)
 
 
 def public_api(seed="0", shape="small"):

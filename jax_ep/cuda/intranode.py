@@ -1,0 +1,269 @@
+"""Intranode mode (NVLink / CUDA IPC): peer setup, buffers and their sizing, custom calls, backend functions.
+
+Setup (`setup`, from `jax_ep.initialize`, outside jit, every process):
+
+1. one communication buffer per local device of the mesh (`buffer_size`
+   bytes, or what the caller gives);
+2. peers mapped: devices of this process by pointer (peer access), devices of
+   other processes by CUDA IPC handles exchanged through the jax.distributed
+   key-value store, so one process per GPU and one process per host both work;
+3. a table device ordinal -> (EP group, rank) for the FFI handlers, one EP
+   group per combination of the mesh's other axes;
+4. a barrier across processes, so no kernel spins before every peer is mapped.
+
+The backend functions have the signatures of their `_reference` twins.
+Routing (slot / sent) comes from the `jax_ep_route` kernel; the custom calls
+only exchange counts and move rows, so no XLA collective runs (several
+processes may share one GPU, where NCCL refuses to run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .. import _kvstore
+from .._mesh import ep_coordinates, ep_groups
+from .._routing import Routing, handle_from_counts, localize, valid_ids
+from . import extension, layout
+
+DISPATCH = "jax_ep_intranode_dispatch"
+DISPATCH_CACHED = "jax_ep_intranode_dispatch_cached"
+COMBINE = "jax_ep_intranode_combine"
+FP8_BLOCK = 128
+
+SETUP_HINT = ("call jax_ep.initialize(mesh, axis_name=..., max_tokens_per_rank=..., "
+              "hidden=...) on the GPU mesh first.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buffers:
+    axis_name: object
+    data_bytes: int
+    devices: tuple  # local device ordinals holding a buffer
+
+
+_buffers: _Buffers | None = None
+
+
+def compiled() -> bool:
+    return extension.has_target(COMBINE)
+
+
+def ready() -> bool:
+    """Whether `setup` mapped the buffers."""
+    return _buffers is not None
+
+
+# --------------------------------------------------------------------------
+# Buffer sizing: the one formula (the handlers check the same bound at run time)
+# --------------------------------------------------------------------------
+
+
+def dispatch_bytes(capacity, row_bytes) -> int:
+    """Data bytes a dispatch of rows of `row_bytes` (one entry per payload) into `capacity` needs."""
+    return int(capacity) * int(sum(row_bytes))
+
+
+def combine_bytes(num_ranks, num_tokens, row_bytes) -> int:
+    """Data bytes a combine of one payload of `row_bytes` back to `num_tokens` tokens needs."""
+    return int(num_ranks) * int(num_tokens) * int(row_bytes)
+
+
+def buffer_size(num_ranks, max_tokens_per_rank, hidden, *, top_k=8, dtype="bfloat16",
+                capacity=None) -> int:
+    """Bytes of communication buffer one GPU needs for dispatch / combine.
+
+    Covers a dispatch of [T <= max_tokens_per_rank, hidden] rows of `dtype`
+    (or an FP8 pair) with its top-k ids and weights into `capacity` rows
+    (default R * T), a combine of such rows back, and both backward passes.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    rows = capacity if capacity is not None else num_ranks * max_tokens_per_rank
+    meta = [4 * top_k, 4 * top_k]  # ids + weights
+    dense = dispatch_bytes(rows, [hidden * itemsize] + meta)
+    fp8 = dispatch_bytes(rows, [hidden, 4 * (hidden // FP8_BLOCK)] + meta)
+    # combine of y, and the dispatch VJP's combine of the weight gradients
+    combine = combine_bytes(num_ranks, max_tokens_per_rank, max(hidden * itemsize, 4 * top_k))
+    return int(max(dense, fp8, combine))
+
+
+def _row_bytes(a) -> int:
+    t = jax.typeof(a)
+    return int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.itemsize
+
+
+def check_buffer(op, axis_name, nbytes):
+    """Trace-time check that a call fits the buffers `setup` allocated."""
+    if _buffers is None:
+        raise RuntimeError(f"jax_ep.{op}: the CUDA backend needs its buffers: {SETUP_HINT}")
+    if _buffers.axis_name != axis_name:
+        raise ValueError(f"jax_ep.{op}: axis_name={axis_name!r} but initialize() set up "
+                         f"axis {_buffers.axis_name!r}.")
+    if nbytes > _buffers.data_bytes:
+        raise ValueError(
+            f"jax_ep.{op}: this call needs {nbytes} bytes of communication buffer but "
+            f"initialize() allocated {_buffers.data_bytes}; call jax_ep.initialize with larger "
+            f"max_tokens_per_rank / hidden / top_k, or buffer_bytes >= {nbytes}.")
+
+
+# --------------------------------------------------------------------------
+# Setup and teardown
+# --------------------------------------------------------------------------
+
+
+def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
+    """Allocate, exchange and map every local device's buffer (collective, outside jit)."""
+    global _buffers
+    mod = extension.cuda_module()
+    groups = ep_groups(mesh, axis_name)
+    max_ranks = mod.intranode_max_ranks()
+    if groups.shape[1] > max_ranks:
+        raise ValueError(f"jax_ep.initialize: the intranode kernels support EP groups of at "
+                         f"most {max_ranks} ranks; axis {axis_name!r} has {groups.shape[1]}.")
+    coords = ep_coordinates(mesh, axis_name)
+    me = jax.process_index()
+    local = [d for d in mesh.devices.flat if d.process_index == me]
+    for d in local:
+        mod.comm_create(d.local_hardware_id, data_bytes)
+
+    multi_process = any(d.process_index != me for d in mesh.devices.flat)
+    scope = _kvstore.new_scope("intranode")
+    key = lambda g, r: f"{scope}/peer/{g}/{r}"
+    info = {}
+    for d in local:
+        g, r = coords[d]
+        info[(g, r)] = dict(process=me, ordinal=d.local_hardware_id,
+                            pointer=mod.comm_local_pointer(d.local_hardware_id),
+                            ipc=mod.comm_ipc_handle(d.local_hardware_id))
+        if multi_process:
+            _kvstore.kv_set_bytes(key(g, r), pickle.dumps(info[(g, r)]))
+
+    def peer_info(g, r):
+        if (g, r) not in info:
+            info[(g, r)] = pickle.loads(_kvstore.kv_get_bytes(key(g, r), timeout=timeout_s))
+        return info[(g, r)]
+
+    for d in local:
+        g, rank = coords[d]
+        peers = []
+        for r in range(groups.shape[1]):
+            p = peer_info(g, r)
+            if p["process"] != me:
+                peers.append(("ipc", p["ipc"]))
+            elif p["ordinal"] == d.local_hardware_id:
+                peers.append(("self", 0))
+            else:
+                peers.append(("local", p["pointer"]))
+        mod.comm_connect(d.local_hardware_id, rank, groups.shape[1], g, peers)
+    mod.comm_set_options(timeout_s, num_blocks)
+    if multi_process:
+        _kvstore.barrier(f"{scope}/connected", timeout=timeout_s)
+    _buffers = _Buffers(axis_name, int(data_bytes), tuple(d.local_hardware_id for d in local))
+
+
+def teardown():
+    """Free every buffer and close the peer mappings (idempotent)."""
+    global _buffers
+    if _buffers is not None:
+        extension.cuda_module().comm_destroy_all()
+    _buffers = None
+
+
+def info() -> dict | None:
+    """What `setup` made: {"data_bytes", "devices": {ordinal: the runtime's comm info}}."""
+    if _buffers is None:
+        return None
+    mod = extension.cuda_module()
+    return dict(data_bytes=_buffers.data_bytes, axis_name=_buffers.axis_name,
+                devices={o: dict(mod.comm_info(o)) for o in _buffers.devices})
+
+
+# --------------------------------------------------------------------------
+# Custom calls (they only describe operands, attributes and results)
+# --------------------------------------------------------------------------
+
+
+def _as_rows(a):
+    """Payloads travel as 2-D [rows, row] arrays; the shape is restored after."""
+    return a.reshape(a.shape[0], -1) if a.ndim != 2 else a
+
+
+def _moved_type(p, capacity):
+    t = jax.typeof(p)
+    return extension.result_type(t, (capacity,) + tuple(t.shape[1:]), t.dtype)
+
+
+def dispatch_call(slot, sent, payloads, *, capacity):
+    """Count exchange + row transfer. slot int32 [T, R], sent int32 [R], payloads
+    [T, ...] -> (rank_counts int32 [R, R], *payloads moved to [capacity, ...])."""
+    extension.register_targets()
+    num_ranks = jax.typeof(sent).shape[0]
+    flat = [_as_rows(p) for p in payloads]
+    result_types = [extension.result_type(jax.typeof(sent), (num_ranks, num_ranks), jnp.int32)]
+    result_types += [_moved_type(p, capacity) for p in flat]
+    counts, *recv = jax.ffi.ffi_call(DISPATCH, result_types)(slot, sent, *flat,
+                                                             capacity=np.int64(capacity))
+    return [counts] + [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
+
+
+def dispatch_cached_call(token_slot, rank_counts, payloads, *, capacity):
+    """Row transfer with known counts (the handle's): payloads [T, ...] -> [capacity, ...]."""
+    extension.register_targets()
+    flat = [_as_rows(p) for p in payloads]
+    result_types = [_moved_type(p, capacity) for p in flat]
+    recv = jax.ffi.ffi_call(DISPATCH_CACHED, result_types)(token_slot, rank_counts, *flat,
+                                                            capacity=np.int64(capacity))
+    return [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
+
+
+def combine_call(y, token_slot, rank_counts):
+    """Rank-ordered float32 sum of each token's rows: y [capacity, ...] -> [T, ...]."""
+    extension.register_targets()
+    num_tokens = jax.typeof(token_slot).shape[0]
+    flat = _as_rows(y)
+    out_type = extension.result_type(jax.typeof(flat), (num_tokens, flat.shape[1]), flat.dtype)
+    out = jax.ffi.ffi_call(COMBINE, out_type)(flat, token_slot, rank_counts)
+    return out.reshape((num_tokens,) + tuple(y.shape[1:]))
+
+
+# --------------------------------------------------------------------------
+# Backend functions (signatures of the `_reference` twins)
+# --------------------------------------------------------------------------
+
+
+def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity):
+    num_ranks = lax.axis_size(axis_name)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
+    slot, sent = layout.route_ffi(topk_idx, num_experts=num_experts, num_ranks=num_ranks)
+    routing = Routing(idx, num_invalid, slot, sent)
+    payloads = list(parts) + [routing.idx, topk_weights]
+    check_buffer("dispatch", axis_name,
+                 dispatch_bytes(capacity, [_row_bytes(p) for p in payloads]))
+    rank_counts, *recv = dispatch_call(routing.slot, routing.sent, payloads, capacity=capacity)
+    handle = handle_from_counts(routing, rank_counts, num_experts=num_experts,
+                                axis_name=axis_name, capacity=capacity)
+    *recv_parts, recv_idx, recv_w = recv
+    recv_idx, recv_w, handle = localize(recv_idx, recv_w, handle)
+    return recv_parts, recv_idx, recv_w, handle
+
+
+def dispatch_rows(parts, handle):
+    check_buffer("dispatch", handle.axis_name,
+                 dispatch_bytes(handle.capacity, [_row_bytes(p) for p in parts]))
+    return dispatch_cached_call(handle.token_slot, handle.rank_counts, list(parts),
+                                capacity=handle.capacity)
+
+
+def combine_rows(parts, handle):
+    out = []
+    for part in parts:
+        check_buffer("combine", handle.axis_name,
+                     combine_bytes(handle.num_ranks, handle.num_tokens, _row_bytes(part)))
+        out.append(combine_call(part, handle.token_slot, handle.rank_counts))
+    return out

@@ -1,0 +1,366 @@
+"""Low-latency mode (NVSHMEM, decode): region setup, custom calls, backend functions.
+
+Setup (`setup`, from `jax_ep.initialize(low_latency=True)`, outside jit,
+every process in the same order): NVSHMEM bootstrap (`nvshmem.py`), then a
+collective allocation of the double-buffered symmetric region sized from
+(max_tokens_per_rank, hidden, num_experts, top_k, itemsize), and a barrier.
+The symmetric heap (NVSHMEM_SYMMETRIC_SIZE, unless set) is sized to fit it.
+The `Options` switches reach the kernels here, as arguments.
+
+Conventions of the custom calls (ffi/handlers/low_latency.cc): R = EP size,
+M = max_tokens_per_rank, L = num_experts // R. `slot[t, k]` is the row of
+(token t, expert topk_idx[t, k]) among that expert's R * M rows on its owner
+(not the flattened L * R * M index of LowLatencyHandle.slot: add
+`(topk_idx % L) * R * M` where slot >= 0 to convert). `recv_src[l, p]` =
+`s * M + t` of row p of local expert l, -1 past recv_count[l].
+
+The backend functions have the signatures of their `_reference` twins. The
+handle carries owner, the flattened slot and recv_src; recv_row stays -1
+(only the reference backend's combine reads it), so a low-latency handle is
+combined by the backend that made it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .. import _kvstore
+from .._handles import LowLatencyHandle
+from .._routing import valid_ids
+from . import extension, nvshmem
+
+DISPATCH = "jax_ep_ll_dispatch"
+DISPATCH_SEND = "jax_ep_ll_dispatch_send"
+DISPATCH_RECV = "jax_ep_ll_dispatch_recv"
+COMBINE = "jax_ep_ll_combine"
+COMBINE_SEND = "jax_ep_ll_combine_send"
+COMBINE_RECV = "jax_ep_ll_combine_recv"
+GATHER = "jax_ep_ll_gather"
+DISPATCH_CACHED = "jax_ep_ll_dispatch_cached"
+
+FP8_BLOCK = 128
+# Symmetric-heap headroom for NVSHMEM's own allocations (teams, psync, ...).
+_HEAP_HEADROOM = 128 << 20
+
+SETUP_HINT = ("call jax_ep.initialize(mesh, axis_name=..., max_tokens_per_rank=..., "
+              "hidden=..., num_experts=..., low_latency=True) on the GPU mesh first.")
+
+
+def compiled() -> bool:
+    return extension.has_target(COMBINE)
+
+
+def info() -> dict | None:
+    """The runtime's info dict (rank, layout, effective settings...), or None without NVSHMEM."""
+    if not extension.nvshmem_available():
+        return None
+    return dict(extension.nvshmem_module().nvshmem_ll_info())
+
+
+def ready() -> bool:
+    """Whether `setup` allocated the region."""
+    state = info()
+    return bool(state and state["allocated"])
+
+
+# --------------------------------------------------------------------------
+# Setup and teardown
+# --------------------------------------------------------------------------
+
+
+def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
+          options, timeout_s, num_blocks=0, send_buffer=None):
+    """Bootstrap NVSHMEM and allocate the region (collective). Returns `info()`.
+
+    send_buffer: allocate the staging rows NVSHMEM puts need. Default: when
+    the PEs span several hosts or options.force_put is on.
+    """
+    mod = extension.nvshmem_module()
+    prefix = _kvstore.new_scope("nvshmem")
+    pes = nvshmem.locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix)
+    if send_buffer is None:
+        send_buffer = options.force_put or not pes.single_host
+    heap = mod.nvshmem_ll_region_bytes(pes.num_ranks, max_tokens_per_rank, hidden, num_experts,
+                                       top_k, itemsize, bool(send_buffer)) + _HEAP_HEADROOM
+    nvshmem.init(pes, heap_bytes=heap, timeout_s=timeout_s, prefix=prefix)
+    mod.nvshmem_ll_set_options(float(timeout_s), int(num_blocks), int(options.force_put),
+                               int(pes.ranks_on_device))
+    mod.nvshmem_ll_alloc(max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
+                         bool(send_buffer), system_scope=options.system_scope,
+                         dependent_launch=options.dependent_launch,
+                         streamed_combine=options.streamed_combine,
+                         phase_trace=options.phase_trace or "")
+    # Rank 0's bootstrap socket must outlive everyone's init; no kernel spins
+    # before every PE has zeroed its region (the allocation ends in an
+    # NVSHMEM barrier too).
+    _kvstore.barrier(f"{prefix}/ready", timeout=timeout_s)
+    extension.register_targets()
+    return info()
+
+
+def teardown():
+    """Collective: free the region and finalize NVSHMEM (idempotent)."""
+    nvshmem.finalize()
+
+
+# --------------------------------------------------------------------------
+# Custom calls (inside shard_map: every argument is this rank's shard)
+# --------------------------------------------------------------------------
+
+
+def _num_ranks(num_ranks):
+    if num_ranks is not None:
+        return int(num_ranks)
+    state = info()
+    if not state or not state["allocated"]:
+        raise RuntimeError("jax_ep low-latency ops: " + SETUP_HINT +
+                           " (Or pass num_ranks= to trace without it.)")
+    return int(state["num_ranks"])
+
+
+def _attrs(max_tokens_per_rank, num_experts):
+    return dict(max_tokens_per_rank=np.int64(max_tokens_per_rank),
+                num_experts=np.int64(num_experts))
+
+
+def _token_type(like):
+    return extension.result_type(jax.typeof(like), (2,), jnp.int32)
+
+
+def _dispatch_results(like, x_dtype, hidden, num_tokens, top_k, num_ranks, num_experts,
+                      max_tokens_per_rank, use_fp8):
+    L = num_experts // num_ranks
+    RM = num_ranks * max_tokens_per_rank
+    t = jax.typeof(like)
+    types = [
+        extension.result_type(t, (L, RM, hidden), jnp.float8_e4m3fn if use_fp8 else x_dtype),
+        extension.result_type(t, (L,), jnp.int32),
+        extension.result_type(t, (L, RM), jnp.int32),
+        extension.result_type(t, (num_tokens, top_k), jnp.int32),
+    ]
+    if use_fp8:
+        types.append(extension.result_type(t, (L, RM, hidden // FP8_BLOCK), jnp.float32))
+    return types
+
+
+def _pack_dispatch(out, use_fp8):
+    recv_x, recv_count, recv_src, slot, *scales = out
+    return ((recv_x, scales[0]) if use_fp8 else recv_x), recv_count, recv_src, slot
+
+
+def dispatch_call(x, topk_idx, *, num_experts, max_tokens_per_rank, use_fp8=False,
+                  zero_fill=True, num_ranks=None):
+    """x [T, H] (bf16 / f16 / f32), topk_idx int32 [T, K] ->
+    (recv_x [L, R*M, H] or (e4m3 [L, R*M, H], f32 scales [L, R*M, H/128]),
+    recv_count int32 [L], recv_src int32 [L, R*M], slot int32 [T, K])."""
+    extension.register_targets()
+    R = _num_ranks(num_ranks)
+    T, H = jax.typeof(x).shape
+    K = jax.typeof(topk_idx).shape[1]
+    types = _dispatch_results(x, jax.typeof(x).dtype, H, T, K, R, num_experts,
+                              max_tokens_per_rank, use_fp8)
+    out = jax.ffi.ffi_call(DISPATCH, types)(
+        x, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
+        **_attrs(max_tokens_per_rank, num_experts))
+    return _pack_dispatch(out, use_fp8)
+
+
+def dispatch_send_call(x, topk_idx, *, num_experts, max_tokens_per_rank, use_fp8=False):
+    """Send half of dispatch_call: returns the int32 [2] token dispatch_recv_call takes."""
+    extension.register_targets()
+    return jax.ffi.ffi_call(DISPATCH_SEND, _token_type(x))(
+        x, topk_idx, use_fp8=bool(use_fp8), **_attrs(max_tokens_per_rank, num_experts))
+
+
+def dispatch_recv_call(token, topk_idx, *, hidden, x_dtype, num_experts, max_tokens_per_rank,
+                       use_fp8=False, zero_fill=True, num_ranks=None):
+    """Receive half of dispatch_call (same results); x_dtype / hidden of the sent x."""
+    extension.register_targets()
+    R = _num_ranks(num_ranks)
+    T, K = jax.typeof(topk_idx).shape
+    types = _dispatch_results(topk_idx, x_dtype, hidden, T, K, R, num_experts,
+                              max_tokens_per_rank, use_fp8)
+    out = jax.ffi.ffi_call(DISPATCH_RECV, types)(
+        token, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
+        **_attrs(max_tokens_per_rank, num_experts))
+    return _pack_dispatch(out, use_fp8)
+
+
+def _expert_attrs(y, num_ranks):
+    L, RM, H = jax.typeof(y).shape
+    R = _num_ranks(num_ranks)
+    if RM % R:
+        raise ValueError(f"y's second dimension {RM} is not a multiple of the EP size {R}")
+    return L, RM // R, H, L * R
+
+
+def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, num_ranks=None):
+    """out[t] = sum_k w[t, k] * y_owner[row of (t, k)] in fp32, k order, cast to y's dtype.
+
+    slot: dispatch_call's [T, K] slot (rows on this PE are read from y there)."""
+    extension.register_targets()
+    L, M, H, E = _expert_attrs(y, num_ranks)
+    T = jax.typeof(topk_idx).shape[0]
+    out_type = extension.result_type(jax.typeof(y), (T, H), jax.typeof(y).dtype)
+    return jax.ffi.ffi_call(COMBINE, out_type)(
+        y, topk_idx, topk_weights, recv_src, recv_count, slot, **_attrs(M, E))
+
+
+def combine_send_call(y, recv_src, recv_count, *, num_ranks=None):
+    """Send half of combine_call: returns the int32 [2] token combine_recv_call takes."""
+    extension.register_targets()
+    L, M, H, E = _expert_attrs(y, num_ranks)
+    return jax.ffi.ffi_call(COMBINE_SEND, _token_type(y))(
+        y, recv_src, recv_count, **_attrs(M, E))
+
+
+def combine_recv_call(token, topk_idx, topk_weights, *, hidden, y_dtype, num_experts,
+                      max_tokens_per_rank):
+    """Receive half of combine_call: [T, H] of the sent y's dtype."""
+    extension.register_targets()
+    T = jax.typeof(topk_idx).shape[0]
+    out_type = extension.result_type(jax.typeof(topk_weights), (T, hidden), y_dtype)
+    return jax.ffi.ffi_call(COMBINE_RECV, out_type)(
+        token, topk_idx, topk_weights, **_attrs(max_tokens_per_rank, num_experts))
+
+
+def gather_call(y, topk_idx, recv_src, recv_count, slot, *, num_ranks=None):
+    """[T, K, H]: the row of each (t, k) from its expert's owner, 0 for invalid ids
+    (slot as in combine_call)."""
+    extension.register_targets()
+    L, M, H, E = _expert_attrs(y, num_ranks)
+    T, K = jax.typeof(topk_idx).shape
+    out_type = extension.result_type(jax.typeof(y), (T, K, H), jax.typeof(y).dtype)
+    return jax.ffi.ffi_call(GATHER, out_type)(
+        y, topk_idx, recv_src, recv_count, slot, **_attrs(M, E))
+
+
+def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, num_experts,
+                         max_tokens_per_rank, zero_fill=True, num_ranks=None):
+    """Dispatch with known slots: [T, H] -> [L, R*M, H]; the row sent to expert e
+    is x[t] * (sum of scale[t, k] over the k naming e), once per distinct
+    expert; rows past recv_count are zero (zero_fill)."""
+    extension.register_targets()
+    R = _num_ranks(num_ranks)
+    T, H = jax.typeof(x).shape
+    L = num_experts // R
+    out_type = extension.result_type(jax.typeof(x), (L, R * max_tokens_per_rank, H),
+                                     jax.typeof(x).dtype)
+    operands = [x, topk_idx, slot, recv_count] + ([] if scale is None else [scale])
+    return jax.ffi.ffi_call(DISPATCH_CACHED, out_type)(
+        *operands, zero_fill=bool(zero_fill), **_attrs(max_tokens_per_rank, num_experts))
+
+
+# --------------------------------------------------------------------------
+# Backend functions (signatures of the `_reference` twins)
+# --------------------------------------------------------------------------
+
+
+def _check_fits(max_tokens_per_rank, hidden, top_k, num_experts, num_ranks):
+    lay = info()["layout"]
+    want = dict(max_tokens_per_rank=max_tokens_per_rank, hidden=hidden, top_k=top_k,
+                num_experts=num_experts)
+    too_big = {k: v for k, v in want.items() if v > lay[k]}
+    if too_big or num_ranks != lay["num_ranks"]:
+        raise ValueError(
+            f"jax_ep low-latency: this call ({want}, EP size {num_ranks}) does not fit the "
+            f"buffers initialize() allocated ({ {k: lay[k] for k in want} }, EP size "
+            f"{lay['num_ranks']}); initialize with larger sizes.")
+
+
+def _global_ids(handle):
+    """Global expert ids, reconstructed from the handle's owner and slot."""
+    rows = handle.num_ranks * handle.max_tokens_per_rank
+    local = handle.num_experts // handle.num_ranks
+    return jnp.where(handle.owner >= 0, handle.owner * local + handle.slot // rows, -1)
+
+
+def _kernel_slot(handle):
+    """The kernels' slots (row among the expert's R * M), from the handle's
+    (local expert * R * M + row)."""
+    rows = handle.num_ranks * handle.max_tokens_per_rank
+    return jnp.where(handle.slot >= 0, handle.slot % rows, -1)
+
+
+def _make_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_name,
+                 max_tokens_per_rank):
+    num_ranks = lax.axis_size(axis_name)
+    local = num_experts // num_ranks
+    rows = num_ranks * max_tokens_per_rank
+    return LowLatencyHandle(
+        recv_count=count,
+        num_invalid_experts=num_invalid,
+        owner=jnp.where(idx >= 0, idx // local, -1).astype(jnp.int32),
+        slot=jnp.where(slot >= 0, (idx % local) * rows + slot, -1).astype(jnp.int32),
+        recv_row=jnp.full((num_ranks,) + idx.shape, -1, jnp.int32),
+        recv_src=recv_src,
+        num_experts=num_experts,
+        max_tokens_per_rank=max_tokens_per_rank,
+        axis_name=axis_name,
+    )
+
+
+def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
+                         use_fp8, zero_padding=True):
+    num_ranks = lax.axis_size(axis_name)
+    _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
+    recv, count, recv_src, slot = dispatch_call(
+        x, idx, num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
+        use_fp8=use_fp8, zero_fill=zero_padding, num_ranks=num_ranks)
+    handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
+                          axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
+    return (list(recv) if use_fp8 else [recv]), count, handle
+
+
+def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
+                              use_fp8):
+    """Send half: (token, cleaned ids, invalid count) for low_latency_dispatch_recv."""
+    num_ranks = lax.axis_size(axis_name)
+    _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
+    idx, num_invalid = valid_ids(topk_idx, num_experts)
+    token = dispatch_send_call(x, idx, num_experts=num_experts,
+                               max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8)
+    return token, idx, num_invalid
+
+
+def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_experts,
+                              axis_name, max_tokens_per_rank, use_fp8, zero_padding=True):
+    num_ranks = lax.axis_size(axis_name)
+    recv, count, recv_src, slot = dispatch_recv_call(
+        token, idx, hidden=hidden, x_dtype=x_dtype, num_experts=num_experts,
+        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, zero_fill=zero_padding,
+        num_ranks=num_ranks)
+    handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
+                          axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
+    return (list(recv) if use_fp8 else [recv]), count, handle
+
+
+def low_latency_combine_send(y, handle):
+    return combine_send_call(y, handle.recv_src, handle.recv_count, num_ranks=handle.num_ranks)
+
+
+def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
+    return combine_recv_call(token, _global_ids(handle), topk_weights, hidden=hidden,
+                             y_dtype=y_dtype, num_experts=handle.num_experts,
+                             max_tokens_per_rank=handle.max_tokens_per_rank)
+
+
+def low_latency_combine(y, topk_weights, handle):
+    return combine_call(y, _global_ids(handle), topk_weights, handle.recv_src,
+                        handle.recv_count, _kernel_slot(handle), num_ranks=handle.num_ranks)
+
+
+def low_latency_gather_rows(y, handle):
+    return gather_call(y, _global_ids(handle), handle.recv_src, handle.recv_count,
+                       _kernel_slot(handle), num_ranks=handle.num_ranks)
+
+
+def low_latency_dispatch_rows(parts, handle, row_weights=None):
+    return [dispatch_cached_call(
+        part, _global_ids(handle), _kernel_slot(handle), handle.recv_count, row_weights,
+        num_experts=handle.num_experts, max_tokens_per_rank=handle.max_tokens_per_rank,
+        num_ranks=handle.num_ranks) for part in parts]

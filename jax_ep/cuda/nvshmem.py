@@ -1,0 +1,91 @@
+"""NVSHMEM bootstrap and teardown: one PE per process, PE index = EP rank.
+
+Used by the low-latency mode (and, later, the internode mode):
+
+1. `locate`: NVSHMEM binds one PE to one GPU, so the EP axis must span the
+   whole mesh and each process must own exactly one of its devices. Every PE
+   publishes (hostname, PCI bus id) through the jax.distributed key-value
+   store: whether all PEs share one host, and how many share this GPU.
+2. `init`: EP rank 0 makes the 128-byte unique id (`nvshmemx_get_uniqueid`
+   inside the extension: nvshmem4py is not needed) and publishes it; every PE
+   calls `nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID)` from inside the
+   module holding the kernels, so their NVSHMEM device state is registered
+   (also after a prior nvshmem4py init: NVSHMEM counts references). On one
+   host the single-host NVSHMEM defaults apply (no remote transport, no NCCL,
+   bootstrap over `lo`); `NVSHMEM_DISABLE_NVLS=1` always.
+3. `finalize`: collective; frees what the modes allocated and finalizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import jax
+
+from .. import _kvstore
+from .._mesh import ep_groups
+from . import extension
+
+
+@dataclasses.dataclass(frozen=True)
+class PeGroup:
+    """This process's PE and what the bootstrap found out about the others."""
+    rank: int
+    num_ranks: int
+    device: object          # the jax Device of this PE
+    single_host: bool
+    ranks_on_device: int    # PEs sharing this PE's GPU (MPS), for the grid size
+
+
+def locate(mesh, axis_name, *, timeout_s, prefix) -> PeGroup:
+    """This process's PE of the EP axis (checks the one-PE-per-process rule)."""
+    mod = extension.nvshmem_module()
+    groups = ep_groups(mesh, axis_name)
+    if groups.shape[0] != 1:
+        raise ValueError("jax_ep low-latency mode: NVSHMEM forms one EP group; the EP axis "
+                         f"{axis_name!r} must span the whole mesh (other axes of size 1).")
+    ranks = list(groups[0])
+    nranks = len(ranks)
+    if nranks > mod.ll_max_ranks():
+        raise ValueError(f"jax_ep low-latency mode: at most {mod.ll_max_ranks()} PEs, the EP "
+                         f"axis {axis_name!r} has {nranks}.")
+    me = jax.process_index()
+    local = [r for r, d in enumerate(ranks) if d.process_index == me]
+    if len(local) != 1:
+        raise ValueError("jax_ep low-latency mode: NVSHMEM has one PE per process, so each "
+                         f"process must own exactly one device of the EP axis; process {me} "
+                         f"owns {len(local)}.")
+    if len({d.process_index for d in ranks}) != nranks:
+        raise ValueError("jax_ep low-latency mode: every EP rank must be its own process.")
+    rank = local[0]
+    device = ranks[rank]
+    where = f"{socket.gethostname()}|{mod.cuda_pci_bus_id(device.local_hardware_id)}"
+    if nranks > 1:
+        _kvstore.kv_set_bytes(f"{prefix}/where/{rank}", where.encode())
+        places = [_kvstore.kv_get_bytes(f"{prefix}/where/{r}", timeout=timeout_s).decode()
+                  for r in range(nranks)]
+    else:
+        places = [where]
+    return PeGroup(rank=rank, num_ranks=nranks, device=device,
+                   single_host=len({p.split("|")[0] for p in places}) == 1,
+                   ranks_on_device=places.count(where))
+
+
+def init(pes: PeGroup, *, heap_bytes, timeout_s, prefix) -> None:
+    """Collective: NVSHMEM up on every PE with a symmetric heap of `heap_bytes` (if unset)."""
+    mod = extension.nvshmem_module()
+    if pes.rank == 0:
+        uid = mod.nvshmem_get_unique_id(pes.single_host)
+        if pes.num_ranks > 1:
+            _kvstore.kv_set_bytes(f"{prefix}/uid", uid)
+    else:
+        uid = _kvstore.kv_get_bytes(f"{prefix}/uid", timeout=timeout_s)
+    mod.nvshmem_init(uid, pes.rank, pes.num_ranks, pes.device.local_hardware_id,
+                     pes.single_host, int(heap_bytes))
+
+
+def finalize() -> None:
+    """Collective: free the modes' symmetric regions and finalize NVSHMEM (idempotent)."""
+    if extension.nvshmem_available():
+        extension.nvshmem_module().nvshmem_finalize()
