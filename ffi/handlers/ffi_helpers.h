@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include "ffi/kernels/common/elem_type.h"
 #include "xla/ffi/api/ffi.h"
 
 // Returns from the enclosing function (which returns ffi::Error) with the
@@ -63,6 +64,26 @@ inline ffi::Error ExpectShape(const std::string& where, const char* name,
 inline ffi::Error CudaError(const std::string& where, cudaError_t err) {
   return ffi::Error::Internal(where + "CUDA error " + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err));
+}
+
+// The kernels' element type of an XLA dtype; false for any other dtype.
+inline bool ToElemType(ffi::DataType dtype, ElemType* out) {
+  switch (dtype) {
+    case ffi::DataType::BF16:
+      *out = ElemType::kBF16;
+      return true;
+    case ffi::DataType::F16:
+      *out = ElemType::kF16;
+      return true;
+    case ffi::DataType::F32:
+      *out = ElemType::kF32;
+      return true;
+    case ffi::DataType::F8E4M3FN:
+      *out = ElemType::kF8E4M3FN;
+      return true;
+    default:
+      return false;
+  }
 }
 
 // Looks up this device's communicator with a runtime's Acquire* call

@@ -208,23 +208,10 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
       AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
   const int64_t R = comm.num_ranks;
 
-  jax_ep::CombineDtype dtype;
-  switch (y.element_type()) {
-    case ffi::DataType::BF16:
-      dtype = jax_ep::CombineDtype::kBF16;
-      break;
-    case ffi::DataType::F16:
-      dtype = jax_ep::CombineDtype::kF16;
-      break;
-    case ffi::DataType::F32:
-      dtype = jax_ep::CombineDtype::kF32;
-      break;
-    case ffi::DataType::F8E4M3FN:
-      dtype = jax_ep::CombineDtype::kF8E4M3FN;
-      break;
-    default:
-      return ffi::Error::InvalidArgument(
-          where + "y must be bfloat16, float16, float32 or float8_e4m3fn");
+  jax_ep::ElemType dtype;
+  if (!ToElemType(y.element_type(), &dtype)) {
+    return ffi::Error::InvalidArgument(where +
+                                       "y must be bfloat16, float16, float32 or float8_e4m3fn");
   }
   const auto y_dims = y.dimensions();
   if (y_dims.size() != 2) {
@@ -250,7 +237,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     return ffi::Error::InvalidArgument(where + "the result must be [T=" + Str(T) + ", H=" +
                                        Str(hidden) + "] with y's dtype, got " + Dims(out_dims));
   }
-  const int64_t row_bytes = hidden * jax_ep::CombineDtypeBytes(dtype);
+  const int64_t row_bytes = hidden * jax_ep::ElemTypeBytes(dtype);
   const size_t need = jax_ep::IntranodeCombineDataBytes(R, T, row_bytes);
   if (need > comm.data_bytes) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,

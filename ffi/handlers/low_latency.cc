@@ -54,20 +54,9 @@ namespace {
 
 using namespace jax_ep::ffi_util;  // Dims, Shape, SameDims, ExpectShape, CudaError, ...
 
-bool ToLLDtype(ffi::DataType t, jax_ep::LLDtype* out) {
-  switch (t) {
-    case ffi::DataType::BF16:
-      *out = jax_ep::LLDtype::kBF16;
-      return true;
-    case ffi::DataType::F16:
-      *out = jax_ep::LLDtype::kF16;
-      return true;
-    case ffi::DataType::F32:
-      *out = jax_ep::LLDtype::kF32;
-      return true;
-    default:
-      return false;
-  }
+// x / y / out: bf16, f16 or f32 (FP8 only comes out of the dispatch's cast).
+bool ToLLElemType(ffi::DataType dtype, jax_ep::ElemType* out) {
+  return ToElemType(dtype, out) && jax_ep::LLElemBytes(*out) != 0;
 }
 
 // The PE context of `device` plus the call geometry (R, M, E checked).
@@ -124,7 +113,7 @@ struct DispatchResults {
 ffi::Error DispatchOutputs(const std::string& where, const DispatchResults& r, bool use_fp8,
                            int64_t R, int64_t L, int64_t M, int64_t T, int64_t K,
                            jax_ep::LLDispatchArgs* args, int64_t* hidden,
-                           jax_ep::LLDtype* recv_dtype) {
+                           jax_ep::ElemType* recv_dtype) {
   const int64_t RM = R * M;
   const auto x_dims = r.recv_x->dimensions();
   if (x_dims.size() != 3 || x_dims[0] != L || x_dims[1] != RM) {
@@ -155,7 +144,7 @@ ffi::Error DispatchOutputs(const std::string& where, const DispatchResults& r, b
     }
     args->recv_scales = static_cast<float*>(s.untyped_data());
   } else {
-    if (!ToLLDtype(r.recv_x->element_type(), recv_dtype)) {
+    if (!ToLLElemType(r.recv_x->element_type(), recv_dtype)) {
       return ffi::Error::InvalidArgument(where + "recv_x must be bfloat16, float16 or float32");
     }
     if (r.extra.size() != 0) {
@@ -191,7 +180,7 @@ ffi::Error DispatchImpl(const std::string& where, jax_ep::LLPhase phase, cudaStr
   args.zero_fill = zero_fill;
   int64_t H = 0;
   if (x != nullptr) {  // send half
-    if (!ToLLDtype(x->element_type(), &args.dtype)) {
+    if (!ToLLElemType(x->element_type(), &args.dtype)) {
       return ffi::Error::InvalidArgument(where + "x must be bfloat16, float16 or float32");
     }
     const auto dims = x->dimensions();
@@ -204,7 +193,7 @@ ffi::Error DispatchImpl(const std::string& where, jax_ep::LLPhase phase, cudaStr
   }
   if (results != nullptr) {  // receive half
     int64_t recv_h = 0;
-    jax_ep::LLDtype recv_dtype = args.dtype;
+    jax_ep::ElemType recv_dtype = args.dtype;
     JAX_EP_RETURN_IF_ERROR(DispatchOutputs(where, *results, use_fp8, R, L, M, T, K, &args,
                                            &recv_h, &recv_dtype));
     if (x != nullptr && recv_h != H) {
@@ -237,7 +226,7 @@ ffi::Error DispatchImpl(const std::string& where, jax_ep::LLPhase phase, cudaStr
   }
   args.shape = jax_ep::LLShape{T, H, K, E, M};
   JAX_EP_RETURN_IF_ERROR(CheckFits(
-      where, jax_ep::LLCheckDispatch(comm, args.shape, jax_ep::LLDtypeBytes(args.dtype), use_fp8)));
+      where, jax_ep::LLCheckDispatch(comm, args.shape, jax_ep::ElemTypeBytes(args.dtype), use_fp8)));
   const cudaError_t err = jax_ep::LaunchLLDispatch(comm, args, phase, stream);
   if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
@@ -301,7 +290,7 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
   int64_t H = -1, T = 0, K = 1;
   bool have_dtype = false;
   if (in.y != nullptr) {
-    if (!ToLLDtype(in.y->element_type(), &args.dtype)) {
+    if (!ToLLElemType(in.y->element_type(), &args.dtype)) {
       return ffi::Error::InvalidArgument(where + "y must be bfloat16, float16 or float32");
     }
     have_dtype = true;
@@ -331,8 +320,8 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
       JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", in.slot->dimensions(), {T, K}));
       args.slot = in.slot->typed_data();
     }
-    jax_ep::LLDtype out_dtype;
-    if (!ToLLDtype(out->element_type(), &out_dtype) || (have_dtype && out_dtype != args.dtype)) {
+    jax_ep::ElemType out_dtype;
+    if (!ToLLElemType(out->element_type(), &out_dtype) || (have_dtype && out_dtype != args.dtype)) {
       return ffi::Error::InvalidArgument(where + "the result must have y's dtype (bfloat16, "
                                          "float16 or float32)");
     }
@@ -370,7 +359,7 @@ ffi::Error CombineImpl(const std::string& where, jax_ep::LLPhase phase, bool gat
   if (in.topk_idx == nullptr) K = comm.layout.top_k;
   args.shape = jax_ep::LLShape{T, H, K, E, M};
   JAX_EP_RETURN_IF_ERROR(CheckFits(
-      where, jax_ep::LLCheckCombine(comm, args.shape, jax_ep::LLDtypeBytes(args.dtype))));
+      where, jax_ep::LLCheckCombine(comm, args.shape, jax_ep::ElemTypeBytes(args.dtype))));
   const cudaError_t err = jax_ep::LaunchLLCombine(comm, args, phase, stream);
   if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
@@ -428,7 +417,7 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   int64_t T = 0, K = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLCachedDispatchArgs args;
-  if (!ToLLDtype(x.element_type(), &args.dtype)) {
+  if (!ToLLElemType(x.element_type(), &args.dtype)) {
     return ffi::Error::InvalidArgument(where + "x must be bfloat16, float16 or float32");
   }
   const auto xd = x.dimensions();
@@ -464,7 +453,7 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   args.zero_fill = zero_fill;
   args.out = out->untyped_data();
   JAX_EP_RETURN_IF_ERROR(CheckFits(
-      where, jax_ep::LLCheckCachedDispatch(comm, args.shape, jax_ep::LLDtypeBytes(args.dtype))));
+      where, jax_ep::LLCheckCachedDispatch(comm, args.shape, jax_ep::ElemTypeBytes(args.dtype))));
   const cudaError_t err = jax_ep::LaunchLLDispatchCached(comm, args, stream);
   if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();

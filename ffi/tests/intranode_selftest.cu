@@ -129,9 +129,9 @@ std::vector<T> ToHost(const T* d, size_t n) {
 }
 
 // ---- dtype helpers for combine
-float ToF(CombineDtype dt, const uint8_t* p) {
+float ToF(ElemType dt, const uint8_t* p) {
   switch (dt) {
-    case CombineDtype::kBF16: {
+    case ElemType::kBF16: {
       uint16_t u;
       std::memcpy(&u, p, 2);
       uint32_t b = uint32_t(u) << 16;
@@ -139,39 +139,39 @@ float ToF(CombineDtype dt, const uint8_t* p) {
       std::memcpy(&f, &b, 4);
       return f;
     }
-    case CombineDtype::kF16: {
+    case ElemType::kF16: {
       __half_raw h;
       std::memcpy(&h.x, p, 2);
       return __half2float(__half(h));
     }
-    case CombineDtype::kF32: {
+    case ElemType::kF32: {
       float f;
       std::memcpy(&f, p, 4);
       return f;
     }
-    case CombineDtype::kF8E4M3FN: {
+    case ElemType::kF8E4M3FN: {
       __half_raw h = __nv_cvt_fp8_to_halfraw(*p, __NV_E4M3);
       return __half2float(__half(h));
     }
   }
   return 0;
 }
-void FromF(CombineDtype dt, float f, uint8_t* p) {
+void FromF(ElemType dt, float f, uint8_t* p) {
   switch (dt) {
-    case CombineDtype::kBF16: {
+    case ElemType::kBF16: {
       __nv_bfloat16 b = __float2bfloat16_rn(f);
       std::memcpy(p, &b, 2);
       return;
     }
-    case CombineDtype::kF16: {
+    case ElemType::kF16: {
       __half h = __float2half_rn(f);
       std::memcpy(p, &h, 2);
       return;
     }
-    case CombineDtype::kF32:
+    case ElemType::kF32:
       std::memcpy(p, &f, 4);
       return;
-    case CombineDtype::kF8E4M3FN:
+    case ElemType::kF8E4M3FN:
       *p = __nv_cvt_float_to_fp8(f, __NV_NOSAT, __NV_E4M3);
       return;
   }
@@ -326,8 +326,8 @@ void CheckDispatch(const std::string& tag, const Problem& P, DevProblem& D, bool
 }
 
 void RunCombine(const std::string& tag, World& w, const Problem& P, DevProblem& D,
-                CombineDtype dt, int64_t hidden, uint32_t seed, bool check = true) {
-  const int esz = CombineDtypeBytes(dt);
+                ElemType dt, int64_t hidden, uint32_t seed, bool check = true) {
+  const int esz = ElemTypeBytes(dt);
   const int64_t rb = hidden * esz;
   std::mt19937 rng(seed);
   std::vector<std::vector<uint8_t>> y(P.R);
@@ -410,12 +410,12 @@ void CorrectnessCase(int R, int T, int64_t capacity, std::vector<int64_t> rbs, d
     LaunchDispatch(w, P, D, true);
     CK(cudaDeviceSynchronize());
     CheckDispatch(tag + " cached", P, D, true);
-    const CombineDtype dts[] = {CombineDtype::kBF16, CombineDtype::kF16, CombineDtype::kF32,
-                                CombineDtype::kF8E4M3FN};
+    const ElemType dts[] = {ElemType::kBF16, ElemType::kF16, ElemType::kF32,
+                                ElemType::kF8E4M3FN};
     std::printf("  [%s it %d: dispatch+cached ok, combine dtype %d]\n", tag.c_str(), it, it % 4);
     RunCombine(tag, w, P, D, dts[it % 4], hidden, 99 + it);
     if (it == 0) {  // a non-vector hidden too
-      RunCombine(tag + " odd-H", w, P, D, CombineDtype::kBF16, 3, 5);
+      RunCombine(tag + " odd-H", w, P, D, ElemType::kBF16, 3, 5);
     }
     FreeDev(D);
   }
@@ -484,7 +484,7 @@ void Bench(int R, int T, int64_t hidden, int num_blocks, double p_send) {
       c.num_tokens = T;
       c.capacity = cap;
       c.hidden = hidden;
-      c.dtype = CombineDtype::kBF16;
+      c.dtype = ElemType::kBF16;
       CK(LaunchIntranodeCombinePhase(w.ranks[r].comm, c, IntranodePhase(phase), w.ranks[r].stream));
     }
   };

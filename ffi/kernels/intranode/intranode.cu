@@ -689,19 +689,6 @@ size_t IntranodeCombineDataBytes(int64_t num_ranks, int64_t num_tokens, int64_t 
          static_cast<size_t>(row_bytes);
 }
 
-int CombineDtypeBytes(CombineDtype dtype) {
-  switch (dtype) {
-    case CombineDtype::kBF16:
-    case CombineDtype::kF16:
-      return 2;
-    case CombineDtype::kF32:
-      return 4;
-    case CombineDtype::kF8E4M3FN:
-      return 1;
-  }
-  return 0;
-}
-
 namespace {
 
 // Validated kernel arguments of a dispatch; false for parameters outside the
@@ -743,7 +730,7 @@ bool PrepareDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& arg
 
 bool PrepareCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
                     CombineKernelArgs* k, bool* vectorized) {
-  const int elem_bytes = CombineDtypeBytes(args.dtype);
+  const int elem_bytes = ElemTypeBytes(args.dtype);
   if (!ValidComm(comm) || elem_bytes == 0 || args.num_tokens < 0 || args.capacity < 0 ||
       args.hidden < 0 || args.hidden > kMaxHidden || args.rank_counts == nullptr ||
       (args.num_tokens > 0 && args.token_slot == nullptr)) {
@@ -820,16 +807,16 @@ cudaError_t LaunchIntranodeCombinePhase(const IntranodeComm& comm, const Intrano
       const int blocks = has_rows ? GridSize(comm, args.num_tokens, k.tokens_per_chunk) : 1;
       if (!has_rows) k.num_tokens = 0;  // wait for the peers, touch nothing
       switch (args.dtype) {
-        case CombineDtype::kBF16:
+        case ElemType::kBF16:
           LaunchCombineRecv<Bf16Elem>(comm, k, vectorized, blocks, stream);
           break;
-        case CombineDtype::kF16:
+        case ElemType::kF16:
           LaunchCombineRecv<F16Elem>(comm, k, vectorized, blocks, stream);
           break;
-        case CombineDtype::kF32:
+        case ElemType::kF32:
           LaunchCombineRecv<F32Elem>(comm, k, vectorized, blocks, stream);
           break;
-        case CombineDtype::kF8E4M3FN:
+        case ElemType::kF8E4M3FN:
           LaunchCombineRecv<F8E4M3Elem>(comm, k, vectorized, blocks, stream);
           break;
       }

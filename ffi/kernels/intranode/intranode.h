@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include "ffi/kernels/common/elem_type.h"
 #include "ffi/kernels/common/timeout_record.h"
 
 namespace jax_ep {
@@ -75,8 +76,6 @@ struct IntranodeDispatchArgs {
   IntranodePart parts[kIntranodeMaxParts];
 };
 
-enum class CombineDtype : int32_t { kBF16 = 0, kF16 = 1, kF32 = 2, kF8E4M3FN = 3 };
-
 struct IntranodeCombineArgs {
   const void* y;               // [capacity, hidden] rows this rank received in dispatch
   const int32_t* token_slot;   // [T, R]: post-drop slot of my token t on rank r, or -1
@@ -85,7 +84,7 @@ struct IntranodeCombineArgs {
   int64_t num_tokens;          // T
   int64_t capacity;
   int64_t hidden;
-  CombineDtype dtype;
+  ElemType dtype;              // bf16 | f16 | f32 | f8e4m3fn
 };
 
 // Data-area bytes one dispatch needs: capacity * sum of row_bytes (payload
@@ -93,8 +92,6 @@ struct IntranodeCombineArgs {
 size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts);
 // Data-area bytes one combine needs: num_ranks * num_tokens * row_bytes.
 size_t IntranodeCombineDataBytes(int64_t num_ranks, int64_t num_tokens, int64_t row_bytes);
-// Element size of a combine dtype in bytes.
-int CombineDtypeBytes(CombineDtype dtype);
 
 // Enqueue notify (count exchange, or a plain barrier when args.sent is
 // nullptr), send and receive kernels on `stream`; no host synchronisation.

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, 
 
 cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArgs& a,
                                    cudaStream_t stream) {
-  const int xb = LLDtypeBytes(a.dtype);
+  const int xb = LLElemBytes(a.dtype);
   if (xb == 0 || LLCheckCachedDispatch(comm, a.shape, xb) != nullptr) return cudaErrorInvalidValue;
   const bool tokens = a.shape.num_tokens > 0;  // zero-sized XLA buffers may be null
   if ((tokens && (a.x == nullptr || a.topk_idx == nullptr || a.slot == nullptr)) ||
@@ -152,12 +152,14 @@ cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArg
   p.out = static_cast<uint8_t*>(a.out);
   const int grid = GridFor(comm);
   switch (a.dtype) {
-    case LLDtype::kBF16:
+    case ElemType::kBF16:
       return Launch(LLCachedDispatchKernel<Bf16Elem>, grid, 0, stream, comm, p);
-    case LLDtype::kF16:
+    case ElemType::kF16:
       return Launch(LLCachedDispatchKernel<F16Elem>, grid, 0, stream, comm, p);
-    case LLDtype::kF32:
+    case ElemType::kF32:
       return Launch(LLCachedDispatchKernel<F32Elem>, grid, 0, stream, comm, p);
+    case ElemType::kF8E4M3FN:
+      break;
   }
   return cudaErrorInvalidValue;
 }

@@ -156,7 +156,7 @@ cudaError_t LaunchCombine(bool self_rows, int grid, size_t smem, cudaStream_t st
 
 cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase phase,
                             cudaStream_t stream) {
-  const int yb = LLDtypeBytes(a.dtype);
+  const int yb = LLElemBytes(a.dtype);
   if (yb == 0 || LLCheckCombine(comm, a.shape, yb) != nullptr) return cudaErrorInvalidValue;
   const bool send = phase != kLLRecvOnly, recv = phase != kLLSendOnly;
   const bool tokens = a.shape.num_tokens > 0;  // zero-sized XLA buffers may be null
@@ -200,7 +200,7 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   const size_t stream_smem = LLStreamedCombineSmem(comm, a, phase, vec);
   if (stream_smem > 0) return LaunchLLStreamedCombine(comm, p, a.dtype, stream_smem, stream);
   switch (a.dtype) {
-    case LLDtype::kBF16:
+    case ElemType::kBF16:
       // One PE, fused: 16 channels (two 16-byte loads per row) per thread,
       // kernel 9.5 -> 7.2 us at the decode shape on one H200. At several PEs
       // the same width spilled registers in the send and was slower (8-PE
@@ -210,12 +210,14 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
       }
       return vec ? LaunchCombine<Bf16Elem, 8>(one, grid, smem, stream, comm, p)
                  : LaunchCombine<Bf16Elem, 1>(one, grid, smem, stream, comm, p);
-    case LLDtype::kF16:
+    case ElemType::kF16:
       return vec ? LaunchCombine<F16Elem, 8>(one, grid, smem, stream, comm, p)
                  : LaunchCombine<F16Elem, 1>(one, grid, smem, stream, comm, p);
-    case LLDtype::kF32:
+    case ElemType::kF32:
       return vec ? LaunchCombine<F32Elem, 4>(one, grid, smem, stream, comm, p)
                  : LaunchCombine<F32Elem, 1>(one, grid, smem, stream, comm, p);
+    case ElemType::kF8E4M3FN:
+      break;
   }
   return cudaErrorInvalidValue;
 }

@@ -34,7 +34,7 @@ struct CombineParams {
 // dynamic shared memory it needs for this call, 0 where it does not apply
 // (then the plain kernel runs); and its launch.
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec);
-cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, LLDtype dtype,
+cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, ElemType dtype,
                                     size_t smem, cudaStream_t stream);
 
 namespace {

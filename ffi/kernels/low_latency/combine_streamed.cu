@@ -300,16 +300,18 @@ size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase
   return smem <= 96 * 1024 ? smem : 0;
 }
 
-cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, LLDtype dtype,
+cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, ElemType dtype,
                                     size_t smem, cudaStream_t stream) {
   const int grid = GridFor(comm);
   switch (dtype) {
-    case LLDtype::kBF16:
+    case ElemType::kBF16:
       return Launch(LLStreamedCombineKernel<Bf16Elem, 8>, grid, smem, stream, comm, p);
-    case LLDtype::kF16:
+    case ElemType::kF16:
       return Launch(LLStreamedCombineKernel<F16Elem, 8>, grid, smem, stream, comm, p);
-    case LLDtype::kF32:
+    case ElemType::kF32:
       return Launch(LLStreamedCombineKernel<F32Elem, 4>, grid, smem, stream, comm, p);
+    case ElemType::kF8E4M3FN:
+      break;
   }
   return cudaErrorInvalidValue;
 }

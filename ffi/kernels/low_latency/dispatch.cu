@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
 
 cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhase phase,
                              cudaStream_t stream) {
-  const int xb = LLDtypeBytes(a.dtype);
+  const int xb = LLElemBytes(a.dtype);
   if (xb == 0 || LLCheckDispatch(comm, a.shape, xb, a.use_fp8) != nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -517,12 +517,14 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   const size_t smem = std::max(send_smem, recv_smem);
   const int grid = GridFor(comm);
   switch (a.dtype) {
-    case LLDtype::kBF16:
+    case ElemType::kBF16:
       return Launch(LLDispatchKernel<Bf16Elem>, grid, smem, stream, comm, p);
-    case LLDtype::kF16:
+    case ElemType::kF16:
       return Launch(LLDispatchKernel<F16Elem>, grid, smem, stream, comm, p);
-    case LLDtype::kF32:
+    case ElemType::kF32:
       return Launch(LLDispatchKernel<F32Elem>, grid, smem, stream, comm, p);
+    case ElemType::kF8E4M3FN:
+      break;
   }
   return cudaErrorInvalidValue;
 }

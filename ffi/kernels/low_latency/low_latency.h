@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include "ffi/kernels/common/elem_type.h"
 #include "ffi/kernels/common/timeout_record.h"  // the same host-mapped record + watchdog scheme
 
 namespace jax_ep {
@@ -125,8 +126,11 @@ enum LLTraceEvent : int32_t {
   kLLTraceTag = 7,
 };
 
-enum class LLDtype : int32_t { kBF16 = 0, kF16 = 1, kF32 = 2 };
-int LLDtypeBytes(LLDtype dtype);
+// Bytes per element of an x / y type the kernels take (bf16, f16, f32), 0
+// for FP8 (FP8 rows only come out of the dispatch's own cast).
+inline constexpr int LLElemBytes(ElemType type) {
+  return type == ElemType::kF8E4M3FN ? 0 : ElemTypeBytes(type);
+}
 
 // Fused op, or one half of the split form.
 enum LLPhase : int32_t { kLLFused = 0, kLLSendOnly = 1, kLLRecvOnly = 2 };
@@ -143,7 +147,7 @@ struct LLShape {
 struct LLDispatchArgs {
   LLShape shape;
   const void* x = nullptr;           // [T, H] (send)
-  LLDtype dtype = LLDtype::kBF16;    // x's dtype (the plain recv_x dtype)
+  ElemType dtype = ElemType::kBF16;  // x's dtype (the plain recv_x dtype)
   const int32_t* topk_idx = nullptr; // [T, K] (send and receive)
   bool use_fp8 = false;
   bool zero_fill = true;             // zero recv_x / recv_scales rows past the count
@@ -159,7 +163,7 @@ struct LLDispatchArgs {
 struct LLCombineArgs {
   LLShape shape;
   bool gather = false;                  // out [T, K, H] rows instead of the weighted sum
-  LLDtype dtype = LLDtype::kBF16;       // y's dtype = out's dtype
+  ElemType dtype = ElemType::kBF16;     // y's dtype = out's dtype
   const void* y = nullptr;              // [L, R*M, H] (send; fused at one PE: receive too)
   const int32_t* recv_src = nullptr;    // [L, R*M] (send)
   const int32_t* recv_count = nullptr;  // [L] (send)
@@ -174,7 +178,7 @@ struct LLCombineArgs {
 struct LLCachedDispatchArgs {
   LLShape shape;
   const void* x = nullptr;              // [T, H]
-  LLDtype dtype = LLDtype::kBF16;
+  ElemType dtype = ElemType::kBF16;
   const int32_t* topk_idx = nullptr;    // [T, K]
   const int32_t* slot = nullptr;        // [T, K] (from ll_dispatch)
   const float* scale = nullptr;         // [T, K] or nullptr (= 1)

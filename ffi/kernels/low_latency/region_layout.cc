@@ -20,17 +20,6 @@ bool ValidComm(const LLComm& c) {
 
 // ------------------------------------------------------------ public host API
 
-int LLDtypeBytes(LLDtype dtype) {
-  switch (dtype) {
-    case LLDtype::kBF16:
-    case LLDtype::kF16:
-      return 2;
-    case LLDtype::kF32:
-      return 4;
-  }
-  return 0;
-}
-
 int64_t LLDispatchRowStride(int64_t hidden, int64_t x_itemsize, bool use_fp8) {
   const int64_t payload = use_fp8 ? hidden + 4 * (hidden / kLLFp8Block) : hidden * x_itemsize;
   return RoundUp(payload, 16);
