@@ -19,6 +19,7 @@ collectives cannot run between processes sharing one GPU).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -126,11 +127,14 @@ def chained(op, calls, through):
     return run
 
 
-def worker(iters="200", with_reference="0", profile="0", chain="1"):
+def worker(iters="200", with_reference="0", profile="0", chain="1", options="{}"):
     """One rank's process: its timings (and the reference's, when asked);
-    rank 0 also returns the kernel profile text when `profile` is "1"."""
+    rank 0 also returns the kernel profile text when `profile` is "1".
+    `options`: JSON of jax_ep.Options fields to set (the rest from the environment)."""
     import contextlib
+    import dataclasses
     import io
+    import json
 
     import jax
 
@@ -146,7 +150,9 @@ def worker(iters="200", with_reference="0", profile="0", chain="1"):
                                        kernel_time=alone)
         jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
                           max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
-                          dtype="bfloat16", low_latency=True)
+                          dtype="bfloat16", low_latency=True,
+                          options=dataclasses.replace(jax_ep.Options.from_env(),
+                                                      **json.loads(options)))
         out["cuda"] = measure("cuda", int(iters), profile=profile, kernel_time=alone,
                               with_chain=chain == "1")
         jax_ep.shutdown()
@@ -165,8 +171,26 @@ def main(argv=None):
                    help="seconds before the workers are stopped (their output tails are shown)")
     p.add_argument("--profile", action="store_true",
                    help="also print rank 0's GPU kernels per op and their times")
+    p.add_argument("--no-stream", action="store_true",
+                   help="Options(streamed_combine=False): the plain fused combine")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="Options(dependent_launch=False): plain kernel launches")
+    p.add_argument("--system-scope", action="store_true",
+                   help="Options(system_scope=True): system-scope flags and fences")
+    p.add_argument("--force-put", action="store_true",
+                   help="Options(force_put=True): every row by NVSHMEM puts")
     args = p.parse_args(argv)
     from jax_ep.testing import launch, mps_daemon
+
+    options = {}  # only what the flags change; the rest comes from Options.from_env()
+    if args.no_stream:
+        options["streamed_combine"] = False
+    if args.no_pdl:
+        options["dependent_launch"] = False
+    if args.system_scope:
+        options["system_scope"] = True
+    if args.force_put:
+        options["force_put"] = True
 
     here = os.path.dirname(os.path.abspath(__file__))
     with mps_daemon():
@@ -175,7 +199,10 @@ def main(argv=None):
                          timeout=args.timeout,
                          env={"PYTHONPATH": here},
                          args=(str(args.iters), "1" if args.ranks == 1 else "0",
-                               "1" if args.profile else "0", "0" if args.no_chain else "1"))
+                               "1" if args.profile else "0", "0" if args.no_chain else "1",
+                               json.dumps(options)))
+    if options:
+        print("options:", options)
     print(results[0].result["profile"], end="")
     print(f"wall: µs per jitted call (host dispatch included); chained: µs per call in a "
           f"program of {CHAIN} dependent calls (no host work between calls); GPU: kernel time per call from "

@@ -1,8 +1,8 @@
 """Where the time of a low-latency op goes: a phase trace of the kernels.
 
 Runs the benchmark's setting (bench_low_latency.py) as N processes sharing
-GPU 0 with JAX_EP_LL_TRACE set: every block of the dispatch / combine kernels
-stamps %globaltimer at each phase (ffi/kernels/low_latency.h, LLTraceEvent),
+GPU 0 with jax_ep.Options(phase_trace=...): every block of the dispatch / combine kernels
+stamps %globaltimer at each phase (ffi/kernels/low_latency/, LLTraceEvent),
 the trace is written at shutdown, and this script prints, per op kind, the
 median over the traced chained calls of each phase's time (µs) after the
 op's first kernel start on any PE; "min-max" spans the PEs (for per-block
@@ -44,8 +44,8 @@ CALLS = 20  # calls per chained program
 REPEATS = 3
 
 
-def worker():
-    """One rank: chained FP8 dispatches, then chained combines, traced."""
+def worker(trace, blocks="0"):
+    """One rank: chained FP8 dispatches, then chained combines, traced to <trace>.pe<rank>."""
     import jax
 
     import jax_ep
@@ -61,7 +61,7 @@ def worker():
     n = jax.device_count()
     jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=M, hidden=H,
                       top_k=K, num_experts=E, dtype="bfloat16", low_latency=True,
-                      num_blocks=int(os.environ.get("LL_PHASES_BLOCKS", "0")))
+                      num_blocks=int(blocks), options=jax_ep.Options(phase_trace=trace))
     xs, idxs, ws = oracle.make_inputs(0, n, M, H, E, K, dtype=ml_dtypes.bfloat16)
     put = putter(mesh)
     x, idx, w = put(xs), put(idxs), put(ws)
@@ -77,7 +77,7 @@ def worker():
         f = smap(chained(op, CALLS, through))
         for _ in range(REPEATS):
             jax.block_until_ready(f(*args, never))
-    jax_ep.shutdown()  # writes <JAX_EP_LL_TRACE>.pe<rank>
+    jax_ep.shutdown()  # writes <trace>.pe<rank>
     return jax.process_index()
 
 
@@ -154,8 +154,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp, mps_daemon():
         base = os.path.join(tmp, "trace")
         launch("ll_phases:worker", args.ranks, platform="gpu", timeout=args.timeout,
-               env={"PYTHONPATH": here, "JAX_EP_LL_TRACE": base,
-                    "LL_PHASES_BLOCKS": str(args.blocks)})
+               env={"PYTHONPATH": here}, args=(base, str(args.blocks)))
         traces = [load(f"{base}.pe{r}") for r in range(args.ranks)]
     for name, table in phases(traces).items():
         print(f"\n{name}, {args.ranks} PEs: µs after the op's first kernel start "

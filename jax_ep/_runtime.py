@@ -56,8 +56,8 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
         max_tokens_per_rank tokens of `hidden` x `dtype`, `num_experts`
         experts and `top_k` (one process per GPU, EP over the whole mesh).
       options: a `jax_ep.Options` with the kernels' switches; None =
-        `Options.from_env()` (the defaults, with the JAX_EP_LL_* environment
-        variables applied).
+        `Options.from_env()` (the defaults, with their environment variables
+        applied).
     """
     global _state
     if mesh is not None and (axis_name is None or axis_name not in mesh.axis_names):

@@ -86,13 +86,3 @@ def test_import_registers_nothing():
         "    assert 'jax_ep_get_dispatch_layout' in f._registered_targets\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_buffer_size_covers_dispatch_and_combine():
-    import jax_ep
-
-    r, m, h, k = 8, 4096, 7168, 8
-    size = jax_ep.buffer_size(r, m, h, top_k=k, dtype="bfloat16")
-    assert size >= r * m * (h * 2 + 8 * k)  # dispatch of bf16 rows + ids + weights
-    assert size >= r * m * h * 2  # combine of bf16 rows
-    assert jax_ep.buffer_size(r, m, h, top_k=k, dtype="float32") > size
