@@ -4,7 +4,6 @@
 #include <string>
 #include <vector>
 
-#include <cuda_runtime.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -31,7 +30,7 @@ nb::dict Registrations() {
   });
 }
 
-// ---- Intranode communicator runtime (ffi/runtime/intranode_runtime.h). Called at
+// ---- Intranode runtime (ffi/runtime/intranode_runtime.h). Called at
 // initialize only; CUDA work runs with the GIL released.
 
 // peers[r] = ("self", 0) | ("local", pointer: int) | ("ipc", handle: bytes).
@@ -130,8 +129,6 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def("registrations", &Registrations,
         "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
   m.def("cuda_archs", &CudaArchs, "CUDA architectures the kernels were compiled for.");
-  m.def("cudart_version", [] { return CUDART_VERSION; },
-        "CUDA runtime version compiled in (statically linked), e.g. 13000.");
 
   // Intranode communicator runtime.
   m.def(
@@ -155,8 +152,6 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def("comm_set_options", &jax_ep::CommSetOptions, nb::arg("timeout_s"), nb::arg("num_blocks"),
         "Spin-wait timeout in seconds and thread blocks per data kernel (0 = automatic: "
         "2 x SMs / ranks sharing the GPU, at least 8). Read at every op launch.");
-  m.def("comm_data_bytes", &jax_ep::CommDataBytes, nb::arg("device_ordinal"),
-        "Size of the device's data area in bytes.");
   m.def("comm_info", &CommInfoDict, nb::arg("device_ordinal"),
         "Dict describing the device's communicator (rank, num_ranks, group, connected, "
         "data_bytes, signal_bytes, num_sms, ranks_on_device, num_blocks, timeout_s).");
@@ -170,8 +165,6 @@ NB_MODULE(_jax_ep_cuda, m) {
       "buffers. Safe to call twice.");
   m.def("last_error", &jax_ep::LastError,
         "The first timeout message of this process (str), or None.");
-  m.def("intranode_signal_bytes", [] { return jax_ep::kIntranodeSignalBytes; },
-        "Bytes of the signal area in front of every data area.");
   m.def("intranode_max_ranks", [] { return jax_ep::kIntranodeMaxRanks; },
         "Largest EP group the intranode kernels support.");
   m.def("intranode_dispatch_bytes", &DispatchDataBytes, nb::arg("capacity"), nb::arg("row_bytes"),

@@ -5,6 +5,8 @@
 //
 // Collective calls (nvshmem_init, nvshmem_ll_alloc, nvshmem_finalize) must be
 // made by every PE, in the same order, outside jit; they release the GIL.
+// Every switch reaches C++ as an argument here (no environment variables
+// are read).
 #include <string>
 
 #include <nanobind/nanobind.h>
@@ -17,6 +19,7 @@
 #include "ffi/handlers/low_latency_handlers.h"
 #include "ffi/kernels/low_latency/low_latency.h"
 #include "ffi/runtime/low_latency_runtime.h"
+#include "ffi/runtime/nvshmem_bootstrap.h"
 
 namespace nb = nanobind;
 
@@ -71,6 +74,8 @@ nb::dict InfoDict(const jax_ep::LLInfo& info) {
   d["gpu_scope"] = info.gpu_scope;
   d["pdl"] = info.pdl;
   d["stream_combine"] = info.stream_combine;
+  d["system_scope"] = info.system_scope;
+  d["phase_trace"] = info.phase_trace;
   d["timeout_s"] = info.timeout_s;
   d["layout"] = info.allocated ? nb::object(LayoutDict(info.layout)) : nb::none();
   return d;
@@ -90,16 +95,6 @@ NB_MODULE(_jax_ep_nvshmem, m) {
       },
       "NVSHMEM version the module was built against (major, minor, patch); the run-time "
       "libnvshmem_host.so.3 must not be older in its minor version.");
-  m.def(
-      "nvshmem_set_env_defaults",
-      [](bool single_host, size_t heap_bytes) {
-        jax_ep::NvshmemSetEnvDefaults(single_host, heap_bytes);
-      },
-      nb::arg("single_host"), nb::arg("heap_bytes") = 0,
-      "Set NVSHMEM environment defaults (only variables that are unset): "
-      "NVSHMEM_DISABLE_NVLS=1; with single_host also NVSHMEM_REMOTE_TRANSPORT=none, "
-      "NVSHMEM_DISABLE_NCCL=1, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo; heap_bytes > 0 sets "
-      "NVSHMEM_SYMMETRIC_SIZE.");
   m.def(
       "nvshmem_get_unique_id",
       [](bool single_host) {
@@ -145,25 +140,35 @@ NB_MODULE(_jax_ep_nvshmem, m) {
   m.def(
       "nvshmem_ll_alloc",
       [](int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k, int64_t itemsize,
-         bool send_buffer) {
+         bool send_buffer, bool system_scope, bool dependent_launch, bool streamed_combine,
+         const std::string& phase_trace) {
+        const jax_ep::LLAllocOptions options{system_scope, dependent_launch, streamed_combine,
+                                             phase_trace};
         jax_ep::LLInfo info;
         {
           nb::gil_scoped_release release;
-          info = jax_ep::LLAlloc(max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
+          info = jax_ep::LLAlloc(max_tokens, hidden, num_experts, top_k, itemsize, send_buffer,
+                                 options);
         }
         return InfoDict(info);
       },
       nb::arg("max_tokens_per_rank"), nb::arg("hidden"), nb::arg("num_experts"),
       nb::arg("top_k"), nb::arg("itemsize") = 2, nb::arg("send_buffer") = false,
+      nb::arg("system_scope") = false, nb::arg("dependent_launch") = true,
+      nb::arg("streamed_combine") = true, nb::arg("phase_trace") = "",
       "Collective: allocate and zero the symmetric low-latency region (double-buffered) for "
       "these maxima; itemsize = bytes per element of x / y (2: bf16/f16, 4: f32); send_buffer: "
-      "staging rows for NVSHMEM puts (needed across nodes and for force_put). Returns "
-      "nvshmem_ll_info().");
+      "staging rows for NVSHMEM puts (needed across nodes and for force_put). Fixed until "
+      "nvshmem_finalize: system_scope (system-scope flags and fences even when every PE is on "
+      "this GPU), dependent_launch (programmatic dependent launch of the kernels), "
+      "streamed_combine (False: always the plain fused combine), phase_trace (path prefix of "
+      "the phase trace, written to <phase_trace>.pe<rank> at nvshmem_finalize; '' = off). "
+      "Returns nvshmem_ll_info().");
   m.def("nvshmem_ll_set_options", &jax_ep::LLSetOptions, nb::arg("timeout_s"),
         nb::arg("num_blocks") = 0, nb::arg("force_put") = -1, nb::arg("ranks_on_device") = -1,
         "Spin-wait timeout (s), thread blocks per kernel (0 = SMs / PEs sharing the GPU), "
         "force_put (1: move every row with NVSHMEM puts even to mapped peers, 0: off, -1: keep; "
-        "the default comes from JAX_EP_LL_FORCE_PUT) and ranks_on_device (PEs sharing this GPU, "
+        "initially off) and ranks_on_device (PEs sharing this GPU, "
         "for the automatic grid size; 0: NVSHMEM's same-GPU team, -1: keep). Read at every op "
         "launch.");
   m.def(
@@ -175,11 +180,13 @@ NB_MODULE(_jax_ep_nvshmem, m) {
       nb::arg("device_ordinal"), "cudaDeviceGetPCIBusId of the device, e.g. '0000:1B:00.0'.");
   m.def("nvshmem_ll_info", [] { return InfoDict(jax_ep::LLGetInfo()); },
         "Dict: initialized, allocated, device, rank, num_ranks, num_sms, ranks_on_device, "
-        "num_blocks, unmapped_peers, force_put, gpu_scope, pdl, stream_combine, timeout_s, layout.");
+        "num_blocks, unmapped_peers, force_put, gpu_scope, pdl, stream_combine (effective values), "
+        "system_scope, phase_trace (as given to nvshmem_ll_alloc), timeout_s, layout.");
   m.def(
       "nvshmem_finalize",
       [] {
         nb::gil_scoped_release release;
+        jax_ep::LLFree();
         jax_ep::NvshmemFinalize();
       },
       "Collective: free the region and nvshmem_finalize. Safe to call twice / without init.");

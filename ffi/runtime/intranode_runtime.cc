@@ -220,11 +220,12 @@ uintptr_t CommLocalPointer(int device) {
   return reinterpret_cast<uintptr_t>(FindOrThrow(device, "comm_local_pointer")->buffer);
 }
 
-void CommConnect(int device, int rank, int num_ranks, int group,
-                 const std::vector<PeerSpec>& peers) {
-  auto ctx = FindOrThrow(device, "comm_connect");
-  const std::string where = "jax_ep: comm_connect(device " + std::to_string(device) + "): ";
-  if (ctx->connected) throw std::runtime_error(where + "already connected");
+namespace {
+
+// The rank geometry and the peer list of comm_connect; throws.
+void CheckConnectArgs(const std::string& where, const CommContext& ctx, int rank, int num_ranks,
+                      const std::vector<PeerSpec>& peers) {
+  if (ctx.connected) throw std::runtime_error(where + "already connected");
   if (num_ranks < 1 || num_ranks > kIntranodeMaxRanks) {
     throw std::runtime_error(where + "num_ranks must be in [1, " +
                              std::to_string(kIntranodeMaxRanks) + "], got " +
@@ -244,91 +245,134 @@ void CommConnect(int device, int rank, int num_ranks, int group,
                                (r == rank ? "'self' (it is this rank)" : "'local' or 'ipc'"));
     }
   }
+}
+
+// The CUDA device that owns peer r's buffer at ptr (device memory only).
+int DeviceOfPeer(const std::string& where, int device, const void* ptr, int r) {
+  cudaPointerAttributes attr{};
+  CudaCheck(cudaPointerGetAttributes(&attr, ptr), device,
+            "cudaPointerGetAttributes of peer " + std::to_string(r) + "'s buffer");
+  if (attr.type != cudaMemoryTypeDevice) {
+    throw std::runtime_error(where + "peer " + std::to_string(r) +
+                             "'s pointer is not device memory");
+  }
+  return attr.device;
+}
+
+// Lets `device` access `peer_device` (already enabled is fine).
+void EnablePeerAccess(const std::string& where, int device, int peer_device) {
+  int can_access = 0;
+  CudaCheck(cudaDeviceCanAccessPeer(&can_access, device, peer_device), device,
+            "cudaDeviceCanAccessPeer");
+  if (!can_access) {
+    throw std::runtime_error(where + "CUDA device " + std::to_string(device) +
+                             " cannot access peer device " + std::to_string(peer_device) +
+                             " (no NVLink / PCIe peer-to-peer path)");
+  }
+  const cudaError_t err = cudaDeviceEnablePeerAccess(peer_device, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();
+  } else {
+    CudaCheck(err, device, "cudaDeviceEnablePeerAccess(" + std::to_string(peer_device) + ")");
+  }
+}
+
+// Peer r's comm buffer from another process: cudaIpcOpenMemHandle.
+uint8_t* OpenIpcPeer(const std::string& where, int device, const PeerSpec& spec, int r) {
+  cudaIpcMemHandle_t handle;
+  if (spec.ipc_handle.size() != sizeof(handle)) {
+    throw std::runtime_error(where + "peer " + std::to_string(r) + "'s IPC handle has " +
+                             std::to_string(spec.ipc_handle.size()) + " bytes, expected " +
+                             std::to_string(sizeof(handle)));
+  }
+  std::memcpy(&handle, spec.ipc_handle.data(), sizeof(handle));
+  void* ptr = nullptr;
+  CudaCheck(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), device,
+            "cudaIpcOpenMemHandle of rank " + std::to_string(r) + "'s comm buffer");
+  return static_cast<uint8_t*>(ptr);
+}
+
+// The comm buffer of every rank as this device reaches it.
+struct MappedPeers {
+  std::vector<uint8_t*> bases;
+  std::vector<bool> is_ipc;  // opened with cudaIpcOpenMemHandle: close at teardown
+  int on_device = 0;         // ranks (self included) whose buffers live on this GPU
+};
+
+// Fills *mapped entry by entry, so that on a throw the caller closes what was
+// opened.
+void MapPeers(const std::string& where, const CommContext& ctx,
+              const std::vector<PeerSpec>& peers, MappedPeers* mapped) {
+  const int device = ctx.device;
+  for (size_t r = 0; r < peers.size(); ++r) {
+    const PeerSpec& spec = peers[r];
+    const int rank = static_cast<int>(r);
+    if (spec.kind == PeerSpec::Kind::kSelf) {
+      mapped->bases[r] = ctx.buffer;
+      ++mapped->on_device;
+    } else if (spec.kind == PeerSpec::Kind::kLocal) {
+      auto* ptr = reinterpret_cast<uint8_t*>(spec.pointer);
+      if (ptr == nullptr) throw std::runtime_error(where + "peer " + std::to_string(r) + " is null");
+      const int peer_device = DeviceOfPeer(where, device, ptr, rank);
+      if (peer_device == device) {
+        ++mapped->on_device;
+      } else {
+        EnablePeerAccess(where, device, peer_device);
+      }
+      mapped->bases[r] = ptr;
+    } else {
+      mapped->bases[r] = OpenIpcPeer(where, device, spec, rank);
+      mapped->is_ipc[r] = true;
+      if (DeviceOfPeer(where, device, mapped->bases[r], rank) == device) ++mapped->on_device;
+    }
+  }
+}
+
+// The device copy of the peer-pointer table.
+uint8_t** CopyPeerTable(int device, const std::vector<uint8_t*>& bases) {
+  uint8_t** table = nullptr;
+  const size_t bytes = bases.size() * sizeof(uint8_t*);
+  CudaCheck(cudaMalloc(reinterpret_cast<void**>(&table), bytes), device,
+            "cudaMalloc of the peer table");
+  const cudaError_t err = cudaMemcpy(table, bases.data(), bytes, cudaMemcpyHostToDevice);
+  if (err != cudaSuccess) {
+    cudaFree(table);
+    CudaFail(device, "copying the peer table", err);
+  }
+  return table;
+}
+
+}  // namespace
+
+void CommConnect(int device, int rank, int num_ranks, int group,
+                 const std::vector<PeerSpec>& peers) {
+  auto ctx = FindOrThrow(device, "comm_connect");
+  const std::string where = "jax_ep: comm_connect(device " + std::to_string(device) + "): ";
+  CheckConnectArgs(where, *ctx, rank, num_ranks, peers);
 
   DeviceGuard guard(device);
-  std::vector<uint8_t*> bases(num_ranks, nullptr);
-  std::vector<bool> is_ipc(num_ranks, false);
+  MappedPeers mapped{std::vector<uint8_t*>(num_ranks, nullptr), std::vector<bool>(num_ranks, false)};
   uint8_t** table = nullptr;
-  int on_device = 0;
-  auto device_of = [&](const void* ptr, int r) {
-    cudaPointerAttributes attr{};
-    CudaCheck(cudaPointerGetAttributes(&attr, ptr), device,
-              "cudaPointerGetAttributes of peer " + std::to_string(r) + "'s buffer");
-    if (attr.type != cudaMemoryTypeDevice) {
-      throw std::runtime_error(where + "peer " + std::to_string(r) +
-                               "'s pointer is not device memory");
-    }
-    return attr.device;
-  };
   try {
-    for (int r = 0; r < num_ranks; ++r) {
-      const PeerSpec& spec = peers[r];
-      if (spec.kind == PeerSpec::Kind::kSelf) {
-        bases[r] = ctx->buffer;
-        ++on_device;
-      } else if (spec.kind == PeerSpec::Kind::kLocal) {
-        auto* ptr = reinterpret_cast<uint8_t*>(spec.pointer);
-        if (ptr == nullptr) throw std::runtime_error(where + "peer " + std::to_string(r) + " is null");
-        const int peer_device = device_of(ptr, r);
-        if (peer_device == device) {
-          ++on_device;
-        } else {
-          int can_access = 0;
-          CudaCheck(cudaDeviceCanAccessPeer(&can_access, device, peer_device), device,
-                    "cudaDeviceCanAccessPeer");
-          if (!can_access) {
-            throw std::runtime_error(where + "CUDA device " + std::to_string(device) +
-                                     " cannot access peer device " + std::to_string(peer_device) +
-                                     " (no NVLink / PCIe peer-to-peer path)");
-          }
-          const cudaError_t err = cudaDeviceEnablePeerAccess(peer_device, 0);
-          if (err == cudaErrorPeerAccessAlreadyEnabled) {
-            cudaGetLastError();
-          } else {
-            CudaCheck(err, device,
-                      "cudaDeviceEnablePeerAccess(" + std::to_string(peer_device) + ")");
-          }
-        }
-        bases[r] = ptr;
-      } else {
-        cudaIpcMemHandle_t handle;
-        if (spec.ipc_handle.size() != sizeof(handle)) {
-          throw std::runtime_error(where + "peer " + std::to_string(r) + "'s IPC handle has " +
-                                   std::to_string(spec.ipc_handle.size()) + " bytes, expected " +
-                                   std::to_string(sizeof(handle)));
-        }
-        std::memcpy(&handle, spec.ipc_handle.data(), sizeof(handle));
-        void* ptr = nullptr;
-        CudaCheck(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess), device,
-                  "cudaIpcOpenMemHandle of rank " + std::to_string(r) + "'s comm buffer");
-        bases[r] = static_cast<uint8_t*>(ptr);
-        is_ipc[r] = true;
-        if (device_of(ptr, r) == device) ++on_device;
-      }
-    }
-    CudaCheck(cudaMalloc(reinterpret_cast<void**>(&table), num_ranks * sizeof(uint8_t*)), device,
-              "cudaMalloc of the peer table");
-    CudaCheck(cudaMemcpy(table, bases.data(), num_ranks * sizeof(uint8_t*),
-                         cudaMemcpyHostToDevice),
-              device, "copying the peer table");
+    MapPeers(where, *ctx, peers, &mapped);
+    table = CopyPeerTable(device, mapped.bases);
   } catch (...) {
     for (int r = 0; r < num_ranks; ++r) {
-      if (is_ipc[r] && bases[r] != nullptr) cudaIpcCloseMemHandle(bases[r]);
+      if (mapped.is_ipc[r] && mapped.bases[r] != nullptr) cudaIpcCloseMemHandle(mapped.bases[r]);
     }
-    if (table != nullptr) cudaFree(table);
     cudaGetLastError();
     throw;
   }
 
   Registry& reg = Reg();
   std::lock_guard<std::mutex> lock(reg.mu);
-  ctx->peers = std::move(bases);
-  ctx->peer_is_ipc = std::move(is_ipc);
+  ctx->peers = std::move(mapped.bases);
+  ctx->peer_is_ipc = std::move(mapped.is_ipc);
   ctx->peers_device = table;
   ctx->rank = rank;
   ctx->num_ranks = num_ranks;
   ctx->group = group;
-  ctx->ranks_on_device = std::max(1, on_device);
+  ctx->ranks_on_device = std::max(1, mapped.on_device);
   ctx->connected = true;
 }
 
@@ -340,9 +384,6 @@ void CommSetOptions(double timeout_s, int num_blocks) {
 }
 
 double CommTimeoutSeconds() { return Reg().timeout_s.load(); }
-int CommNumBlocksOption() { return Reg().num_blocks.load(); }
-
-size_t CommDataBytes(int device) { return FindOrThrow(device, "comm_data_bytes")->data_bytes; }
 
 CommInfo CommGetInfo(int device) {
   auto ctx = FindOrThrow(device, "comm_info");

@@ -48,8 +48,6 @@ void CommConnect(int device, int rank, int num_ranks, int group, const std::vect
 // timeout_s > 0; num_blocks >= 0 (0 = automatic: 2 * SMs / ranks sharing the GPU).
 void CommSetOptions(double timeout_s, int num_blocks);
 double CommTimeoutSeconds();
-int CommNumBlocksOption();
-size_t CommDataBytes(int device);
 
 struct CommInfo {
   int device, rank, num_ranks, group, num_sms, ranks_on_device, num_blocks;

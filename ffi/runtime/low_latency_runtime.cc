@@ -1,20 +1,10 @@
-// NVSHMEM runtime of the low-latency ops (see low_latency_runtime.h and the
+// Low-latency runtime over NVSHMEM (see low_latency_runtime.h and the
 // protocol comment at the top of ffi/kernels/low_latency/device.cuh).
-//
-// Bootstrap: NVSHMEM's init code is `static inline` in its headers and calls
-// nvshmemi_init_thread from libnvshmem_device.a, which registers the device
-// state (nvshmemi_device_state_d) of the module it was device-linked into.
-// This file is linked into the same module as the kernels (target
-// jax_ep_ll_kernels), so initializing from here is what makes the kernels'
-// NVSHMEM calls work; initializing only through nvshmem4py would leave this
-// module's device state zeroed (GPU_HOST.md, fact 6). nvshmem4py is not
-// needed: the unique id comes from nvshmemx_get_uniqueid here too.
 #include "ffi/runtime/low_latency_runtime.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -24,6 +14,7 @@
 #include <nvshmem_host.h>
 
 #include "ffi/runtime/cuda_check.h"
+#include "ffi/runtime/nvshmem_bootstrap.h"
 #include "ffi/runtime/options.h"
 #include "ffi/runtime/watchdog.h"
 
@@ -35,9 +26,7 @@ struct LLContext {
   int num_ranks = 0;
   int num_sms = 0;
   int ranks_on_device = 1;
-  bool sys_scope_forced = false;  // JAX_EP_LL_SYS_SCOPE=1 at allocation
-  bool pdl = true;                // JAX_EP_LL_NO_PDL unset at allocation
-  bool stream_combine = true;     // JAX_EP_LL_NO_STREAM unset at allocation
+  LLAllocOptions options;
   uint8_t* region = nullptr;  // nvshmem_align
   LLLayout layout;
   std::vector<uint8_t*> peers;      // nvshmem_ptr(region, r) (nullptr: not mapped)
@@ -46,8 +35,7 @@ struct LLContext {
   uint8_t** put_table = nullptr;    // device array of nullptr: every peer by put (force_put)
   TimeoutRecord* record_host = nullptr;
   TimeoutRecord* record_device = nullptr;
-  uint64_t* trace = nullptr;        // phase trace (JAX_EP_LL_TRACE), device memory
-  std::string trace_path;           // written to <trace_path>.pe<rank> at finalize
+  uint64_t* trace = nullptr;        // phase trace (options.phase_trace), device memory
   bool reported = false;            // registry mutex
 };
 
@@ -59,14 +47,12 @@ void PollTimeouts();
 
 struct Registry {
   std::mutex mu;  // everything below but the atomics and the watchdog
-  bool initialized = false;
-  int device = -1, rank = -1, num_ranks = 0;
   std::shared_ptr<LLContext> ctx;
   TimeoutReports reports;
 
   std::atomic<double> timeout_s{kDefaultTimeoutSeconds};
   std::atomic<int> num_blocks{0};
-  std::atomic<int> force_put{-1};  // -1: from JAX_EP_LL_FORCE_PUT at alloc
+  std::atomic<bool> force_put{false};
   std::atomic<int> ranks_on_device{0};  // 0: NVSHMEM's same-GPU team size
 
   Watchdog watchdog{PollTimeouts};
@@ -75,13 +61,6 @@ struct Registry {
 Registry& Reg() {
   static Registry* registry = new Registry();  // never destroyed (watchdog thread)
   return *registry;
-}
-
-bool EnvTrue(const char* name) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return false;
-  const std::string s(v);
-  return !(s.empty() || s == "0" || s == "false" || s == "False" || s == "FALSE" || s == "no");
 }
 
 const char* OpName(int32_t op) {
@@ -178,12 +157,10 @@ void FreeLocalParts(LLContext& ctx) {
 constexpr size_t kTraceBytes =
     static_cast<size_t>(kLLTraceOps) * kLLTraceBlocks * kLLTraceEvents * sizeof(uint64_t);
 
-// Diagnostics: with JAX_EP_LL_TRACE=<path>, the kernels stamp their phases
+// Diagnostics: with a phase_trace path, the kernels stamp their phases
 // (low_latency.h) into a zeroed device buffer.
 void AllocTrace(LLContext* ctx) {
-  const char* path = std::getenv("JAX_EP_LL_TRACE");
-  if (path == nullptr || *path == 0) return;
-  ctx->trace_path = path;
+  if (ctx->options.phase_trace.empty()) return;
   CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->trace), kTraceBytes), ctx->device,
             "cudaMalloc of the phase trace");
   CudaCheck(cudaMemset(ctx->trace, 0, kTraceBytes), ctx->device, "zeroing the phase trace");
@@ -199,7 +176,7 @@ void WriteTrace(const LLContext& ctx) {
     std::fprintf(stderr, "jax_ep: could not copy the low-latency phase trace\n");
     return;
   }
-  const std::string file = ctx.trace_path + ".pe" + std::to_string(ctx.rank);
+  const std::string file = ctx.options.phase_trace + ".pe" + std::to_string(ctx.rank);
   std::FILE* f = std::fopen(file.c_str(), "wb");
   if (f == nullptr || std::fwrite(host.data(), 1, kTraceBytes, f) != kTraceBytes) {
     std::fprintf(stderr, "jax_ep: could not write the low-latency phase trace %s\n", file.c_str());
@@ -218,110 +195,26 @@ int EffectiveNumBlocks(const LLContext& ctx, int option, int ranks_on_device_opt
   return std::max(1, std::max(1, ctx.num_sms) / EffectiveRanksOnDevice(ctx, ranks_on_device_option));
 }
 
-bool EffectiveForcePut(int option) {
-  return option < 0 ? EnvTrue("JAX_EP_LL_FORCE_PUT") : option != 0;
-}
-
 // Some rows go by NVSHMEM put: forced, or peers nvshmem_ptr cannot map.
 bool AnyPut(const LLContext& ctx, bool force_put) { return force_put || ctx.unmapped_peers > 0; }
 
 // Every PE on this GPU (processes sharing it) and none reached by put:
 // GPU-scope flags and fences order all the kernels exchange, and cost less
 // than system scope under load (8 PEs on one H200: 3-4 us per op).
-// JAX_EP_LL_SYS_SCOPE=1 keeps system scope (what peers on other GPUs need).
+// The system_scope option keeps system scope (what peers on other GPUs need).
 bool EffectiveGpuScope(const LLContext& ctx, int ranks_on_device_option, bool any_put) {
-  return !any_put && !ctx.sys_scope_forced &&
+  return !any_put && !ctx.options.system_scope &&
          EffectiveRanksOnDevice(ctx, ranks_on_device_option) >= ctx.num_ranks;
 }
 
 // The streamed fused combine: several PEs, all at GPU scope (across GPUs its
 // per-row system-scope fence made it slower: combine_streamed.cu),
-// unless JAX_EP_LL_NO_STREAM=1.
+// unless the streamed_combine option is off.
 bool EffectiveStreamCombine(const LLContext& ctx, bool gpu_scope) {
-  return ctx.stream_combine && ctx.num_ranks > 1 && gpu_scope;
+  return ctx.options.streamed_combine && ctx.num_ranks > 1 && gpu_scope;
 }
 
 }  // namespace
-
-void NvshmemSetEnvDefaults(bool single_host, size_t heap_bytes) {
-  setenv("NVSHMEM_DISABLE_NVLS", "1", 0);
-  if (single_host) {
-    setenv("NVSHMEM_REMOTE_TRANSPORT", "none", 0);
-    setenv("NVSHMEM_DISABLE_NCCL", "1", 0);
-    setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo", 0);
-  }
-  if (heap_bytes > 0) setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap_bytes).c_str(), 0);
-}
-
-std::string NvshmemGetUniqueId(bool single_host) {
-  NvshmemSetEnvDefaults(single_host, 0);
-  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
-  const int status = nvshmemx_get_uniqueid(&id);
-  if (status != 0) {
-    throw std::runtime_error("jax_ep: nvshmemx_get_uniqueid failed with status " +
-                             std::to_string(status));
-  }
-  return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
-}
-
-void NvshmemInit(const std::string& unique_id, int rank, int nranks, int device, bool single_host,
-                 size_t heap_bytes) {
-  Registry& reg = Reg();
-  const std::string where = "jax_ep: nvshmem_init: ";
-  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
-  if (unique_id.size() != sizeof(id)) {
-    throw std::runtime_error(where + "the unique id has " + std::to_string(unique_id.size()) +
-                             " bytes, expected " + std::to_string(sizeof(id)));
-  }
-  if (nranks < 1 || nranks > kLLMaxRanks || rank < 0 || rank >= nranks) {
-    throw std::runtime_error(where + "rank " + std::to_string(rank) + " / nranks " +
-                             std::to_string(nranks) + " out of range (1 <= nranks <= " +
-                             std::to_string(kLLMaxRanks) + ")");
-  }
-  if (device < 0) throw std::runtime_error(where + "device ordinal must be >= 0");
-  std::lock_guard<std::mutex> lock(reg.mu);
-  if (reg.initialized) {
-    if (reg.rank == rank && reg.num_ranks == nranks && reg.device == device) return;
-    throw std::runtime_error(where + "already initialized as PE " + std::to_string(reg.rank) +
-                             " of " + std::to_string(reg.num_ranks) + " on CUDA device " +
-                             std::to_string(reg.device) + "; call nvshmem_finalize first");
-  }
-  std::memcpy(&id, unique_id.data(), sizeof(id));
-  NvshmemSetEnvDefaults(single_host, heap_bytes);
-  // NVSHMEM binds to the current device; leave it current for this thread.
-  CudaCheck(cudaSetDevice(device), device, "cudaSetDevice");
-  CudaCheck(cudaFree(nullptr), device, "creating the CUDA context");
-  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
-  int status = nvshmemx_set_attr_uniqueid_args(rank, nranks, &id, &attr);
-  if (status != 0) {
-    throw std::runtime_error(where + "nvshmemx_set_attr_uniqueid_args failed with status " +
-                             std::to_string(status));
-  }
-  // Exits the process on failure (NVSHMEM's NONZERO_EXIT); its log says why.
-  status = nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
-  if (status != 0) {
-    throw std::runtime_error(where + "nvshmemx_init_attr failed with status " +
-                             std::to_string(status));
-  }
-  const int my_pe = nvshmem_my_pe();
-  const int n_pes = nvshmem_n_pes();
-  if (my_pe != rank || n_pes != nranks) {
-    throw std::runtime_error(where + "NVSHMEM reports PE " + std::to_string(my_pe) + " of " +
-                             std::to_string(n_pes) + " but rank " + std::to_string(rank) +
-                             " of " + std::to_string(nranks) +
-                             " was requested (was NVSHMEM already initialized differently?)");
-  }
-  reg.initialized = true;
-  reg.device = device;
-  reg.rank = rank;
-  reg.num_ranks = nranks;
-}
-
-bool NvshmemInitialized() {
-  Registry& reg = Reg();
-  std::lock_guard<std::mutex> lock(reg.mu);
-  return reg.initialized;
-}
 
 size_t LLRegionBytes(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts,
                      int64_t top_k, int64_t itemsize, bool send_buffer) {
@@ -331,14 +224,16 @@ size_t LLRegionBytes(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t 
 
 namespace {
 
-LLInfo InfoLocked(const Registry& reg) {
+LLInfo InfoLocked(const Registry& reg, const std::optional<NvshmemPe>& pe) {
   LLInfo info;
-  info.initialized = reg.initialized;
-  info.device = reg.device;
-  info.rank = reg.rank;
-  info.num_ranks = reg.num_ranks;
+  if (pe) {
+    info.initialized = true;
+    info.device = pe->device;
+    info.rank = pe->rank;
+    info.num_ranks = pe->num_ranks;
+  }
   info.timeout_s = reg.timeout_s.load();
-  info.force_put = EffectiveForcePut(reg.force_put.load());
+  info.force_put = reg.force_put.load();
   if (reg.ctx) {
     const LLContext& ctx = *reg.ctx;
     info.allocated = true;
@@ -348,28 +243,18 @@ LLInfo InfoLocked(const Registry& reg) {
     info.unmapped_peers = ctx.unmapped_peers;
     info.gpu_scope =
         EffectiveGpuScope(ctx, reg.ranks_on_device.load(), AnyPut(ctx, info.force_put));
-    info.pdl = ctx.pdl;
+    info.pdl = ctx.options.dependent_launch;
     info.stream_combine = EffectiveStreamCombine(ctx, info.gpu_scope);
+    info.system_scope = ctx.options.system_scope;
+    info.phase_trace = ctx.options.phase_trace;
     info.layout = ctx.layout;
   }
   return info;
 }
 
-}  // namespace
-
-LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
-               int64_t itemsize, bool send_buffer) {
-  Registry& reg = Reg();
-  const std::string where = "jax_ep: nvshmem_ll_alloc: ";
-  int device = -1, rank = -1, nranks = 0;
-  {
-    std::lock_guard<std::mutex> lock(reg.mu);
-    if (!reg.initialized) throw std::runtime_error(where + "call nvshmem_init first");
-    if (reg.ctx) throw std::runtime_error(where + "already allocated (call nvshmem_finalize first)");
-    device = reg.device;
-    rank = reg.rank;
-    nranks = reg.num_ranks;
-  }
+// The allocation maxima nvshmem_ll_alloc accepts for `nranks` PEs; throws.
+void CheckAllocMaxima(const std::string& where, int nranks, int64_t max_tokens, int64_t hidden,
+                      int64_t num_experts, int64_t top_k, int64_t itemsize) {
   if (max_tokens < 1 || max_tokens > kLLMaxTokens) {
     throw std::runtime_error(where + "max_tokens_per_rank must be in [1, " +
                              std::to_string(kLLMaxTokens) + "], got " + std::to_string(max_tokens));
@@ -391,50 +276,78 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
     throw std::runtime_error(where + "itemsize must be 2 (bf16/f16) or 4 (f32), got " +
                              std::to_string(itemsize));
   }
+}
 
-  auto ctx = std::make_shared<LLContext>();
-  ctx->device = device;
-  ctx->rank = rank;
-  ctx->num_ranks = nranks;
-  // Read once here, not at every op launch (the launches are on the host's hot path).
-  ctx->sys_scope_forced = EnvTrue("JAX_EP_LL_SYS_SCOPE");
-  ctx->pdl = !EnvTrue("JAX_EP_LL_NO_PDL");
-  ctx->stream_combine = !EnvTrue("JAX_EP_LL_NO_STREAM");
-  ctx->layout = MakeLLLayout(nranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
-  DeviceGuard guard(device);
-  CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
-            "cudaDeviceGetAttribute(multiProcessorCount)");
-
-  // Collective: same size on every PE.
-  void* region = nvshmem_align(256, ctx->layout.total_bytes);
+// Collective: the same size on every PE. Throws naming the size on failure.
+uint8_t* AllocRegion(const std::string& where, size_t bytes) {
+  void* region = nvshmem_align(256, bytes);
   if (region == nullptr) {
     char size[64];
-    std::snprintf(size, sizeof(size), "%.3f GiB",
-                  static_cast<double>(ctx->layout.total_bytes) / (1 << 30));
+    std::snprintf(size, sizeof(size), "%.3f GiB", static_cast<double>(bytes) / (1 << 30));
     throw std::runtime_error(where + "nvshmem_align of the " + std::string(size) +
                              " low-latency region failed (raise NVSHMEM_SYMMETRIC_SIZE, or pass "
                              "heap_bytes to nvshmem_init)");
   }
-  ctx->region = static_cast<uint8_t*>(region);
+  return static_cast<uint8_t*>(region);
+}
+
+// nvshmem_ptr of the region on every PE (nullptr: reached by puts; my own
+// is always the region) and the PEs sharing this GPU by NVSHMEM's team.
+void MapPeers(LLContext* ctx) {
+  ctx->peers.assign(ctx->num_ranks, nullptr);
+  for (int r = 0; r < ctx->num_ranks; ++r) {
+    ctx->peers[r] = static_cast<uint8_t*>(nvshmem_ptr(ctx->region, r));
+    if (ctx->peers[r] == nullptr) ++ctx->unmapped_peers;
+  }
+  if (ctx->peers[ctx->rank] == nullptr) ctx->peers[ctx->rank] = ctx->region;
+  const int same_gpu = nvshmem_team_n_pes(static_cast<nvshmem_team_t>(kTeamSameGpu));
+  ctx->ranks_on_device = same_gpu >= 1 && same_gpu <= ctx->num_ranks ? same_gpu : 1;
+}
+
+// The device copies of the peer table and of the all-put table (force_put).
+void AllocPeerTables(LLContext* ctx) {
+  const int device = ctx->device;
+  const size_t table_bytes = static_cast<size_t>(ctx->num_ranks) * sizeof(uint8_t*);
+  CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->peer_table), table_bytes), device,
+            "cudaMalloc of the peer table");
+  CudaCheck(cudaMemcpy(ctx->peer_table, ctx->peers.data(), table_bytes, cudaMemcpyHostToDevice),
+            device, "copying the peer table");
+  CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->put_table), table_bytes), device,
+            "cudaMalloc of the put table");
+  CudaCheck(cudaMemset(ctx->put_table, 0, table_bytes), device, "zeroing the put table");
+}
+
+}  // namespace
+
+LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
+               int64_t itemsize, bool send_buffer, const LLAllocOptions& options) {
+  Registry& reg = Reg();
+  const std::string where = "jax_ep: nvshmem_ll_alloc: ";
+  const std::optional<NvshmemPe> pe = NvshmemCurrentPe();
+  if (!pe) throw std::runtime_error(where + "call nvshmem_init first");
+  {
+    std::lock_guard<std::mutex> lock(reg.mu);
+    if (reg.ctx) throw std::runtime_error(where + "already allocated (call nvshmem_finalize first)");
+  }
+  CheckAllocMaxima(where, pe->num_ranks, max_tokens, hidden, num_experts, top_k, itemsize);
+
+  auto ctx = std::make_shared<LLContext>();
+  ctx->device = pe->device;
+  ctx->rank = pe->rank;
+  ctx->num_ranks = pe->num_ranks;
+  ctx->options = options;
+  ctx->layout =
+      MakeLLLayout(pe->num_ranks, max_tokens, hidden, num_experts, top_k, itemsize, send_buffer);
+  const int device = ctx->device;
+  DeviceGuard guard(device);
+  CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
+            "cudaDeviceGetAttribute(multiProcessorCount)");
+  ctx->region = AllocRegion(where, ctx->layout.total_bytes);
   try {
     CudaCheck(cudaMemset(ctx->region, 0, ctx->layout.total_bytes), device, "zeroing the region");
     CudaCheck(cudaDeviceSynchronize(), device, "zeroing the region");
-    ctx->peers.assign(nranks, nullptr);
-    for (int r = 0; r < nranks; ++r) {
-      ctx->peers[r] = static_cast<uint8_t*>(nvshmem_ptr(ctx->region, r));
-      if (ctx->peers[r] == nullptr) ++ctx->unmapped_peers;
-    }
-    if (ctx->peers[rank] == nullptr) ctx->peers[rank] = ctx->region;
-    const int same_gpu = nvshmem_team_n_pes(static_cast<nvshmem_team_t>(kTeamSameGpu));
-    ctx->ranks_on_device = same_gpu >= 1 && same_gpu <= nranks ? same_gpu : 1;
-    const size_t table_bytes = static_cast<size_t>(nranks) * sizeof(uint8_t*);
-    CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->peer_table), table_bytes), device,
-              "cudaMalloc of the peer table");
-    CudaCheck(cudaMemcpy(ctx->peer_table, ctx->peers.data(), table_bytes, cudaMemcpyHostToDevice),
-              device, "copying the peer table");
-    CudaCheck(cudaMalloc(reinterpret_cast<void**>(&ctx->put_table), table_bytes), device,
-              "cudaMalloc of the put table");
-    CudaCheck(cudaMemset(ctx->put_table, 0, table_bytes), device, "zeroing the put table");
+    MapPeers(ctx.get());
+    AllocPeerTables(ctx.get());
     AllocTimeoutRecord(device, &ctx->record_host, &ctx->record_device);
     AllocTrace(ctx.get());
     CudaCheck(cudaDeviceSynchronize(), device, "setting up the low-latency context");
@@ -457,8 +370,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
         " PEs are not reachable by loads / stores from this one (other nodes): the "
         "low-latency ops need NVSHMEM puts and therefore send_buffer=True on every PE");
   }
-  std::lock_guard<std::mutex> lock(reg.mu);
-  return InfoLocked(reg);
+  return LLGetInfo();
 }
 
 void LLSetOptions(double timeout_s, int num_blocks, int force_put, int ranks_on_device) {
@@ -466,7 +378,7 @@ void LLSetOptions(double timeout_s, int num_blocks, int force_put, int ranks_on_
   Registry& reg = Reg();
   reg.timeout_s.store(timeout_s);
   reg.num_blocks.store(num_blocks);
-  if (force_put >= 0) reg.force_put.store(force_put != 0 ? 1 : 0);
+  if (force_put >= 0) reg.force_put.store(force_put != 0);
   if (ranks_on_device >= 0) reg.ranks_on_device.store(std::min(ranks_on_device, kLLMaxRanks));
 }
 
@@ -477,42 +389,33 @@ std::string CudaPciBusId(int device) {
 }
 
 LLInfo LLGetInfo() {
+  const std::optional<NvshmemPe> pe = NvshmemCurrentPe();
   Registry& reg = Reg();
   std::lock_guard<std::mutex> lock(reg.mu);
-  return InfoLocked(reg);
+  return InfoLocked(reg, pe);
 }
 
-void NvshmemFinalize() {
+void LLFree() {
   Registry& reg = Reg();
   std::shared_ptr<LLContext> ctx;
-  bool initialized = false;
-  int device = -1;
   {
     std::lock_guard<std::mutex> lock(reg.mu);
     PollLocked(reg);
     ctx = reg.ctx;
-    initialized = reg.initialized;
-    device = reg.device;
   }
   reg.watchdog.Stop();
-  if (!initialized) return;
+  if (!ctx) return;
   int previous = -1;
   if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
-  cudaSetDevice(device);
+  cudaSetDevice(ctx->device);
   cudaDeviceSynchronize();  // no kernel of ours may still use the region
   cudaGetLastError();
-  if (ctx) {
-    WriteTrace(*ctx);
-    nvshmem_free(ctx->region);  // collective
-    FreeLocalParts(*ctx);
-  }
-  nvshmem_finalize();  // collective; reference counted with other users
+  WriteTrace(*ctx);
+  nvshmem_free(ctx->region);  // collective
+  FreeLocalParts(*ctx);
   {
     std::lock_guard<std::mutex> lock(reg.mu);
     reg.ctx.reset();
-    reg.initialized = false;
-    reg.device = reg.rank = -1;
-    reg.num_ranks = 0;
   }
   if (previous >= 0) cudaSetDevice(previous);
 }
@@ -546,11 +449,11 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
              " (NVSHMEM has one PE, i.e. one GPU, per process)";
     return false;
   }
-  const bool force_put = EffectiveForcePut(reg.force_put.load());
+  const bool force_put = reg.force_put.load();
   const bool any_put = AnyPut(ctx, force_put);
   if (any_put && ctx.layout.send_bytes == 0) {
     *error = std::string("jax_ep: ") +
-             (force_put ? "force_put (JAX_EP_LL_FORCE_PUT)" : "peers on other nodes") +
+             (force_put ? "force_put (jax_ep.Options(force_put=True))" : "peers on other nodes") +
              " need NVSHMEM puts, but the low-latency buffers were allocated without the send "
              "buffer (send_buffer=True)";
     return false;
@@ -563,7 +466,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
   comm->any_put = any_put ? 1 : 0;
   comm->gpu_scope = EffectiveGpuScope(ctx, reg.ranks_on_device.load(), any_put) ? 1 : 0;
-  comm->pdl = ctx.pdl ? 1 : 0;
+  comm->pdl = ctx.options.dependent_launch ? 1 : 0;
   comm->stream_combine = EffectiveStreamCombine(ctx, comm->gpu_scope != 0) ? 1 : 0;
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());

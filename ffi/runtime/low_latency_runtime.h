@@ -1,13 +1,13 @@
-// Per-process NVSHMEM state for the low-latency ops: bootstrap (unique id,
-// init from inside this library so that its kernels' device state is
-// registered), the symmetric region (ffi/kernels/low_latency/low_latency.h: LLLayout),
-// the peer-pointer tables, run-time options and the timeout watchdog.
+// Per-process runtime of the low-latency ops over NVSHMEM: the symmetric
+// region (ffi/kernels/low_latency/low_latency.h: LLLayout), the peer-pointer
+// tables, the switches fixed at allocation, the run-time options, and the
+// timeout watchdog's polling. NVSHMEM itself is set up by
+// nvshmem_bootstrap.h; the low-latency ops run with one EP rank (= PE) per
+// process.
 //
-// NVSHMEM has one PE per process, bound to one CUDA device: the low-latency
-// ops run with one EP rank (= PE) per process. Everything that allocates or
-// is collective (init, alloc, finalize) runs at initialize from Python, with
-// every PE calling in the same order; the FFI handlers only call
-// AcquireLowLatency (a mutex and a copy, no CUDA calls).
+// Everything that allocates or is collective (alloc, free) runs at
+// initialize from Python, with every PE calling in the same order; the FFI
+// handlers only call AcquireLowLatency (a mutex and a copy, no CUDA calls).
 #pragma once
 
 #include <cstddef>
@@ -22,31 +22,18 @@ namespace jax_ep {
 
 struct LLContext;  // low_latency_runtime.cc
 
-// Sets NVSHMEM environment defaults, only for variables that are unset:
-// NVSHMEM_DISABLE_NVLS=1 always (NVLink multicast is never used); with
-// single_host also NVSHMEM_REMOTE_TRANSPORT=none, NVSHMEM_DISABLE_NCCL=1 and
-// NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo. heap_bytes > 0 sets
-// NVSHMEM_SYMMETRIC_SIZE. Must run before the unique id is made and before
-// init (both call it).
-void NvshmemSetEnvDefaults(bool single_host, size_t heap_bytes);
-
-// nvshmemx_get_uniqueid: 128 bytes, made on one PE (EP rank 0) and handed to
-// all (jax.distributed key-value store). Rank 0 must stay alive until every
-// PE finished NvshmemInit (its socket is the bootstrap rendezvous).
-std::string NvshmemGetUniqueId(bool single_host);
-
-// nvshmemx_set_attr_uniqueid_args + nvshmemx_init_attr(UNIQUEID) on `device`.
-// Collective over all nranks PEs. If another user (nvshmem4py) initialized
-// NVSHMEM in this process already, the call only takes a reference and
-// registers this library's device state. Throws std::runtime_error.
-void NvshmemInit(const std::string& unique_id, int rank, int nranks, int device, bool single_host,
-                 size_t heap_bytes);
-bool NvshmemInitialized();
-
 // Bytes of the symmetric region MakeLLLayout gives for these maxima (no
 // NVSHMEM call; for sizing NVSHMEM_SYMMETRIC_SIZE before init).
 size_t LLRegionBytes(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t num_experts,
                      int64_t top_k, int64_t itemsize, bool send_buffer);
+
+// Switches fixed at allocation (nvshmem_ll_alloc's keyword arguments).
+struct LLAllocOptions {
+  bool system_scope = false;     // system-scope flags and fences even with every PE on this GPU
+  bool dependent_launch = true;  // launch the kernels with programmatic dependent launch
+  bool streamed_combine = true;  // the fused combine streams where it can (else the plain kernel)
+  std::string phase_trace;       // path prefix of the phase trace ("" = off)
+};
 
 struct LLInfo {
   bool initialized = false;  // NVSHMEM is up (NvshmemInit ran)
@@ -58,29 +45,33 @@ struct LLInfo {
   bool gpu_scope = false;    // the kernels' flags and fences at GPU, not system, scope
   bool pdl = false;          // kernels launched with programmatic dependent launch
   bool stream_combine = false;  // the fused combine runs streamed (several PEs, GPU scope)
+  bool system_scope = false;    // LLAllocOptions::system_scope as given
+  std::string phase_trace;      // LLAllocOptions::phase_trace as given
   double timeout_s = 0;
   LLLayout layout;
 };
 
-// Collective: every PE, same arguments, same order. Allocates and zeroes the
-// symmetric region, maps the peers, allocates the host-mapped timeout record,
-// barrier. send_buffer: allocate the staging rows NVSHMEM puts need; required
-// when some peer is not mapped (other nodes) or to use force_put. Throws.
+// Collective: every PE, same arguments, same order, after NvshmemInit.
+// Allocates and zeroes the symmetric region, maps the peers, allocates the
+// host-mapped timeout record, barrier. send_buffer: allocate the staging rows
+// NVSHMEM puts need; required when some peer is not mapped (other nodes) or
+// to use force_put. Throws.
 LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t top_k,
-               int64_t itemsize, bool send_buffer);
+               int64_t itemsize, bool send_buffer, const LLAllocOptions& options);
 
 // timeout_s > 0; num_blocks >= 0 (0 = automatic: SMs / PEs sharing the GPU);
-// force_put: 0 / 1, or -1 to keep; ranks_on_device: PEs sharing this GPU
-// (0 = NVSHMEM's same-GPU team size, -1 = keep). Read at every op launch.
+// force_put: 0 / 1, or -1 to keep (initially off); ranks_on_device: PEs
+// sharing this GPU (0 = NVSHMEM's same-GPU team size, -1 = keep). Read at
+// every op launch.
 void LLSetOptions(double timeout_s, int num_blocks, int force_put, int ranks_on_device = -1);
 // cudaDeviceGetPCIBusId of `device` (to tell which PEs share a GPU).
 std::string CudaPciBusId(int device);
 LLInfo LLGetInfo();
 
-// Collective: frees the region (nvshmem_free) and calls nvshmem_finalize
-// (NVSHMEM is reference counted: another user's init stays). Stops the
-// watchdog. Safe to call twice and without init.
-void NvshmemFinalize();
+// Collective: writes the phase trace, frees the region (nvshmem_free), stops
+// the watchdog. Runs before NvshmemFinalize; safe to call twice and without
+// a region.
+void LLFree();
 
 // The first low-latency timeout / mismatch message of this process, if any.
 std::optional<std::string> LLLastError();
