@@ -1,5 +1,6 @@
-// Declarations of every XLA FFI handler symbol in ffi/handlers/*.cc, so the
-// nanobind module (ffi/bindings/cuda_module.cc) can hand them to Python.
+// Declarations of the XLA FFI handler symbols of the CUDA module (layout,
+// route and intranode ops), so that ffi/bindings/cuda_module.cc can hand
+// them to Python.
 #pragma once
 
 #include "xla/ffi/api/api.h"

@@ -1,7 +1,8 @@
 // Helpers of the XLA FFI handlers in ffi/handlers/*.cc (intranode, layout,
-// low-latency): shape strings and checks, CUDA errors as ffi::Error, the
-// runtime lookup, and the binding prefix of the op handlers. Header-only:
-// the handlers of both Python extension modules include it.
+// low-latency): shape strings and checks, XLA dtypes as the kernels' element
+// types, CUDA errors as ffi::Error, the runtime lookup, and the binding
+// prefix of the op handlers. Header-only: the handlers of both Python
+// extension modules include it.
 #pragma once
 
 #include <cstdint>
@@ -84,6 +85,17 @@ inline bool ToElemType(ffi::DataType dtype, ElemType* out) {
     default:
       return false;
   }
+}
+
+// Success, or the launch's CUDA error as CudaError: how every handler ends.
+inline ffi::Error LaunchStatus(const std::string& where, cudaError_t err) {
+  if (err != cudaSuccess) return CudaError(where, err);
+  return ffi::Error::Success();
+}
+
+// ResourceExhausted "<where><message>" (the comm buffer or region is too small).
+inline ffi::Error TooLarge(const std::string& where, const std::string& message) {
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted, where + message);
 }
 
 // Looks up this device's communicator with a runtime's Acquire* call

@@ -1,7 +1,8 @@
 // XLA FFI handlers for the intranode ops (kernels: ffi/kernels/intranode/intranode.h;
-// communicator: ffi/runtime/intranode_runtime.h). They find this device's rank
-// context, check shapes, fill plain structs and launch on XLA's stream. No
-// math, no host synchronisation, no CUDA API calls besides the launches.
+// runtime: ffi/runtime/intranode_runtime.h), one per target: find this
+// device's rank context, check shapes, fill plain structs and launch on XLA's
+// stream. No math, no host synchronisation, no CUDA API calls besides the
+// launches.
 //
 // jax_ep_intranode_dispatch
 //   operands  slot         s32[T, R]   position of token t among my tokens to rank r, or -1
@@ -25,8 +26,8 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/handlers/ffi_helpers.h"
 #include "ffi/handlers/cuda_handlers.h"
+#include "ffi/handlers/ffi_helpers.h"
 #include "ffi/kernels/intranode/intranode.h"
 #include "ffi/runtime/intranode_runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -35,7 +36,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace jax_ep::ffi_util;  // Dims, Str, CudaError, AcquireComm, ...
+using namespace jax_ep::ffi_util;  // Dims, Str, ToElemType, AcquireComm, LaunchStatus, ...
 
 // Bytes per element, or 0 for types whose elements are not whole bytes.
 size_t ElementBytes(ffi::DataType dtype) {
@@ -129,52 +130,43 @@ ffi::Error CollectParts(const std::string& where, const ffi::RemainingArgs& payl
   return ffi::Error::Success();
 }
 
-ffi::Error DispatchCommon(const std::string& where, cudaStream_t stream, int32_t device,
-                          ffi::Buffer<ffi::S32, 2> slot, const int32_t* sent,
-                          ffi::Span<const int64_t> sent_dims, int32_t* rank_counts,
-                          ffi::Span<const int64_t> counts_dims, const ffi::RemainingArgs& payloads,
-                          const ffi::RemainingRets& recvs, int64_t capacity) {
-  jax_ep::IntranodeComm comm{};
-  std::shared_ptr<const jax_ep::CommContext> hold;
-  JAX_EP_RETURN_IF_ERROR(
-      AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
-  const int64_t R = comm.num_ranks;
+// A [T, R] table of slots with R = the EP size; sets *T.
+ffi::Error CheckSlotTable(const std::string& where, const char* name,
+                          ffi::Span<const int64_t> dims, int64_t R, int64_t* T) {
+  *T = dims[0];
+  if (dims[1] != R) {
+    return ffi::Error::InvalidArgument(where + name + " must have shape [T, R] with R = " +
+                                       Str(R) + " (the EP size this device was initialized " +
+                                       "with), got " + Dims(dims));
+  }
+  return ffi::Error::Success();
+}
 
-  const auto slot_dims = slot.dimensions();
-  const int64_t T = slot_dims[0];
-  if (slot_dims[1] != R) {
-    return ffi::Error::InvalidArgument(where + "slot must have shape [T, R] with R = " + Str(R) +
-                                       " (the EP size this device was initialized with), got " +
-                                       Dims(slot_dims));
-  }
-  if (sent != nullptr && (sent_dims.size() != 1 || sent_dims[0] != R)) {
-    return ffi::Error::InvalidArgument(where + "sent must have shape [R=" + Str(R) + "], got " +
-                                       Dims(sent_dims));
-  }
+// What both dispatch targets check after their slot table: the count matrix,
+// the capacity, the payloads and their receive results (args->parts), and
+// that the comm buffer's data area holds them.
+ffi::Error DecodePayloads(const std::string& where, const jax_ep::IntranodeComm& comm, int64_t T,
+                          ffi::Span<const int64_t> counts_dims, const ffi::RemainingArgs& payloads,
+                          const ffi::RemainingRets& recvs, int64_t capacity,
+                          jax_ep::IntranodeDispatchArgs* args) {
+  const int64_t R = comm.num_ranks;
   JAX_EP_RETURN_IF_ERROR(CheckMatrix(where, "rank_counts", counts_dims, R, R));
   if (capacity < 0 || capacity > INT32_MAX) {
     return ffi::Error::InvalidArgument(where + "capacity must be in [0, 2^31), got " +
                                        Str(capacity));
   }
-
-  jax_ep::IntranodeDispatchArgs args{};
-  args.slot = slot.typed_data();
-  args.sent = sent;
-  args.rank_counts = rank_counts;
-  args.num_tokens = T;
-  args.capacity = capacity;
+  args->num_tokens = T;
+  args->capacity = capacity;
   std::vector<int64_t> row_bytes;
-  JAX_EP_RETURN_IF_ERROR(CollectParts(where, payloads, recvs, T, capacity, &args, &row_bytes));
+  JAX_EP_RETURN_IF_ERROR(CollectParts(where, payloads, recvs, T, capacity, args, &row_bytes));
   const size_t need = jax_ep::IntranodeDispatchDataBytes(capacity, row_bytes.data(),
                                                         static_cast<int>(row_bytes.size()));
   if (need > comm.data_bytes) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-        where + "the comm buffer's data area has " + std::to_string(comm.data_bytes) +
-        " bytes but this dispatch needs " + std::to_string(need) +
-        " (capacity x row bytes of every payload); initialize jax_ep with a larger buffer");
+    return TooLarge(where, "the comm buffer's data area has " + std::to_string(comm.data_bytes) +
+                               " bytes but this dispatch needs " + std::to_string(need) +
+                               " (capacity x row bytes of every payload); initialize jax_ep with "
+                               "a larger buffer");
   }
-  const cudaError_t err = jax_ep::LaunchIntranodeDispatch(comm, args, stream);
-  if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
 
@@ -182,9 +174,24 @@ ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::Buffer<ff
                              ffi::Buffer<ffi::S32, 1> sent, ffi::RemainingArgs payloads,
                              ffi::ResultBuffer<ffi::S32, 2> rank_counts, ffi::RemainingRets recvs,
                              int64_t capacity) {
-  return DispatchCommon("jax_ep_intranode_dispatch: ", stream, device, slot, sent.typed_data(),
-                        sent.dimensions(), rank_counts->typed_data(), rank_counts->dimensions(),
-                        payloads, recvs, capacity);
+  const std::string where = "jax_ep_intranode_dispatch: ";
+  jax_ep::IntranodeComm comm{};
+  std::shared_ptr<const jax_ep::CommContext> hold;
+  JAX_EP_RETURN_IF_ERROR(AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
+  const int64_t R = comm.num_ranks;
+  int64_t T = 0;
+  JAX_EP_RETURN_IF_ERROR(CheckSlotTable(where, "slot", slot.dimensions(), R, &T));
+  if (!SameDims(sent.dimensions(), {R})) {
+    return ffi::Error::InvalidArgument(where + "sent must have shape [R=" + Str(R) + "], got " +
+                                       Dims(sent.dimensions()));
+  }
+  jax_ep::IntranodeDispatchArgs args{};
+  args.slot = slot.typed_data();
+  args.sent = sent.typed_data();
+  args.rank_counts = rank_counts->typed_data();
+  JAX_EP_RETURN_IF_ERROR(DecodePayloads(where, comm, T, rank_counts->dimensions(), payloads, recvs,
+                                        capacity, &args));
+  return LaunchStatus(where, jax_ep::LaunchIntranodeDispatch(comm, args, stream));
 }
 
 ffi::Error IntranodeDispatchCached(cudaStream_t stream, int32_t device,
@@ -192,10 +199,38 @@ ffi::Error IntranodeDispatchCached(cudaStream_t stream, int32_t device,
                                    ffi::Buffer<ffi::S32, 2> rank_counts,
                                    ffi::RemainingArgs payloads, ffi::RemainingRets recvs,
                                    int64_t capacity) {
-  // The kernels only read rank_counts in cached mode.
-  return DispatchCommon("jax_ep_intranode_dispatch_cached: ", stream, device, slot, nullptr, {},
-                        const_cast<int32_t*>(rank_counts.typed_data()), rank_counts.dimensions(),
-                        payloads, recvs, capacity);
+  const std::string where = "jax_ep_intranode_dispatch_cached: ";
+  jax_ep::IntranodeComm comm{};
+  std::shared_ptr<const jax_ep::CommContext> hold;
+  JAX_EP_RETURN_IF_ERROR(AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
+  int64_t T = 0;
+  JAX_EP_RETURN_IF_ERROR(CheckSlotTable(where, "slot", slot.dimensions(), comm.num_ranks, &T));
+  jax_ep::IntranodeDispatchArgs args{};
+  args.slot = slot.typed_data();
+  args.sent = nullptr;  // cached: the kernels only read rank_counts
+  args.rank_counts = const_cast<int32_t*>(rank_counts.typed_data());
+  JAX_EP_RETURN_IF_ERROR(DecodePayloads(where, comm, T, rank_counts.dimensions(), payloads, recvs,
+                                        capacity, &args));
+  return LaunchStatus(where, jax_ep::LaunchIntranodeDispatch(comm, args, stream));
+}
+
+// y [capacity, H] of a combine: its element type and H.
+ffi::Error DecodeCombineRows(const std::string& where, const ffi::AnyBuffer& y,
+                             jax_ep::ElemType* dtype, int64_t* hidden) {
+  if (!ToElemType(y.element_type(), dtype)) {
+    return ffi::Error::InvalidArgument(where +
+                                       "y must be bfloat16, float16, float32 or float8_e4m3fn");
+  }
+  const auto y_dims = y.dimensions();
+  if (y_dims.size() != 2) {
+    return ffi::Error::InvalidArgument(where + "y must be [capacity, H], got " + Dims(y_dims));
+  }
+  *hidden = y_dims[1];
+  if (*hidden > jax_ep::kIntranodeMaxHidden) {
+    return ffi::Error::InvalidArgument(where + "H must be <= " + Str(jax_ep::kIntranodeMaxHidden) +
+                                       ", got " + Str(*hidden));
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
@@ -204,60 +239,32 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   const std::string where = "jax_ep_intranode_combine: ";
   jax_ep::IntranodeComm comm{};
   std::shared_ptr<const jax_ep::CommContext> hold;
-  JAX_EP_RETURN_IF_ERROR(
-      AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
+  JAX_EP_RETURN_IF_ERROR(AcquireComm(jax_ep::AcquireIntranodeComm, where, device, &comm, &hold));
   const int64_t R = comm.num_ranks;
-
-  jax_ep::ElemType dtype;
-  if (!ToElemType(y.element_type(), &dtype)) {
-    return ffi::Error::InvalidArgument(where +
-                                       "y must be bfloat16, float16, float32 or float8_e4m3fn");
-  }
-  const auto y_dims = y.dimensions();
-  if (y_dims.size() != 2) {
-    return ffi::Error::InvalidArgument(where + "y must be [capacity, H], got " + Dims(y_dims));
-  }
-  const int64_t capacity = y_dims[0];
-  const int64_t hidden = y_dims[1];
-  if (hidden > jax_ep::kIntranodeMaxHidden) {
-    return ffi::Error::InvalidArgument(where + "H must be <= " + Str(jax_ep::kIntranodeMaxHidden) +
-                                       ", got " + Str(hidden));
-  }
-  const auto slot_dims = token_slot.dimensions();
-  const int64_t T = slot_dims[0];
-  if (slot_dims[1] != R) {
-    return ffi::Error::InvalidArgument(where + "token_slot must have shape [T, R] with R = " +
-                                       Str(R) + " (the EP size this device was initialized " +
-                                       "with), got " + Dims(slot_dims));
-  }
-  JAX_EP_RETURN_IF_ERROR(CheckMatrix(where, "rank_counts", rank_counts.dimensions(), R, R));
-  const auto out_dims = out->dimensions();
-  if (out->element_type() != y.element_type() || out_dims.size() != 2 || out_dims[0] != T ||
-      out_dims[1] != hidden) {
-    return ffi::Error::InvalidArgument(where + "the result must be [T=" + Str(T) + ", H=" +
-                                       Str(hidden) + "] with y's dtype, got " + Dims(out_dims));
-  }
-  const int64_t row_bytes = hidden * jax_ep::ElemTypeBytes(dtype);
-  const size_t need = jax_ep::IntranodeCombineDataBytes(R, T, row_bytes);
-  if (need > comm.data_bytes) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-        where + "the comm buffer's data area has " + std::to_string(comm.data_bytes) +
-        " bytes but this combine needs " + std::to_string(need) +
-        " (R x T x H x itemsize); initialize jax_ep with a larger buffer");
-  }
-
   jax_ep::IntranodeCombineArgs args{};
+  JAX_EP_RETURN_IF_ERROR(DecodeCombineRows(where, y, &args.dtype, &args.hidden));
+  const int64_t H = args.hidden;
+  int64_t T = 0;
+  JAX_EP_RETURN_IF_ERROR(CheckSlotTable(where, "token_slot", token_slot.dimensions(), R, &T));
+  JAX_EP_RETURN_IF_ERROR(CheckMatrix(where, "rank_counts", rank_counts.dimensions(), R, R));
+  if (out->element_type() != y.element_type() || !SameDims(out->dimensions(), {T, H})) {
+    return ffi::Error::InvalidArgument(where + "the result must be [T=" + Str(T) + ", H=" +
+                                       Str(H) + "] with y's dtype, got " + Dims(out->dimensions()));
+  }
+  const size_t need =
+      jax_ep::IntranodeCombineDataBytes(R, T, H * jax_ep::ElemTypeBytes(args.dtype));
+  if (need > comm.data_bytes) {
+    return TooLarge(where, "the comm buffer's data area has " + std::to_string(comm.data_bytes) +
+                               " bytes but this combine needs " + std::to_string(need) +
+                               " (R x T x H x itemsize); initialize jax_ep with a larger buffer");
+  }
   args.y = y.untyped_data();
   args.token_slot = token_slot.typed_data();
   args.rank_counts = rank_counts.typed_data();
   args.out = out->untyped_data();
   args.num_tokens = T;
-  args.capacity = capacity;
-  args.hidden = hidden;
-  args.dtype = dtype;
-  const cudaError_t err = jax_ep::LaunchIntranodeCombine(comm, args, stream);
-  if (err != cudaSuccess) return CudaError(where, err);
-  return ffi::Error::Success();
+  args.capacity = y.dimensions()[0];
+  return LaunchStatus(where, jax_ep::LaunchIntranodeCombine(comm, args, stream));
 }
 
 }  // namespace

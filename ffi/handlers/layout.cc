@@ -12,8 +12,8 @@
 
 #include <cuda_runtime.h>
 
-#include "ffi/handlers/ffi_helpers.h"
 #include "ffi/handlers/cuda_handlers.h"
+#include "ffi/handlers/ffi_helpers.h"
 #include "ffi/kernels/layout/layout.h"
 #include "xla/ffi/api/ffi.h"
 

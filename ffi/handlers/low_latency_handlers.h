@@ -1,6 +1,7 @@
 // Declarations of the XLA FFI handler symbols of the low-latency (NVSHMEM)
-// ops in ffi/handlers/low_latency.cc, for the nanobind module
-// ffi/bindings/nvshmem_module.cc (its own module: it links NVSHMEM).
+// ops (ffi/handlers/low_latency_{dispatch,combine,cached}.cc), for the
+// nanobind module ffi/bindings/nvshmem_module.cc (its own module: it links
+// NVSHMEM).
 #pragma once
 
 #include "xla/ffi/api/api.h"

@@ -1,0 +1,65 @@
+// Checks shared by the low-latency handlers (see low_latency_checks.h).
+#include "ffi/handlers/low_latency_checks.h"
+
+#include "ffi/handlers/ffi_helpers.h"
+
+namespace jax_ep::ll_checks {
+
+using ffi_util::AcquireComm;
+using ffi_util::Dims;
+using ffi_util::SameDims;
+using ffi_util::Str;
+
+ffi::Error AcquireLL(const std::string& where, int32_t device, int64_t max_tokens,
+                     int64_t num_experts, LLComm* comm, std::shared_ptr<const LLContext>* hold) {
+  JAX_EP_RETURN_IF_ERROR(AcquireComm(AcquireLowLatency, where, device, comm, hold));
+  const int64_t R = comm->num_ranks;
+  if (max_tokens < 1 || max_tokens > kLLMaxTokens) {
+    return ffi::Error::InvalidArgument(where + "max_tokens_per_rank must be in [1, " +
+                                       Str(kLLMaxTokens) + "], got " + Str(max_tokens));
+  }
+  if (num_experts < R || num_experts % R != 0) {
+    return ffi::Error::InvalidArgument(where + "num_experts (" + Str(num_experts) +
+                                       ") must be a positive multiple of the " + Str(R) +
+                                       " NVSHMEM PEs (EP ranks)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckTopk(const std::string& where, ffi::Span<const int64_t> dims, int64_t max_tokens,
+                     int64_t* T, int64_t* K) {
+  *T = dims[0];
+  *K = dims[1];
+  if (*K < 1 || *K > kLLMaxTopK) {
+    return ffi::Error::InvalidArgument(where + "top-k must be in [1, " + Str(kLLMaxTopK) +
+                                       "], topk_idx is " + Dims(dims));
+  }
+  if (*T > max_tokens) {
+    return ffi::Error::InvalidArgument(where + "topk_idx has " + Str(*T) +
+                                       " tokens, more than max_tokens_per_rank = " +
+                                       Str(max_tokens));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckTokenOut(const std::string& where, ffi::Span<const int64_t> dims) {
+  if (SameDims(dims, {2})) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(where + "the token result must be s32[2], got " + Dims(dims));
+}
+
+ffi::Error CheckTokenIn(const std::string& where, ffi::Span<const int64_t> dims) {
+  if (SameDims(dims, {2})) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(where + "token must be s32[2] (from the send half), got " +
+                                     Dims(dims));
+}
+
+bool ToLLElemType(ffi::DataType dtype, ElemType* out) {
+  return ffi_util::ToElemType(dtype, out) && LLElemBytes(*out) != 0;
+}
+
+ffi::Error CheckFits(const std::string& where, const char* why) {
+  if (why == nullptr) return ffi::Error::Success();
+  return ffi_util::TooLarge(where, why);
+}
+
+}  // namespace jax_ep::ll_checks

@@ -1,0 +1,50 @@
+// Checks every low-latency (NVSHMEM) handler shares (ffi/handlers/
+// low_latency_*.cc): the PE context and call geometry, topk_idx, the split
+// form's token, the x / y element types, whether a call fits the region,
+// and the geometry attributes every target takes.
+//
+// Notation: R = PEs (EP size), M = max_tokens_per_rank, E = num_experts,
+// L = E / R, RM = R * M.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "ffi/kernels/low_latency/low_latency.h"
+#include "ffi/runtime/low_latency_runtime.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_ep::ll_checks {
+
+namespace ffi = xla::ffi;
+
+// This device's PE context (its comm for the launch, `hold` keeps it alive)
+// and the call's M and E against it.
+ffi::Error AcquireLL(const std::string& where, int32_t device, int64_t max_tokens,
+                     int64_t num_experts, LLComm* comm, std::shared_ptr<const LLContext>* hold);
+
+// topk_idx [T, K] with 1 <= K <= 32 and T <= M; sets *T and *K.
+ffi::Error CheckTopk(const std::string& where, ffi::Span<const int64_t> dims, int64_t max_tokens,
+                     int64_t* T, int64_t* K);
+
+// The split form's token s32[2]: the send half's result, the receive half's operand.
+ffi::Error CheckTokenOut(const std::string& where, ffi::Span<const int64_t> dims);
+ffi::Error CheckTokenIn(const std::string& where, ffi::Span<const int64_t> dims);
+
+// x / y / out: bf16, f16 or f32 (FP8 only comes out of the dispatch's cast).
+bool ToLLElemType(ffi::DataType dtype, ElemType* out);
+
+// ResourceExhausted with the LLCheck* sentence, Success when it is nullptr.
+ffi::Error CheckFits(const std::string& where, const char* why);
+
+// The attributes every target takes, last.
+template <typename Binding>
+auto WithGeometryAttrs(Binding&& b) {
+  return std::move(b)
+      .template Attr<int64_t>("max_tokens_per_rank")
+      .template Attr<int64_t>("num_experts");
+}
+
+}  // namespace jax_ep::ll_checks
