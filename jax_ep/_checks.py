@@ -57,6 +57,15 @@ def topk_idx(idx, num_tokens, num_experts, op, name="topk_idx"):
     if k < 1 or k > MAX_TOPK or k > num_experts:
         raise ValueError(f"jax_ep.{op}: top_k = {name}.shape[1] = {k} must be in "
                          f"[1, min({MAX_TOPK}, num_experts={num_experts})].")
+    if idx.dtype != jnp.int32 and idx.dtype.itemsize >= 4:
+        # Judge the ids before narrowing: int32 would wrap 2**32 + e to the valid
+        # expert e (and an unsigned 2**32 - 1 to -1, "no expert"). Out-of-range ids
+        # become num_experts, an id that stays invalid and is counted as such.
+        if jnp.issubdtype(idx.dtype, jnp.unsignedinteger):
+            in_range = idx < num_experts
+        else:
+            in_range = (idx >= -1) & (idx < num_experts)
+        idx = jnp.where(in_range, idx, num_experts)
     return idx.astype(jnp.int32)
 
 

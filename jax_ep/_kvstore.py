@@ -22,6 +22,11 @@ def new_scope(name: str) -> str:
     return f"jax_ep/{next(_setups)}/{name}"
 
 
+def client():
+    """The coordination service's client, or None in a single-process run."""
+    return _client(required=False)
+
+
 def _client(required=True):
     from jax._src import distributed as jax_distributed
 

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _backend, _checks, _reference, cuda
+from . import _backend, _checks, _inflight, _reference, cuda
 from ._handles import DispatchHandle, LowLatencyHandle
 
 
@@ -221,6 +221,7 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
         x, topk_idx, num_experts, axis_name, max_tokens_per_rank, use_fp8,
         "low_latency_dispatch")
     cfg = _Config(num_experts, axis_name, m, backend, bool(use_fp8), bool(zero_padding))
+    _count_in_flight("low_latency_dispatch", backend)
     recv_parts, recv_count, handle = _ll_dispatch(x, idx, cfg)
     recv_x = tuple(recv_parts) if use_fp8 else recv_parts[0]
     return recv_x, recv_count, handle
@@ -231,6 +232,13 @@ def _ll(cfg, name):
     op = "low_latency_dispatch" if "dispatch" in name else "low_latency_combine"
     return _backend.select(op, cfg.backend, getattr(_reference, name),
                            getattr(cuda.low_latency, name))
+
+
+def _count_in_flight(op, backend):
+    """A CUDA low-latency op takes a buffer set: count it in the caller's trace
+    (before custom_vjp, whose body is traced apart)."""
+    if _backend.resolve(backend, op) == "cuda":
+        _inflight.issue(op)
 
 
 def _ll_dispatch_impl(x, idx, cfg):
@@ -298,6 +306,7 @@ def low_latency_combine(y, topk_idx, topk_weights, handle, *, backend=None):
                          f"used {handle.slot.shape}; pass the same routing to both.")
     w = _checks.topk_weights(topk_weights, idx.shape, op)
     cfg = _Config(handle.num_experts, handle.axis_name, handle.max_tokens_per_rank, backend)
+    _count_in_flight(op, backend)
     return _ll_combine(y, w, handle, cfg)
 
 

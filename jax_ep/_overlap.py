@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from . import _backend, _checks, _ops, cuda
+from . import _backend, _checks, _inflight, _ops, cuda
 from ._handles import LowLatencyHandle, LowLatencyPending
 
 
@@ -44,6 +44,7 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
               use_fp8=bool(use_fp8))
     if _backend.resolve(backend, "low_latency_dispatch") == "cuda":
         arrays = cuda.low_latency.low_latency_dispatch_send(x, idx, **kw)
+        _inflight.issue(op, pending_key=arrays[0])
         meta = tuple(sorted(kw.items())) + (("hidden", x.shape[1]),
                                             ("x_dtype", np.dtype(x.dtype).name),
                                             ("zero_padding", bool(zero_padding)))
@@ -59,6 +60,7 @@ def low_latency_dispatch_recv(pending):
     _expect(pending, "dispatch", "low_latency_dispatch_recv")
     if pending.backend == "reference":
         return pending.arrays
+    _inflight.finish(pending.arrays[0])
     meta = dict(pending.meta)
     meta["x_dtype"] = np.dtype(meta["x_dtype"])
     recv, count, handle = cuda.low_latency.low_latency_dispatch_recv(*pending.arrays, **meta)
@@ -77,6 +79,7 @@ def low_latency_combine_send(y, handle, *, backend=None):
     y = _not_differentiable(op)(y)
     if _backend.resolve(backend, "low_latency_combine") == "cuda":
         token = cuda.low_latency.low_latency_combine_send(y, handle)
+        _inflight.issue(op, pending_key=token)
         meta = (("hidden", y.shape[-1]), ("y_dtype", np.dtype(y.dtype).name))
         return LowLatencyPending(arrays=(token, handle), kind="combine", backend="cuda",
                                  meta=meta)
@@ -93,6 +96,7 @@ def low_latency_combine_recv(pending, topk_idx, topk_weights):
                                         backend="reference")
     idx = _checks.topk_idx(topk_idx, handle.slot.shape[0], handle.num_experts, op)
     w = _checks.topk_weights(topk_weights, idx.shape, op)
+    _inflight.finish(first)
     meta = dict(pending.meta)
     return cuda.low_latency.low_latency_combine_recv(first, w, handle, hidden=meta["hidden"],
                                           y_dtype=np.dtype(meta["y_dtype"]))

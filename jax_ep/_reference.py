@@ -69,8 +69,10 @@ def _receive_rows(handle):
 def _send_token_index(handle):
     """[R, T] local token index for slot j towards rank r; T marks empty slots."""
     num_tokens, num_ranks = handle.token_slot.shape
-    ranks = jnp.broadcast_to(jnp.arange(num_ranks)[None, :], handle.token_slot.shape)
-    tokens = jnp.broadcast_to(jnp.arange(num_tokens)[:, None], handle.token_slot.shape)
+    ranks = jnp.broadcast_to(jnp.arange(num_ranks, dtype=jnp.int32)[None, :],
+                             handle.token_slot.shape)
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None],
+                              handle.token_slot.shape)
     slot = jnp.where(handle.token_slot >= 0, handle.token_slot, num_tokens)
     return (
         jnp.full((num_ranks, num_tokens), num_tokens, jnp.int32)
@@ -140,7 +142,8 @@ def dispatch(x_parts, topk_idx, topk_weights, *, num_experts, axis_name, capacit
 def fp8_quantize(x):
     """Per-row, per-128-channel e4m3 cast: returns (q [..., H], scales [..., H/128])."""
     blocks = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 128, 128))
-    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    # NaN does not enter amax (as fmaxf in the kernels): it stays in its own channel
+    amax = jnp.max(jnp.where(jnp.isnan(blocks), 0.0, jnp.abs(blocks)), axis=-1)
     scale = jnp.maximum(amax, 1e-4) * jnp.float32(1.0 / 448.0)
     q = jnp.clip(blocks / scale[..., None], -448.0, 448.0).astype(jnp.float8_e4m3fn)
     return q.reshape(x.shape), scale

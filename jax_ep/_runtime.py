@@ -14,8 +14,9 @@ import dataclasses
 import warnings
 
 import jax.numpy as jnp
+import numpy as np
 
-from . import _backend, cuda
+from . import _agreement, _backend, cuda
 from .options import Options
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -40,6 +41,14 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
                options=None):
     """Set up jax_ep for `mesh` (optional on CPU, required for the CUDA backend).
 
+    Collective: every process of the mesh calls it with the same arguments.
+    Before anything is allocated the processes compare a fingerprint of their
+    whole configuration (these arguments, the options, the mesh, jax_ep's
+    version and build) and all raise, naming the differences, when they
+    disagree. Each setup step ends in an agreement, so a failure on one
+    process raises on all; a failed initialize leaves nothing behind. Call
+    `shutdown` before initializing again.
+
     Args:
       mesh: the jax.sharding.Mesh the EP ops run under, or None.
       axis_name: the EP axis of `mesh` (required when mesh is given).
@@ -50,7 +59,8 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
         buffers must hold (see `buffer_size`); or give `buffer_bytes`.
       num_blocks: thread blocks per kernel (SM budget); 0 = the kernels' default.
       timeout_s: how long a kernel waits for a peer before failing with a
-        message naming the rank and what it waited for.
+        message naming the rank and what it waited for; also the bound of
+        every wait for another process during setup.
       num_experts, low_latency: with low_latency=True (GPU, NVSHMEM build),
         also bootstrap NVSHMEM and allocate the low-latency buffers for
         max_tokens_per_rank tokens of `hidden` x `dtype`, `num_experts`
@@ -60,53 +70,98 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
         applied).
     """
     global _state
+    if _state is not None:
+        raise RuntimeError(
+            f"jax_ep.initialize: jax_ep is already initialized (backend={_state.backend!r}, "
+            f"axis {_state.axis_name!r}); call jax_ep.shutdown() on every process first.")
     if mesh is not None and (axis_name is None or axis_name not in mesh.axis_names):
         raise ValueError(f"jax_ep.initialize: axis_name={axis_name!r} must be one of the "
                          f"mesh axes {tuple(mesh.axis_names)}.")
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"jax_ep.initialize: backend must be one of {_backend.BACKENDS}, "
+                         f"got {backend!r}.")
     if options is None:
         options = Options.from_env()
     elif not isinstance(options, Options):
         raise TypeError(f"jax_ep.initialize: options must be a jax_ep.Options, got "
                         f"{type(options).__name__}.")
-    _backend.set_default_backend(backend)
-    if _state is not None and (_state.intranode or _state.low_latency):
-        shutdown()
-    state = _State(mesh=mesh, axis_name=axis_name, backend=backend, options=options)
+    if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < 1e9):
+        raise ValueError(f"jax_ep.initialize: timeout_s must be a positive number of "
+                         f"seconds, got {timeout_s!r}.")
+    timeout_s = float(timeout_s)
+    if mesh is not None:
+        _agreement.compare_configs(mesh, _fingerprint(
+            mesh, axis_name, backend=backend, max_tokens_per_rank=max_tokens_per_rank,
+            hidden=hidden, top_k=top_k, dtype=dtype, buffer_bytes=buffer_bytes,
+            num_blocks=num_blocks, timeout_s=timeout_s, num_experts=num_experts,
+            low_latency=low_latency, options=options), timeout_s=timeout_s)
 
+    state = _State(mesh=mesh, axis_name=axis_name, backend=backend, options=options)
     on_gpu = mesh is not None and mesh.devices.flat[0].platform == "gpu"
     if backend == "cuda" and not cuda.extension.cuda_available():
         raise RuntimeError(f"jax_ep.initialize: backend='cuda': "
                            f"{cuda.why_unavailable('dispatch')}")
     if cuda.extension.cuda_available():
         cuda.extension.register_targets()
-    if on_gpu and backend != "reference" and cuda.intranode.compiled():
-        if buffer_bytes is None:
-            if max_tokens_per_rank is None or hidden is None:
-                msg = ("jax_ep.initialize: the CUDA backend needs buffer sizes: pass "
-                       "max_tokens_per_rank= and hidden= (or buffer_bytes=).")
-                if backend == "cuda":
-                    raise ValueError(msg)
-                warnings.warn(msg + " Falling back to the reference backend.", stacklevel=2)
-                _state = state
-                return
-            buffer_bytes = cuda.intranode.buffer_size(
-                mesh.shape[axis_name], max_tokens_per_rank, hidden, top_k=top_k, dtype=dtype)
-        cuda.intranode.setup(mesh, axis_name, data_bytes=int(buffer_bytes),
-                             num_blocks=int(num_blocks), timeout_s=float(timeout_s))
-        state.intranode = True
-    if low_latency and on_gpu and backend != "reference":
-        if not cuda.extension.nvshmem_available():
-            raise RuntimeError("jax_ep.initialize(low_latency=True): this build has no "
-                               "NVSHMEM ops (install nvidia-nvshmem-cu13 and rebuild with nvcc).")
-        if None in (max_tokens_per_rank, hidden, num_experts):
-            raise ValueError("jax_ep.initialize(low_latency=True) needs max_tokens_per_rank=, "
-                             "hidden= and num_experts=.")
-        cuda.low_latency.setup(
-            mesh, axis_name, max_tokens_per_rank=max_tokens_per_rank, hidden=hidden,
-            num_experts=num_experts, top_k=top_k, itemsize=jnp.dtype(dtype).itemsize,
-            options=options, timeout_s=float(timeout_s), num_blocks=int(num_blocks))
-        state.low_latency = True
+    try:
+        if on_gpu and backend != "reference" and cuda.intranode.compiled():
+            data_bytes = _intranode_bytes(mesh, axis_name, backend, buffer_bytes,
+                                          max_tokens_per_rank, hidden, top_k, dtype)
+            if data_bytes:
+                cuda.intranode.setup(mesh, axis_name, data_bytes=data_bytes,
+                                     num_blocks=int(num_blocks), timeout_s=timeout_s)
+                state.intranode = True
+        if low_latency and on_gpu and backend != "reference":
+            if not cuda.extension.nvshmem_available():
+                raise RuntimeError("jax_ep.initialize(low_latency=True): this build has no "
+                                   "NVSHMEM ops (install nvidia-nvshmem-cu13 and rebuild with "
+                                   "nvcc).")
+            if None in (max_tokens_per_rank, hidden, num_experts):
+                raise ValueError("jax_ep.initialize(low_latency=True) needs "
+                                 "max_tokens_per_rank=, hidden= and num_experts=.")
+            state.low_latency = True  # from here on, a failure tears NVSHMEM down
+            cuda.low_latency.setup(
+                mesh, axis_name, max_tokens_per_rank=max_tokens_per_rank, hidden=hidden,
+                num_experts=num_experts, top_k=top_k, itemsize=jnp.dtype(dtype).itemsize,
+                options=options, timeout_s=timeout_s, num_blocks=int(num_blocks))
+    except BaseException:
+        _teardown(state)
+        raise
+    _backend.set_default_backend(backend)
     _state = state
+
+
+def _intranode_bytes(mesh, axis_name, backend, buffer_bytes, max_tokens_per_rank, hidden,
+                     top_k, dtype):
+    """The intranode data bytes to allocate; 0 (with a warning) under "auto" without sizes."""
+    if buffer_bytes is not None:
+        return int(buffer_bytes)
+    if max_tokens_per_rank is None or hidden is None:
+        msg = ("jax_ep.initialize: the CUDA backend needs buffer sizes: pass "
+               "max_tokens_per_rank= and hidden= (or buffer_bytes=).")
+        if backend == "cuda":
+            raise ValueError(msg)
+        warnings.warn(msg + " Falling back to the reference backend.", stacklevel=3)
+        return 0
+    return cuda.intranode.buffer_size(mesh.shape[axis_name], max_tokens_per_rank, hidden,
+                                      top_k=top_k, dtype=dtype)
+
+
+def _fingerprint(mesh, axis_name, *, options, dtype, **arguments) -> dict:
+    """Everything the processes of one job must agree on, as JSON-able values."""
+    build = cuda.extension.build_info()
+    return dict(
+        arguments,
+        dtype=None if dtype is None else jnp.dtype(dtype).name,
+        axis_name=str(axis_name),
+        mesh_axes=[str(a) for a in mesh.axis_names],
+        mesh_shape=[int(n) for n in np.shape(mesh.devices)],
+        mesh_device_ids=[int(d.id) for d in mesh.devices.flat],
+        options=options.as_dict(),
+        jax_ep_version=build["version"],
+        jax_ep_build={k: build.get(k) for k in ("cuda", "nvshmem", "cuda_archs",
+                                                 "nvshmem_version", "ffi_api_version")},
+    )
 
 
 def is_initialized() -> bool:
@@ -131,6 +186,13 @@ def runtime_info() -> dict:
                 low_latency=cuda.low_latency.info() if _state.low_latency else None)
 
 
+def _teardown(state, *, at_exit=False):
+    if state.intranode:
+        cuda.intranode.teardown()
+    if state.low_latency and not at_exit:
+        cuda.low_latency.teardown()
+
+
 def shutdown(*, at_exit=False):
     """Release what initialize set up (GPU buffers, peer mappings); idempotent.
 
@@ -139,10 +201,8 @@ def shutdown(*, at_exit=False):
     since a peer that already died would hang a collective finalize.
     """
     global _state
-    if _state is not None and _state.intranode:
-        cuda.intranode.teardown()
-    if _state is not None and _state.low_latency and not at_exit:
-        cuda.low_latency.teardown()
+    if _state is not None:
+        _teardown(_state, at_exit=at_exit)
     _state = None
     _backend.set_default_backend("auto")
 

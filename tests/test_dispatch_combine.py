@@ -155,3 +155,21 @@ def test_layout_matches_oracle(backend):
             i, num_experts=E, num_ranks=R, backend=backend))(idx)
         for g, e in zip(got, oracle.get_dispatch_layout(idx, E, R)):
             np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32])
+def test_wide_ids_are_judged_before_narrowing(dtype):
+    """2**32 + e must count as invalid, not wrap to expert e (nor 2**32 - 1 to -1)."""
+    xs, idxs, ws = inputs(11)
+    wide = [i.astype(np.int64) for i in idxs]
+    for r, i in enumerate(wide):
+        i[r % T, 0] = 2**32 + 3           # wraps to expert 3 as int32
+        i[(r + 1) % T, 1] = 2**32 - 1     # wraps to -1 ("no expert") as int32
+    wide = [i.astype(dtype) for i in wide]  # uint32 keeps 2**32 - 1 and drops the 2**32
+    with jax.enable_x64(True):
+        got = run_ep(dispatch_fn(), xs, wide, ws, mesh=ep_mesh(R))
+    exp = oracle.dispatch(xs, [i.astype(np.int64) for i in wide], ws, num_experts=E)
+    for r in range(R):
+        g = rank(got, r)
+        assert int(g["num_invalid_experts"]) == exp[r]["num_invalid_experts"] >= 1
+        np.testing.assert_array_equal(g["recv_topk_idx"], exp[r]["recv_topk_idx"])

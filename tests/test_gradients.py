@@ -173,3 +173,43 @@ def test_fp8_low_latency_dispatch_refuses_differentiation(mesh, data):
 
     with jax.set_mesh(mesh), pytest.raises(TypeError, match="not differentiable"):
         jax.jit(jax.grad(loss))(glob(xs, mesh))
+
+
+def _moe_loss(mesh, low_latency, remat):
+    """loss(x, w_in, w_out) of dispatch -> a per-expert matmul -> combine, optionally
+    under jax.checkpoint (the forward ops then run again in the backward pass)."""
+    def layer(x, idx, w, w_in, w_out):
+        if low_latency:
+            recv, count, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                         max_tokens_per_rank=M)
+            y = jnp.einsum("lnh,lhf->lnf", recv, w_in)
+            y = jnp.einsum("lnf,lfh->lnh", jnp.tanh(y), w_out)
+            return jax_ep.low_latency_combine(y, idx, w, h)
+        recv, ridx, rw, h = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep")
+        y = jnp.tanh(recv @ w_in[0]) @ w_out[0] * jnp.sum(rw, axis=1, keepdims=True)
+        return jax_ep.combine(y, h)
+
+    body = jax.checkpoint(layer) if remat else layer
+    smapped = jax.shard_map(body, mesh=mesh, in_specs=(SPEC, SPEC, SPEC, SPEC, SPEC),
+                            out_specs=SPEC)
+    return lambda x, idx, w, w_in, w_out: jnp.sum(smapped(x, idx, w, w_in, w_out) ** 2)
+
+
+@pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
+def test_checkpointed_layer_has_the_same_gradients(mesh, data, low_latency):
+    """jax.checkpoint (remat) around dispatch -> experts -> combine: the ops can be
+    rematerialised (no side effects) and give the same gradients."""
+    xs, idxs, ws = data
+    f, local = 16, E // R
+    rng = np.random.default_rng(5)
+    w_in = glob([rng.standard_normal((local, H, f), np.float32) * 0.1] * R, mesh)
+    w_out = glob([rng.standard_normal((local, f, H), np.float32) * 0.1] * R, mesh)
+    args = (glob(xs, mesh), glob(idxs, mesh), glob(ws, mesh), w_in, w_out)
+    grads = [jax.jit(jax.grad(_moe_loss(mesh, low_latency, remat), argnums=(0, 3, 4)))(*args)
+             for remat in (False, True)]
+    text = jax.jit(jax.grad(_moe_loss(mesh, low_latency, True), argnums=(0, 3, 4))).lower(
+        *args).as_text()
+    assert "checkpoint" in text or "remat" in text or "optimization_barrier" in text
+    for plain, remat in zip(*grads):
+        np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), rtol=1e-6, atol=1e-6)
+        assert np.any(np.asarray(plain) != 0)

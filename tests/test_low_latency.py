@@ -68,6 +68,25 @@ def test_low_latency_fp8_matches_oracle_after_dequantisation():
         assert np.all(np.abs(deq - x_ref) <= amax * 2.0**-4 + 1e-6)
 
 
+def test_fp8_cast_of_nan_and_inf_follows_the_oracle():
+    """A NaN stays in its own channel (amax ignores it, as fmaxf in the kernels);
+    an infinity makes its block's scale infinite."""
+    xs, idxs, ws = inputs(14)
+    xs = [np.array(x) for x in xs]
+    for r, x in enumerate(xs):
+        x[r % T, 5] = np.nan           # a NaN beside finite channels of block 0
+        x[(r + 1) % T, 128:256] = np.nan  # a whole block of NaN
+        x[(r + 2) % T, 130] = np.inf   # an infinity in block 1
+    got = run_ep(ll_fn(use_fp8=True), xs, idxs, ws, mesh=ep_mesh(R))
+    exp = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=True)
+    for r in range(R):
+        q, s = rank(got, r)["recv_x"]
+        eq, es = exp[r]["recv_x"]
+        np.testing.assert_array_equal(s, es)
+        np.testing.assert_array_equal(np.asarray(q).astype(np.float32), eq.astype(np.float32))
+    assert any(np.isnan(rank(got, r)["recv_x"][0].astype(np.float32)).any() for r in range(R))
+
+
 def test_low_latency_rejects_too_many_tokens():
     xs, idxs, ws = inputs(13)
     def fn(x, idx, w):

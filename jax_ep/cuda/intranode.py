@@ -9,7 +9,9 @@ Setup (`setup`, from `jax_ep.initialize`, outside jit, every process):
    key-value store, so one process per GPU and one process per host both work;
 3. a table device ordinal -> (EP group, rank) for the FFI handlers, one EP
    group per combination of the mesh's other axes;
-4. a barrier across processes, so no kernel spins before every peer is mapped.
+4. an agreement across processes after each step (`_agreement.agree`): a
+   failure on one raises on all, and no kernel spins before every peer is
+   mapped.
 
 The backend functions have the signatures of their `_reference` twins.
 Routing (slot / sent) comes from the `jax_ep_route` kernel; the custom calls
@@ -20,14 +22,14 @@ processes may share one GPU, where NCCL refuses to run).
 from __future__ import annotations
 
 import dataclasses
-import pickle
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _kvstore
+from .. import _agreement, _kvstore
 from .._mesh import ep_coordinates, ep_groups
 from .._routing import Routing, handle_from_counts, localize, valid_ids
 from . import extension, layout
@@ -117,8 +119,15 @@ def check_buffer(op, axis_name, nbytes):
 # --------------------------------------------------------------------------
 
 
+IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+
+
 def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
-    """Allocate, exchange and map every local device's buffer (collective, outside jit)."""
+    """Allocate, exchange and map every local device's buffer (collective, outside jit).
+
+    Each step ends in an agreement across the mesh's processes, so a failure
+    on one raises on all of them; on failure this process frees what it made.
+    """
     global _buffers
     mod = extension.cuda_module()
     groups = ep_groups(mesh, axis_name)
@@ -129,42 +138,83 @@ def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
     coords = ep_coordinates(mesh, axis_name)
     me = jax.process_index()
     local = [d for d in mesh.devices.flat if d.process_index == me]
-    for d in local:
-        mod.comm_create(d.local_hardware_id, data_bytes)
-
-    multi_process = any(d.process_index != me for d in mesh.devices.flat)
     scope = _kvstore.new_scope("intranode")
-    key = lambda g, r: f"{scope}/peer/{g}/{r}"
-    info = {}
-    for d in local:
-        g, r = coords[d]
-        info[(g, r)] = dict(process=me, ordinal=d.local_hardware_id,
-                            pointer=mod.comm_local_pointer(d.local_hardware_id),
-                            ipc=mod.comm_ipc_handle(d.local_hardware_id))
-        if multi_process:
-            _kvstore.kv_set_bytes(key(g, r), pickle.dumps(info[(g, r)]))
+    try:
+        def allocate():
+            for d in local:
+                mod.comm_create(d.local_hardware_id, data_bytes)
 
-    def peer_info(g, r):
-        if (g, r) not in info:
-            info[(g, r)] = pickle.loads(_kvstore.kv_get_bytes(key(g, r), timeout=timeout_s))
-        return info[(g, r)]
+        def connect(peers):
+            for d in local:
+                g, rank = coords[d]
+                mod.comm_connect(d.local_hardware_id, rank, groups.shape[1], g, peers[d])
 
+        _agreement.step(mesh, "allocating the intranode buffers", allocate, timeout_s=timeout_s)
+        peers = _exchange_peers(mesh, scope, coords, groups.shape[1], local, timeout_s)
+        _agreement.step(mesh, "mapping the intranode peers", lambda: connect(peers),
+                        timeout_s=timeout_s)
+        mod.comm_set_options(timeout_s, num_blocks)
+    except BaseException:
+        mod.comm_destroy_all()
+        raise
+    _buffers = _Buffers(axis_name, int(data_bytes), tuple(d.local_hardware_id for d in local))
+
+
+def _exchange_peers(mesh, scope, coords, num_ranks, local, timeout_s):
+    """Each local device's peer list for comm_connect: ("self", 0), ("local", pointer) for
+    devices of this process, ("ipc", handle) for the others, whose records come
+    from the key-value store (JSON, validated; never a pointer)."""
+    mod = extension.cuda_module()
+    me = jax.process_index()
+    mine = {coords[d]: d for d in local}
+    remote = [(g, r) for g in {coords[d][0] for d in local} for r in range(num_ranks)
+              if (g, r) not in mine]
+    if remote:
+        for (g, r), d in mine.items():
+            record = dict(format=_PEER_FORMAT, process=me, group=g, rank=r,
+                          ipc=mod.comm_ipc_handle(d.local_hardware_id).hex())
+            _kvstore.kv_set_bytes(f"{scope}/peer/{g}/{r}", json.dumps(record).encode())
+    owner = {coords[d]: d.process_index for d in mesh.devices.flat}
+    handles = {}
+    for g, r in remote:
+        try:
+            raw = _kvstore.kv_get_bytes(f"{scope}/peer/{g}/{r}", timeout=timeout_s)
+        except Exception as err:  # noqa: BLE001 - the client's timeout error type varies
+            raise _agreement.DisagreementError(
+                f"jax_ep.initialize: process {owner[(g, r)]} (EP group {g}, rank {r}) did not "
+                f"publish its intranode buffer within {timeout_s:g} s. Did every process call "
+                f"jax_ep.initialize with the same mesh? ({type(err).__name__}: {err})") from None
+        handles[(g, r)] = _peer_handle(raw, g, r, owner[(g, r)], me)
+    peers = {}
     for d in local:
         g, rank = coords[d]
-        peers = []
-        for r in range(groups.shape[1]):
-            p = peer_info(g, r)
-            if p["process"] != me:
-                peers.append(("ipc", p["ipc"]))
-            elif p["ordinal"] == d.local_hardware_id:
-                peers.append(("self", 0))
-            else:
-                peers.append(("local", p["pointer"]))
-        mod.comm_connect(d.local_hardware_id, rank, groups.shape[1], g, peers)
-    mod.comm_set_options(timeout_s, num_blocks)
-    if multi_process:
-        _kvstore.barrier(f"{scope}/connected", timeout=timeout_s)
-    _buffers = _Buffers(axis_name, int(data_bytes), tuple(d.local_hardware_id for d in local))
+        peers[d] = [("self", 0) if r == rank
+                    else ("local", mod.comm_local_pointer(mine[(g, r)].local_hardware_id))
+                    if (g, r) in mine else ("ipc", handles[(g, r)]) for r in range(num_ranks)]
+    return peers
+
+
+_PEER_FORMAT = 1
+
+
+def _peer_handle(raw, group, rank, process, me):
+    """The IPC handle in a peer's record, after checking every field against the mesh."""
+    where = f"jax_ep.initialize: the intranode record of EP group {group}, rank {rank}"
+    try:
+        record = json.loads(raw.decode())
+        ok = (isinstance(record, dict) and record.get("format") == _PEER_FORMAT
+              and record.get("process") == process and record.get("process") != me
+              and record.get("group") == group and record.get("rank") == rank
+              and isinstance(record.get("ipc"), str))
+        handle = bytes.fromhex(record["ipc"]) if ok else b""
+    except (UnicodeDecodeError, ValueError, KeyError):
+        ok, handle = False, b""
+    if not ok or len(handle) != IPC_HANDLE_BYTES:
+        raise _agreement.DisagreementError(
+            f"{where} is malformed or not from process {process} (format "
+            f"{_PEER_FORMAT}, a {IPC_HANDLE_BYTES}-byte CUDA IPC handle expected): do all "
+            f"processes run the same jax_ep version?")
+    return handle
 
 
 def teardown():

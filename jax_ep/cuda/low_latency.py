@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _kvstore
+from .. import _agreement, _kvstore
 from .._handles import LowLatencyHandle
 from .._routing import valid_ids
 from . import extension, nvshmem
@@ -75,28 +75,38 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
           options, timeout_s, num_blocks=0, send_buffer=None):
     """Bootstrap NVSHMEM and allocate the region (collective). Returns `info()`.
 
-    send_buffer: allocate the staging rows NVSHMEM puts need. Default: when
-    the PEs span several hosts or options.force_put is on.
+    Every step ends in an agreement across the processes (`_agreement.agree`),
+    so a failure on one PE raises on all instead of leaving the others in a
+    collective. send_buffer: allocate the staging rows NVSHMEM puts need.
+    Default: when the PEs span several hosts or options.force_put is on.
     """
     mod = extension.nvshmem_module()
     prefix = _kvstore.new_scope("nvshmem")
-    pes = nvshmem.locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix)
+    pes = _agreement.step(
+        mesh, "locating the NVSHMEM PEs",
+        lambda: nvshmem.locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix),
+        timeout_s=timeout_s)
     if send_buffer is None:
         send_buffer = options.force_put or not pes.single_host
     heap = mod.nvshmem_ll_region_bytes(pes.num_ranks, max_tokens_per_rank, hidden, num_experts,
                                        top_k, itemsize, bool(send_buffer)) + _HEAP_HEADROOM
-    nvshmem.init(pes, heap_bytes=heap, timeout_s=timeout_s, prefix=prefix)
-    mod.nvshmem_ll_set_options(float(timeout_s), int(num_blocks), int(options.force_put),
-                               int(pes.ranks_on_device))
-    mod.nvshmem_ll_alloc(max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
-                         bool(send_buffer), system_scope=options.system_scope,
-                         dependent_launch=options.dependent_launch,
-                         streamed_combine=options.streamed_combine,
-                         phase_trace=options.phase_trace or "")
-    # Rank 0's bootstrap socket must outlive everyone's init; no kernel spins
-    # before every PE has zeroed its region (the allocation ends in an
-    # NVSHMEM barrier too).
-    _kvstore.barrier(f"{prefix}/ready", timeout=timeout_s)
+    _agreement.step(
+        mesh, "initializing NVSHMEM",
+        lambda: nvshmem.init(pes, heap_bytes=heap, timeout_s=timeout_s, prefix=prefix),
+        timeout_s=timeout_s)
+
+    def allocate():
+        mod.nvshmem_ll_set_options(float(timeout_s), int(num_blocks), int(options.force_put),
+                                   int(pes.ranks_on_device))
+        mod.nvshmem_ll_alloc(max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
+                             bool(send_buffer), system_scope=options.system_scope,
+                             dependent_launch=options.dependent_launch,
+                             streamed_combine=options.streamed_combine,
+                             phase_trace=options.phase_trace or "")
+
+    # The allocation ends in an NVSHMEM barrier; the agreement after it also
+    # keeps rank 0's bootstrap socket alive until everyone's init is done.
+    _agreement.step(mesh, "allocating the low-latency region", allocate, timeout_s=timeout_s)
     extension.register_targets()
     return info()
 

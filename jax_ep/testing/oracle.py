@@ -374,7 +374,9 @@ def dispatch_weights_grad(ct_recv_ws, topk_idxs, num_experts: int,
 def fp8_quantize(x):
     """Per-row, per-128-channel block FP8 (e4m3fn) quantization.
 
-    ``amax = max |x|`` over the block in float32;
+    ``amax = max |x|`` over the block's non-NaN channels in float32 (a NaN
+    stays NaN in its own channel and leaves the block's other channels and
+    scale alone; an infinity makes the scale infinite);
     ``scale = max(amax, 1e-4) * float32(1 / 448)`` (float32; a multiply by
     the rounded reciprocal, which is what compilers make of a division by a
     constant, so kernels and XLA agree bit for bit);
@@ -387,10 +389,11 @@ def fp8_quantize(x):
     if H % FP8_BLOCK:
         raise ValueError(f"hidden size {H} is not a multiple of {FP8_BLOCK}")
     blocks = xf.reshape(xf.shape[:-1] + (H // FP8_BLOCK, FP8_BLOCK))
-    amax = np.max(np.abs(blocks), axis=-1)
+    amax = np.max(np.where(np.isnan(blocks), np.float32(0), np.abs(blocks)), axis=-1)
     scale = (np.maximum(amax, np.float32(FP8_MIN_AMAX)) *
              np.float32(1.0 / FP8_MAX)).astype(np.float32)
-    scaled = blocks / scale[..., None]
+    with np.errstate(invalid="ignore"):  # inf / inf in a block with an infinity
+        scaled = blocks / scale[..., None]
     q = np.clip(scaled, np.float32(-FP8_MAX), np.float32(FP8_MAX))
     q = q.astype(FP8_DTYPE).reshape(xf.shape)
     return q, scale
