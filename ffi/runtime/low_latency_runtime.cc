@@ -200,7 +200,7 @@ bool AnyPut(const LLContext& ctx, bool force_put) { return force_put || ctx.unma
 
 // Every PE on this GPU (processes sharing it) and none reached by put:
 // GPU-scope flags and fences order all the kernels exchange, and cost less
-// than system scope under load (8 PEs on one H200: 3-4 us per op).
+// than system scope under load (see docs/optimisation-log.md).
 // The system_scope option keeps system scope (what peers on other GPUs need).
 bool EffectiveGpuScope(const LLContext& ctx, int ranks_on_device_option, bool any_put) {
   return !any_put && !ctx.options.system_scope &&

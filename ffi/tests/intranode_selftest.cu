@@ -1,8 +1,8 @@
 // Standalone self-test and timing of the intranode kernels, without JAX: R
 // ranks live in one process on one GPU, each with its own comm buffer and
 // stream; peers are plain device pointers. Checks dispatch / cached dispatch /
-// combine against a CPU model of the DESIGN.md semantics (bitwise), over
-// several epochs, then times R=1 and R=8 for bandwidth (kernels only).
+// combine against a CPU model of the docs/design.md §2 semantics (bitwise),
+// over several epochs, then times R=1 and R=8 for bandwidth (kernels only).
 // Build: cmake target jax_ep_intranode_selftest (-DJAX_EP_SELFTESTS=ON).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -460,10 +460,136 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(IntranodeComm c, C
 
 // Element types (Bf16Elem, F16Elem, F32Elem, F8E4M3Elem): elem_types.cuh.
 
+// The routes of a combine-receive chunk's tokens t0 .. t0 + n_tok - 1 (one
+// warp per token): s_rank[g][*] the ranks holding a row of token t0 + g, in
+// order, s_slot[g][*] its slot there, s_count[g] how many.
+__device__ __forceinline__ void LoadChunkRoutes(const CombineKernelArgs& a, int64_t t0, int n_tok,
+                                                int R, int me, int64_t T, int64_t self_begin,
+                                                int64_t self_end, int lane, int warp,
+                                                unsigned below, int32_t* s_count,
+                                                int32_t (*s_rank)[kMaxRanks],
+                                                int32_t (*s_slot)[kMaxRanks]) {
+  for (int g = warp; g < n_tok; g += kWarps) {
+    const int32_t* slot_row = a.token_slot + (t0 + g) * R;
+    const int32_t s_lo = lane < R ? slot_row[lane] : -1;
+    const int32_t s_hi = lane + 32 < R ? slot_row[lane + 32] : -1;
+    // A slot on myself must also name a row of y (bounds, not semantics).
+    const bool v_lo = s_lo >= 0 && s_lo < T && (lane != me || self_begin + s_lo < self_end);
+    const bool v_hi =
+        s_hi >= 0 && s_hi < T && (lane + 32 != me || self_begin + s_hi < self_end);
+    const unsigned lo = __ballot_sync(kFullMask, v_lo);
+    const unsigned hi = __ballot_sync(kFullMask, v_hi);
+    const int n_lo = __popc(lo);
+    if (v_lo) {
+      const int k = __popc(lo & below);
+      s_rank[g][k] = lane;
+      s_slot[g][k] = s_lo;
+    }
+    if (v_hi) {
+      const int k = n_lo + __popc(hi & below);
+      s_rank[g][k] = lane + 32;
+      s_slot[g][k] = s_hi;
+    }
+    if (lane == 0) s_count[g] = n_lo + __popc(hi);
+  }
+}
+
+// Each thread reduces kItems vectors at once, up to kRankUnroll ranks each,
+// so that up to kItems * kRankUnroll loads are in flight (memory-level
+// parallelism even when tokens have a single route, e.g. R = 1).
+template <typename Elem, int kVec>
+__device__ __forceinline__ void ReduceChunkItems(const CombineKernelArgs& a, const uint8_t* area,
+                                                 int64_t t0, int n_tok, int vecs_per_token, int R,
+                                                 int me, int64_t T, int64_t rb,
+                                                 int64_t self_begin, int tid,
+                                                 const int32_t* s_count,
+                                                 const int32_t (*s_rank)[kMaxRanks],
+                                                 const int32_t (*s_slot)[kMaxRanks]) {
+  using Raw = typename Elem::Raw;
+  using V = typename VecOf<kVec * sizeof(Raw)>::Type;
+  const int items = n_tok * vecs_per_token;
+  for (int base = tid; base < items; base += blockDim.x * kItems) {
+    int g[kItems], n[kItems], prev[kItems];
+    int64_t byte_in_row[kItems];
+    float acc[kItems][kVec];
+    int n_max = 0;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int item = base + i * static_cast<int>(blockDim.x);
+      g[i] = 0;
+      n[i] = -1;  // no item
+      byte_in_row[i] = 0;
+      if (item < items) {
+        g[i] = item / vecs_per_token;
+        byte_in_row[i] =
+            static_cast<int64_t>(item - g[i] * vecs_per_token) * static_cast<int64_t>(sizeof(V));
+        n[i] = s_count[g[i]];
+        n_max = max(n_max, n[i]);
+      }
+      prev[i] = -1;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[i][e] = -0.0f;
+    }
+    for (int k0 = 0; k0 < n_max; k0 += kRankUnroll) {
+      V v[kItems][kRankUnroll];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+#pragma unroll
+        for (int u = 0; u < kRankUnroll; ++u) {
+          const int k = k0 + u;
+          if (k < n[i]) {
+            const int r = s_rank[g[i]][k];
+            const int64_t j = s_slot[g[i]][k];
+            const uint8_t* row = r == me ? a.y + (self_begin + j) * rb : area + (r * T + j) * rb;
+            v[i][u] = __ldcg(reinterpret_cast<const V*>(row + byte_in_row[i]));
+          } else {
+            v[i][u] = V{};
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+#pragma unroll
+        for (int u = 0; u < kRankUnroll; ++u) {
+          const int k = k0 + u;
+          if (k < n[i]) {
+            const int r = s_rank[g[i]][k];
+            if (r != prev[i] + 1) {
+#pragma unroll
+              for (int e = 0; e < kVec; ++e) acc[i][e] += 0.0f;
+            }
+            prev[i] = r;
+            Raw raw[kVec];
+            memcpy(raw, &v[i][u], sizeof(V));
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) acc[i][e] += Elem::ToFloat(raw[e]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (n[i] < 0) continue;
+      if (prev[i] != R - 1) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[i][e] += 0.0f;
+      }
+      Raw res[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) res[e] = Elem::FromFloat(acc[i][e]);
+      V packed;
+      memcpy(&packed, res, sizeof(V));
+      *reinterpret_cast<V*>(a.out + (t0 + g[i]) * rb + byte_in_row[i]) = packed;
+    }
+  }
+}
+
 // out[t] = sum over r in 0..R-1 of (slot[t, r] >= 0 ? row(r, slot) : 0) in
-// fp32, row(r, j) = area[r][j] for peers and y[begin[me] + j] for myself. The accumulator starts at -0.0f and every absent rank adds +0.0f, so
-// the result is bitwise the reference's acc = term(0); acc += term(r): adding
-// +0.0f only matters for a -0.0f sum, so one add per gap is enough.
+// fp32, row(r, j) = area[r][j] for peers and y[begin[me] + j] for myself,
+// one chunk of tokens at a time (LoadChunkRoutes, then ReduceChunkItems). The
+// accumulator starts at -0.0f and every absent rank adds +0.0f, so the result
+// is bitwise the reference's acc = term(0); acc += term(r): adding +0.0f only
+// matters for a -0.0f sum, so one add per gap is enough.
 template <typename Elem, int kVec>
 __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: <= 128 registers
     CombineRecvKernel(IntranodeComm c, CombineKernelArgs a) {
@@ -509,110 +635,12 @@ __global__ void __launch_bounds__(kThreads, 2)  // two blocks per SM: <= 128 reg
   for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
     const int64_t t0 = chunk * G;
     const int n_tok = static_cast<int>(min(static_cast<int64_t>(G), T - t0));
-    // Routes of the chunk's tokens: the ranks holding a row of t, in order.
-    for (int g = warp; g < n_tok; g += kWarps) {
-      const int32_t* slot_row = a.token_slot + (t0 + g) * R;
-      const int32_t s_lo = lane < R ? slot_row[lane] : -1;
-      const int32_t s_hi = lane + 32 < R ? slot_row[lane + 32] : -1;
-      // A slot on myself must also name a row of y (bounds, not semantics).
-      const bool v_lo = s_lo >= 0 && s_lo < T && (lane != me || self_begin + s_lo < self_end);
-      const bool v_hi =
-          s_hi >= 0 && s_hi < T && (lane + 32 != me || self_begin + s_hi < self_end);
-      const unsigned lo = __ballot_sync(kFullMask, v_lo);
-      const unsigned hi = __ballot_sync(kFullMask, v_hi);
-      const int n_lo = __popc(lo);
-      if (v_lo) {
-        const int k = __popc(lo & below);
-        s_rank[g][k] = lane;
-        s_slot[g][k] = s_lo;
-      }
-      if (v_hi) {
-        const int k = n_lo + __popc(hi & below);
-        s_rank[g][k] = lane + 32;
-        s_slot[g][k] = s_hi;
-      }
-      if (lane == 0) s_count[g] = n_lo + __popc(hi);
-    }
+    LoadChunkRoutes(a, t0, n_tok, R, me, T, self_begin, self_end, lane, warp, below, s_count,
+                    s_rank, s_slot);
     __syncthreads();
 
-    // Each thread reduces kItems vectors at once, up to kRankUnroll ranks each,
-    // so that up to kItems * kRankUnroll loads are in flight (memory-level
-    // parallelism even when tokens have a single route, e.g. R = 1).
-    const int items = n_tok * vecs_per_token;
-    for (int base = tid; base < items; base += blockDim.x * kItems) {
-      int g[kItems], n[kItems], prev[kItems];
-      int64_t byte_in_row[kItems];
-      float acc[kItems][kVec];
-      int n_max = 0;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int item = base + i * static_cast<int>(blockDim.x);
-        g[i] = 0;
-        n[i] = -1;  // no item
-        byte_in_row[i] = 0;
-        if (item < items) {
-          g[i] = item / vecs_per_token;
-          byte_in_row[i] =
-              static_cast<int64_t>(item - g[i] * vecs_per_token) * static_cast<int64_t>(sizeof(V));
-          n[i] = s_count[g[i]];
-          n_max = max(n_max, n[i]);
-        }
-        prev[i] = -1;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[i][e] = -0.0f;
-      }
-      for (int k0 = 0; k0 < n_max; k0 += kRankUnroll) {
-        V v[kItems][kRankUnroll];
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-#pragma unroll
-          for (int u = 0; u < kRankUnroll; ++u) {
-            const int k = k0 + u;
-            if (k < n[i]) {
-              const int r = s_rank[g[i]][k];
-              const int64_t j = s_slot[g[i]][k];
-              const uint8_t* row = r == me ? a.y + (self_begin + j) * rb : area + (r * T + j) * rb;
-              v[i][u] = __ldcg(reinterpret_cast<const V*>(row + byte_in_row[i]));
-            } else {
-              v[i][u] = V{};
-            }
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-#pragma unroll
-          for (int u = 0; u < kRankUnroll; ++u) {
-            const int k = k0 + u;
-            if (k < n[i]) {
-              const int r = s_rank[g[i]][k];
-              if (r != prev[i] + 1) {
-#pragma unroll
-                for (int e = 0; e < kVec; ++e) acc[i][e] += 0.0f;
-              }
-              prev[i] = r;
-              Raw raw[kVec];
-              memcpy(raw, &v[i][u], sizeof(V));
-#pragma unroll
-              for (int e = 0; e < kVec; ++e) acc[i][e] += Elem::ToFloat(raw[e]);
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        if (n[i] < 0) continue;
-        if (prev[i] != R - 1) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[i][e] += 0.0f;
-        }
-        Raw res[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) res[e] = Elem::FromFloat(acc[i][e]);
-        V packed;
-        memcpy(&packed, res, sizeof(V));
-        *reinterpret_cast<V*>(a.out + (t0 + g[i]) * rb + byte_in_row[i]) = packed;
-      }
-    }
+    ReduceChunkItems<Elem, kVec>(a, area, t0, n_tok, vecs_per_token, R, me, T, rb, self_begin,
+                                 tid, s_count, s_rank, s_slot);
     __syncthreads();  // the next chunk rewrites the routes
   }
 }

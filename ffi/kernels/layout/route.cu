@@ -8,9 +8,8 @@
 //     the chunk-local position, chunk_counts[chunk][r] the chunk's total.
 //  2. RouteOffsetKernel: adds the totals of the earlier chunks to every slot
 //     and writes sent[r] (the last chunk).
-// Integer counts in token order: deterministic. This replaces an XLA cumsum
-// over [T, R] that took ~48 µs for T = 4096 on an H200 (reduce-window
-// lowering); a first kernel with one block per rank still took 11 µs.
+// Integer counts in token order: deterministic. A kernel because XLA's
+// cumsum over [T, R] (a reduce-window) was slow; see docs/optimisation-log.md.
 #include "ffi/kernels/layout/route.h"
 
 #include <algorithm>

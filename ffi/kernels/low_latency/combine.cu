@@ -7,10 +7,9 @@
 // the token's slot (not the split form, whose receive does not hold y:
 // keeping y alive through the overlap would cost its memory). At several PEs
 // this kernel still sends a PE's rows to itself: reading them from y instead
-// made it slower at 8 PEs on one H200, twice (receive 52-57 -> 87-91 us;
-// kernel 128.7 -> 146.5 us), not understood; the streamed kernel does read
-// them from y (row pointers found once per token) and gains (106 -> 99-101
-// us). Protocol and region: low_latency/device.cuh.
+// made it slower, for reasons not understood (the streamed kernel, which finds
+// its row pointers once per token, does read them from y; see
+// docs/optimisation-log.md). Protocol and region: low_latency/device.cuh.
 #include "ffi/kernels/low_latency/combine.cuh"
 
 namespace jax_ep {
@@ -202,9 +201,8 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   switch (a.dtype) {
     case ElemType::kBF16:
       // One PE, fused: 16 channels (two 16-byte loads per row) per thread,
-      // kernel 9.5 -> 7.2 us at the decode shape on one H200. At several PEs
-      // the same width spilled registers in the send and was slower (8-PE
-      // combine 127 -> 132 us).
+      // faster there; at several PEs the same width spilled registers in the
+      // send and was slower (see docs/optimisation-log.md).
       if (one && vec && a.shape.hidden % 16 == 0) {
         return Launch(LLCombineKernel<Bf16Elem, 16, true>, grid, smem, stream, comm, p);
       }

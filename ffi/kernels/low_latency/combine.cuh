@@ -42,8 +42,8 @@ namespace {
 constexpr int kKChunk = 8;  // combine rows per thread in flight
 
 // Row of (expert e, token t) in a combine receive set: [M][E], a token's
-// rows side by side (its receive reads them together; [E][M] measured 1-2 us
-// slower at 8 PEs on one H200).
+// rows side by side: its receive reads them together ([E][M] was slower; see
+// docs/optimisation-log.md).
 __device__ __forceinline__ int64_t CombineSetRow(int64_t e, int64_t t, int64_t E) {
   return t * E + e;
 }
@@ -137,7 +137,7 @@ __device__ __forceinline__ void ReduceChunk(const CombineParams& p, const uint8_
       const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k) : nullptr;
       ok[u] = row != nullptr;
       // Left unset when !ok: zeroing (as ReduceTokenRange does) made the
-      // 8-PE plain combine 127.6 -> 128.9 us (A/B, three rounds).
+      // plain combine slower (see docs/optimisation-log.md).
       if (ok[u]) {
         v[u] = LoadVec<true>(row + c);
         w[u] = __ldg(p.w + t * K + k);

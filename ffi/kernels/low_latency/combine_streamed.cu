@@ -1,11 +1,10 @@
 // Low-latency combine, streamed: the fused combine at several PEs when every
 // PE runs on this GPU (LLComm::gpu_scope: peers mapped, GPU-scope flags). Not
 // with puts, not gather, not the split form, and not across GPUs: those run
-// the plain kernel (combine.cu). Across GPUs the per-row
-// system-scope fence costs more than the early start gains (2 H200s over
-// NVLink, one PE each, chained combine: 57 us streamed, 45-47 plain); the
-// kernel's system-scope branches stay correct (tested on one GPU with
-// JAX_EP_LL_SYS_SCOPE=1 when it landed) but are not launched.
+// the plain kernel (combine.cu). Across GPUs the per-row system-scope fence
+// costs more than the early start gains (see docs/optimisation-log.md); the
+// kernel's system-scope branches stay correct (tested on one GPU with the
+// system_scope option) but are not launched.
 //
 // The plain kernel reduces after every source's done signal. Here a token is
 // reduced as soon as its own rows are in:
@@ -25,20 +24,16 @@
 //  - the last receiving block waits for every done signal (no add of op n can
 //    still arrive), zeroes arrive[b] and the task counter, then releases set
 //    b as the plain kernel does.
-// Measured at 8 PEs on one H200 (benchmarks/ll_phases.py, kernel mean):
-// plain 127 -> streamed 120 us (the receive starts without the done-signal
-// round; more early receivers slowed the send: 4 per block 121, 8 126.5);
-// row pointers once per token instead of per chunk (which had also kept
-// every row's last value alive across chunks: ~200 B of spills) 106; own
-// rows from y 99-101. At 2 and 4 PEs the streamed kernel was slower than
-// the plain one until then (50 / 76 against 38 / 68 us), now 31 / 53.
+// Faster than the plain kernel because the receive starts without waiting for
+// the done-signal round; see docs/optimisation-log.md for the measurements.
 #include "ffi/kernels/low_latency/combine.cuh"
 
 namespace jax_ep {
 namespace {
 
-constexpr int kStreamBuckets = 8;   // token buckets of the send order (16: no better)
-constexpr int kEarlyRecvWarps = 2;  // warps per block that receive from the start
+constexpr int kStreamBuckets = 8;   // token buckets of the send order
+// Warps per block that receive from the start (more slowed the send).
+constexpr int kEarlyRecvWarps = 2;
 
 __device__ __forceinline__ int TokenBucket(int32_t code, int64_t M) {
   if (code < 0) return 0;

@@ -141,9 +141,9 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;   // vectors per lane in flight in warp copies
-// ... in the copies of whole rows (dispatch receive, streamed combine send).
-// Deeper than kUnroll where the kernel has the registers: 8-PE dispatch
-// 77.3 -> 76.3 us on one H200 (16: no better, and the dispatch would spill).
+// ... in the copies of whole rows (dispatch receive, streamed combine send):
+// deeper than kUnroll where the kernel has the registers (more would spill;
+// see docs/optimisation-log.md).
 constexpr int kRowUnroll = 8;
 constexpr int kPartVectors = 128;  // fewest 16-byte vectors per row part
 constexpr unsigned kFull = 0xffffffffu;
@@ -178,9 +178,9 @@ __device__ __forceinline__ bool LastToReceive(const LLComm& c) {
 
 // The warp's next task from a phase's counter (lane 0 takes it; past the
 // phase's tasks: none left). Blocks whose copies go faster take more rows:
-// at 8 PEs on one GPU the blocks of one PE finished a statically split
-// combine send up to 20 us apart (dynamic: combine 130 -> 127.5 us; the
-// dispatch receive got slower, 79.5 -> 80.5, and keeps its static split).
+// a static split left the blocks of a combine send finishing far apart (the
+// dispatch receive was faster static and keeps it; see
+// docs/optimisation-log.md).
 __device__ __forceinline__ int64_t NextWarpTask(unsigned int* counter, int lane) {
   unsigned int task = 0u;
   if (lane == 0) task = atomicAdd(counter, 1u);
@@ -302,8 +302,8 @@ __device__ __forceinline__ void FinishSend(const LLComm& c, uint8_t* const* s_pe
     if (threadIdx.x == 0) QuietAll();
   }
   // Mapped peers: the barrier orders this block's writes (dispatch: the
-  // counts) before each signal's release store (one fence per signal, not
-  // one per thread: measured 5-8 µs less per op at 8 PEs on one GPU).
+  // counts) before each signal's release store: one fence per signal, not
+  // one per thread (cheaper; see docs/optimisation-log.md).
   if (c.any_put) __threadfence_system();
   __syncthreads();
   PublishDone(c, s_peer, n, op, threadIdx.x, blockDim.x);
@@ -402,9 +402,8 @@ __device__ __forceinline__ void WarpPrefetchL2(const void* p, int64_t n, int lan
 }
 
 // Vectors [begin, n) by one warp, kU per lane in flight. A vector past n is
-// zero, not left unset: an unset one kept the previous pass's value alive
-// (nvcc carried it across passes), which cost the 8-PE dispatch 2.4 us and
-// made a deeper unroll spill.
+// zero, not left unset: nvcc kept an unset one's previous value alive across
+// passes, which cost time and made a deeper unroll spill.
 template <bool kPeer, int kU = kUnroll, typename V>
 __device__ __forceinline__ void WarpCopyVecRange(V* __restrict__ dst, const V* __restrict__ src,
                                                  int64_t begin, int64_t n, int lane) {

@@ -227,14 +227,168 @@ struct DispatchParams {
   const int32_t* token_in;
 };
 
+// The last send block: counts[b][me][*] of every PE <- scratch, then the
+// done signals; scratch is zeroed for the next op of this parity.
+__device__ __forceinline__ void PublishCounts(const LLComm& c, uint8_t* const* s_peer,
+                                              int32_t* scratch, uint64_t n, int b, int R, int me,
+                                              int64_t E) {
+  const size_t counts_off = CountsOffset(c.layout, b, me, E);
+  if ((E & 3) == 0 && (counts_off & 15) == 0 &&
+      (reinterpret_cast<uintptr_t>(scratch) & 15) == 0) {  // 16-byte stores
+    const int64_t E4 = E / 4;
+    const int4* src4 = reinterpret_cast<const int4*>(scratch);
+    for (int64_t i = threadIdx.x; i < R * E4; i += blockDim.x) {
+      const int r = static_cast<int>(i / E4);
+      if (s_peer[r] == nullptr) continue;
+      const int64_t e4 = i - r * E4;
+      reinterpret_cast<int4*>(s_peer[r] + counts_off)[e4] = __ldcg(src4 + e4);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < R * E; i += blockDim.x) {
+      const int r = static_cast<int>(i / E);
+      if (s_peer[r] == nullptr) continue;
+      const int64_t e = i - r * E;
+      reinterpret_cast<int32_t*>(s_peer[r] + counts_off)[e] = __ldcg(scratch + e);
+    }
+  }
+  if (c.any_put) {
+    for (int r = threadIdx.x >> 5; r < R; r += kWarps) {
+      if (s_peer[r] == nullptr) {
+        PutRowWarp(c.base + counts_off, scratch, static_cast<size_t>(E) * 4, r);
+      }
+    }
+  }
+  FinishSend(c, s_peer, n, kOpLLDispatch);  // drains the puts of scratch, then syncs
+  TracePoint(c, n, kLLTraceSignalled, kOpLLDispatch);
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) scratch[e] = 0;
+}
+
+// Padding rows: recv_src = -1 (and zeros), by every thread of the grid.
+__device__ __forceinline__ void MarkPaddingRows(const DispatchParams& p, const int32_t* s_prefix,
+                                                int R, int64_t L, int64_t RM,
+                                                int64_t out_row_bytes, int64_t scale_row_bytes,
+                                                int64_t gtid, int64_t gthreads) {
+  for (int64_t i = gtid; i < L * RM; i += gthreads) {
+    const int64_t l = i / RM;
+    if (i - l * RM >= s_prefix[l * (R + 1) + R]) p.recv_src[i] = -1;
+  }
+  if (p.zero_fill) {
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t count = s_prefix[l * (R + 1) + R];
+      GridZero(p.recv_x + (l * RM + count) * out_row_bytes, (RM - count) * out_row_bytes, gtid,
+               gthreads);
+      if (p.use_fp8) {
+        GridZero(reinterpret_cast<uint8_t*>(p.recv_scales) + (l * RM + count) * scale_row_bytes,
+                 (RM - count) * scale_row_bytes, gtid, gthreads);
+      }
+    }
+  }
+}
+
+// slot[t, k] = rows of sources before me for its expert + my position.
+__device__ __forceinline__ void WriteSlots(const DispatchParams& p, const int32_t* counts,
+                                           const int32_t* jpos, int me, int64_t T, int64_t K,
+                                           int64_t E, int64_t M, int64_t gtid, int64_t gthreads) {
+  for (int64_t q = gtid; q < T * K; q += gthreads) {
+    const int64_t t = q / K;
+    const int64_t k = q - t * K;
+    const int32_t e = __ldg(p.idx + q);
+    int32_t slot = -1;
+    if (e >= 0 && e < E) {
+      int64_t first = 0;
+      while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
+      int32_t before = 0;
+      for (int s = 0; s < me; ++s) {
+        before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
+      }
+      slot = before + __ldcg(jpos + t * K + first);
+    }
+    p.slot[q] = slot;
+  }
+}
+
 // Send: one warp per (token, part of its row); the row is read (and FP8-cast)
 // once and written once to each PE holding one of the token's experts, the
-// token's number to the index slot of each of them. The per-expert counts
-// grow by atomicMax(j + 1) in scratch, which the last block broadcasts and
-// then zeroes for the next op of this parity.
+// token's number to the index slot of each of them; j(t, k) into jpos, the
+// per-expert counts as atomicMax(j + 1) into scratch.
+template <typename XElem>
+__device__ __forceinline__ void SendTokens(const LLComm& c, const DispatchParams& p,
+                                           uint8_t* const* s_peer, int32_t* s_expert,
+                                           int32_t* s_dyn, int32_t* jpos, int32_t* scratch,
+                                           size_t set_off, size_t rows_off, int R, int me,
+                                           int64_t T, int64_t H, int64_t K, int64_t E, int64_t M,
+                                           int64_t L, int lane, int64_t gw, int64_t W) {
+  const int64_t units = p.use_fp8 ? H / kLLFp8Block : (p.vec_x ? H * p.x_bytes / 16 : 1);
+  const int parts =
+      c.any_put ? 1 : PartsPerRow(T, W, units, p.use_fp8 ? 8 : kPartVectors);
+  int32_t* s_e = s_expert + (threadIdx.x & ~31);
+  uint32_t* s_mask = reinterpret_cast<uint32_t*>(s_dyn);
+  if (p.mask_words > 0 && static_cast<int64_t>(blockIdx.x) * kWarps < T * parts) {
+    BuildTokenMasks(p.idx, T, K, E, p.mask_words, s_mask);
+  }
+  for (int64_t q = gw; q < T * parts; q += W) {
+    const int64_t t = q / parts;
+    const int part = static_cast<int>(q - t * parts);
+    const int32_t e = ExpertOfLane(p.idx, t, K, E, lane);
+    if (__ballot_sync(kFull, e >= 0) == 0u) continue;
+    const int j = p.mask_words > 0 ? TokensBeforeFromMasks(s_mask, p.mask_words, t, e)
+                                   : TokensBefore(p.idx, t, K, e, s_e, lane);
+    int r = -1;  // the PE of this lane's expert
+    if (e >= 0) {
+      r = static_cast<int>(e / L);
+      if (part == 0) {  // token t is my j-th for e: index[l][me][j] = t in PE r
+        jpos[t * K + lane] = j;
+        atomicMax(scratch + e, j + 1);
+        const size_t index_off =
+            set_off + static_cast<size_t>(((e - r * L) * R + me) * M + j) * 4;
+        if (s_peer[r] != nullptr) {
+          *reinterpret_cast<int32_t*>(s_peer[r] + index_off) = static_cast<int32_t>(t);
+        } else {
+          PutInt32(c.base + index_off, static_cast<int32_t>(t), r);
+        }
+      }
+    }
+    // The row goes once to each PE (to rows[me][t]), by the first lane naming it.
+    bool first_of_pe = r >= 0;
+    for (int k = 0; k < K; ++k) {
+      const int rk = __shfl_sync(kFull, r, k);
+      first_of_pe &= !(k < lane && rk == r);
+    }
+    const size_t off = set_off + rows_off + static_cast<size_t>(me * M + t) * p.stride;
+    TokenRows rows{nullptr, 0u, nullptr};
+    if (first_of_pe && s_peer[r] != nullptr) rows.lane_row = s_peer[r] + off;
+    rows.mask = __ballot_sync(kFull, rows.lane_row != nullptr);
+    const unsigned int put_mask = __ballot_sync(kFull, first_of_pe && rows.lane_row == nullptr);
+    if (put_mask != 0u) rows.staged = StagingRow(c, t, p.stride);
+    const UnitRange range = PartOf(units, part, parts);
+    if (p.use_fp8) {
+      CastFp8ToRows<XElem>(reinterpret_cast<const typename XElem::Raw*>(p.x) + t * H, H,
+                           range.begin, range.end, lane, rows);
+    } else if (p.vec_x) {
+      CopyToRows(reinterpret_cast<const uint4*>(p.x + t * H * p.x_bytes), range.begin,
+                 range.end, lane, rows);
+    } else {
+      const int64_t row_bytes = H * p.x_bytes;
+      const uint8_t* src = p.x + t * row_bytes;
+      rows([&](uint8_t* row) { WarpCopy<false>(row, src, row_bytes, lane); });
+    }
+    if (put_mask != 0u) {  // one staged row, put to each PE reached by put
+      __threadfence_system();
+      __syncwarp();
+      for (unsigned int m = put_mask; m != 0u; m &= m - 1u) {
+        PutRowWarp(c.base + off, rows.staged, p.payload_bytes,
+                   __shfl_sync(kFull, r, __ffs(m) - 1));
+      }
+    }
+  }
+}
+
+// One dispatch, or one half of it (p.phase).
+// Send: SendTokens, then the last block broadcasts the per-expert counts
+// (PublishCounts).
 // Receive: one warp per (valid received row, part), rows compacted from the
-// index [l][s][j] into (s, j) order; the padding rows are marked (and zeroed)
-// by all threads.
+// index [l][s][j] into (s, j) order; then every thread of the grid marks (and
+// zeroes) the padding rows (MarkPaddingRows) and writes slot (WriteSlots).
 template <typename XElem>
 __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, DispatchParams p) {
   // Send: token masks [E][mask_words]; receive (after a barrier): [L][R + 1], then [L + 1].
@@ -271,103 +425,11 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     WaitReleased(c, n, kOpLLDispatch);  // ends with __syncthreads (s_peer ready)
     TracePoint(c, n, kLLTraceReleased, kOpLLDispatch);
 
-    const int64_t units = p.use_fp8 ? H / kLLFp8Block : (p.vec_x ? H * p.x_bytes / 16 : 1);
-    const int parts =
-        c.any_put ? 1 : PartsPerRow(T, W, units, p.use_fp8 ? 8 : kPartVectors);
-    int32_t* s_e = s_expert + (threadIdx.x & ~31);
-    uint32_t* s_mask = reinterpret_cast<uint32_t*>(s_dyn);
-    if (p.mask_words > 0 && static_cast<int64_t>(blockIdx.x) * kWarps < T * parts) {
-      BuildTokenMasks(p.idx, T, K, E, p.mask_words, s_mask);
-    }
-    for (int64_t q = gw; q < T * parts; q += W) {
-      const int64_t t = q / parts;
-      const int part = static_cast<int>(q - t * parts);
-      const int32_t e = ExpertOfLane(p.idx, t, K, E, lane);
-      if (__ballot_sync(kFull, e >= 0) == 0u) continue;
-      const int j = p.mask_words > 0 ? TokensBeforeFromMasks(s_mask, p.mask_words, t, e)
-                                     : TokensBefore(p.idx, t, K, e, s_e, lane);
-      int r = -1;  // the PE of this lane's expert
-      if (e >= 0) {
-        r = static_cast<int>(e / L);
-        if (part == 0) {  // token t is my j-th for e: index[l][me][j] = t in PE r
-          jpos[t * K + lane] = j;
-          atomicMax(scratch + e, j + 1);
-          const size_t index_off =
-              set_off + static_cast<size_t>(((e - r * L) * R + me) * M + j) * 4;
-          if (s_peer[r] != nullptr) {
-            *reinterpret_cast<int32_t*>(s_peer[r] + index_off) = static_cast<int32_t>(t);
-          } else {
-            PutInt32(c.base + index_off, static_cast<int32_t>(t), r);
-          }
-        }
-      }
-      // The row goes once to each PE (to rows[me][t]), by the first lane naming it.
-      bool first_of_pe = r >= 0;
-      for (int k = 0; k < K; ++k) {
-        const int rk = __shfl_sync(kFull, r, k);
-        first_of_pe &= !(k < lane && rk == r);
-      }
-      const size_t off = set_off + rows_off + static_cast<size_t>(me * M + t) * p.stride;
-      TokenRows rows{nullptr, 0u, nullptr};
-      if (first_of_pe && s_peer[r] != nullptr) rows.lane_row = s_peer[r] + off;
-      rows.mask = __ballot_sync(kFull, rows.lane_row != nullptr);
-      const unsigned int put_mask = __ballot_sync(kFull, first_of_pe && rows.lane_row == nullptr);
-      if (put_mask != 0u) rows.staged = StagingRow(c, t, p.stride);
-      const UnitRange range = PartOf(units, part, parts);
-      if (p.use_fp8) {
-        CastFp8ToRows<XElem>(reinterpret_cast<const typename XElem::Raw*>(p.x) + t * H, H,
-                             range.begin, range.end, lane, rows);
-      } else if (p.vec_x) {
-        CopyToRows(reinterpret_cast<const uint4*>(p.x + t * H * p.x_bytes), range.begin,
-                   range.end, lane, rows);
-      } else {
-        const int64_t row_bytes = H * p.x_bytes;
-        const uint8_t* src = p.x + t * row_bytes;
-        rows([&](uint8_t* row) { WarpCopy<false>(row, src, row_bytes, lane); });
-      }
-      if (put_mask != 0u) {  // one staged row, put to each PE reached by put
-        __threadfence_system();
-        __syncwarp();
-        for (unsigned int m = put_mask; m != 0u; m &= m - 1u) {
-          PutRowWarp(c.base + off, rows.staged, p.payload_bytes,
-                     __shfl_sync(kFull, r, __ffs(m) - 1));
-        }
-      }
-    }
+    SendTokens<XElem>(c, p, s_peer, s_expert, s_dyn, jpos, scratch, set_off, rows_off, R, me, T,
+                      H, K, E, M, L, lane, gw, W);
 
     TracePoint(c, n, kLLTraceSent, kOpLLDispatch);
-    if (LastToSend(c)) {
-      // counts[b][me][*] of every PE <- scratch.
-      const size_t counts_off = CountsOffset(lay, b, me, E);
-      if ((E & 3) == 0 && (counts_off & 15) == 0 &&
-          (reinterpret_cast<uintptr_t>(scratch) & 15) == 0) {  // 16-byte stores
-        const int64_t E4 = E / 4;
-        const int4* src4 = reinterpret_cast<const int4*>(scratch);
-        for (int64_t i = threadIdx.x; i < R * E4; i += blockDim.x) {
-          const int r = static_cast<int>(i / E4);
-          if (s_peer[r] == nullptr) continue;
-          const int64_t e4 = i - r * E4;
-          reinterpret_cast<int4*>(s_peer[r] + counts_off)[e4] = __ldcg(src4 + e4);
-        }
-      } else {
-        for (int64_t i = threadIdx.x; i < R * E; i += blockDim.x) {
-          const int r = static_cast<int>(i / E);
-          if (s_peer[r] == nullptr) continue;
-          const int64_t e = i - r * E;
-          reinterpret_cast<int32_t*>(s_peer[r] + counts_off)[e] = __ldcg(scratch + e);
-        }
-      }
-      if (c.any_put) {
-        for (int r = threadIdx.x >> 5; r < R; r += kWarps) {
-          if (s_peer[r] == nullptr) {
-            PutRowWarp(c.base + counts_off, scratch, static_cast<size_t>(E) * 4, r);
-          }
-        }
-      }
-      FinishSend(c, s_peer, n, kOpLLDispatch);  // drains the puts of scratch, then syncs
-      TracePoint(c, n, kLLTraceSignalled, kOpLLDispatch);
-      for (int64_t e = threadIdx.x; e < E; e += blockDim.x) scratch[e] = 0;
-    }
+    if (LastToSend(c)) PublishCounts(c, s_peer, scratch, n, b, R, me, E);
   }
   if (p.phase == kLLSendOnly) return;
 
@@ -431,40 +493,9 @@ __global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, Dispat
     }
   }
   TracePoint(c, n, kLLTraceCopied, kOpLLDispatch);
-  // Padding rows: recv_src = -1 (and zeros), by every thread of the grid.
   const int64_t gtid = GlobalThread(), gthreads = GridThreads();
-  for (int64_t i = gtid; i < L * RM; i += gthreads) {
-    const int64_t l = i / RM;
-    if (i - l * RM >= s_prefix[l * (R + 1) + R]) p.recv_src[i] = -1;
-  }
-  if (p.zero_fill) {
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t count = s_prefix[l * (R + 1) + R];
-      GridZero(p.recv_x + (l * RM + count) * out_row_bytes, (RM - count) * out_row_bytes, gtid,
-               gthreads);
-      if (p.use_fp8) {
-        GridZero(reinterpret_cast<uint8_t*>(p.recv_scales) + (l * RM + count) * scale_row_bytes,
-                 (RM - count) * scale_row_bytes, gtid, gthreads);
-      }
-    }
-  }
-  // slot[t, k] = rows of sources before me for its expert + my position.
-  for (int64_t q = gtid; q < T * K; q += gthreads) {
-    const int64_t t = q / K;
-    const int64_t k = q - t * K;
-    const int32_t e = __ldg(p.idx + q);
-    int32_t slot = -1;
-    if (e >= 0 && e < E) {
-      int64_t first = 0;
-      while (first < k && __ldg(p.idx + t * K + first) != e) ++first;
-      int32_t before = 0;
-      for (int s = 0; s < me; ++s) {
-        before += min(max(__ldcg(counts + s * E + e), 0), static_cast<int32_t>(M));
-      }
-      slot = before + __ldcg(jpos + t * K + first);
-    }
-    p.slot[q] = slot;
-  }
+  MarkPaddingRows(p, s_prefix, R, L, RM, out_row_bytes, scale_row_bytes, gtid, gthreads);
+  WriteSlots(p, counts, jpos, me, T, K, E, M, gtid, gthreads);
   TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
   if (LastToReceive(c)) FinishRecv(c, s_peer, n);
 }
