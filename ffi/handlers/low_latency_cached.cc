@@ -27,7 +27,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace jax_ep::ffi_util;   // Dims, Shape, SameDims, ExpectShape, LaunchStatus, ...
-using namespace jax_ep::ll_checks;  // AcquireLL, CheckTopk, CheckFits, ...
+using namespace jax_ep::ll_checks;  // BeginLLCall, CheckTopk, CheckFits, ...
 
 // The optional scale f32[T, K] operand; nullptr (scale 1) without it.
 ffi::Error DecodeScale(const std::string& where, const ffi::RemainingArgs& rest, int64_t T,
@@ -54,10 +54,9 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             ffi::Result<ffi::AnyBuffer> out, bool zero_fill, int64_t max_tokens,
                             int64_t num_experts) {
   const std::string where = "jax_ep_ll_dispatch_cached: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R, RM = R * M;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t R = call.R, M = call.M, E = call.E, L = call.L, RM = call.RM;
   int64_t T = 0, K = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLCachedDispatchArgs args;
@@ -85,8 +84,9 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   args.zero_fill = zero_fill;
   args.out = out->untyped_data();
   JAX_EP_RETURN_IF_ERROR(CheckFits(
-      where, jax_ep::LLCheckCachedDispatch(comm, args.shape, jax_ep::LLElemBytes(args.dtype))));
-  return LaunchStatus(where, jax_ep::LaunchLLDispatchCached(comm, args, stream));
+      where,
+      jax_ep::LLCheckCachedDispatch(call.comm, args.shape, jax_ep::LLElemBytes(args.dtype))));
+  return LaunchStatus(where, jax_ep::LaunchLLDispatchCached(call.comm, args, stream));
 }
 
 }  // namespace

@@ -10,10 +10,10 @@ using ffi_util::Dims;
 using ffi_util::SameDims;
 using ffi_util::Str;
 
-ffi::Error AcquireLL(const std::string& where, int32_t device, int64_t max_tokens,
-                     int64_t num_experts, LLComm* comm, std::shared_ptr<const LLContext>* hold) {
-  JAX_EP_RETURN_IF_ERROR(AcquireComm(AcquireLowLatency, where, device, comm, hold));
-  const int64_t R = comm->num_ranks;
+ffi::Error BeginLLCall(const std::string& where, int32_t device, int64_t max_tokens,
+                       int64_t num_experts, LLCall* call) {
+  JAX_EP_RETURN_IF_ERROR(AcquireComm(AcquireLowLatency, where, device, &call->comm, &call->hold));
+  const int64_t R = call->comm.num_ranks;
   if (max_tokens < 1 || max_tokens > kLLMaxTokens) {
     return ffi::Error::InvalidArgument(where + "max_tokens_per_rank must be in [1, " +
                                        Str(kLLMaxTokens) + "], got " + Str(max_tokens));
@@ -23,6 +23,11 @@ ffi::Error AcquireLL(const std::string& where, int32_t device, int64_t max_token
                                        ") must be a positive multiple of the " + Str(R) +
                                        " NVSHMEM PEs (EP ranks)");
   }
+  call->R = R;
+  call->M = max_tokens;
+  call->E = num_experts;
+  call->L = num_experts / R;
+  call->RM = R * max_tokens;
   return ffi::Error::Success();
 }
 

@@ -20,10 +20,16 @@ namespace jax_ep::ll_checks {
 
 namespace ffi = xla::ffi;
 
-// This device's PE context (its comm for the launch, `hold` keeps it alive)
-// and the call's M and E against it.
-ffi::Error AcquireLL(const std::string& where, int32_t device, int64_t max_tokens,
-                     int64_t num_experts, LLComm* comm, std::shared_ptr<const LLContext>* hold);
+// What every target starts with: this device's PE context (comm for the
+// launch; hold keeps the context alive while it runs) and the call's
+// geometry, M and E checked against the context.
+struct LLCall {
+  LLComm comm;
+  std::shared_ptr<const LLContext> hold;
+  int64_t R = 0, M = 0, E = 0, L = 0, RM = 0;
+};
+ffi::Error BeginLLCall(const std::string& where, int32_t device, int64_t max_tokens,
+                       int64_t num_experts, LLCall* call);
 
 // topk_idx [T, K] with 1 <= K <= 32 and T <= M; sets *T and *K.
 ffi::Error CheckTopk(const std::string& where, ffi::Span<const int64_t> dims, int64_t max_tokens,

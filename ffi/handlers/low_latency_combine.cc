@@ -39,7 +39,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace jax_ep::ffi_util;   // Dims, Shape, SameDims, ExpectShape, LaunchStatus, ...
-using namespace jax_ep::ll_checks;  // AcquireLL, CheckTopk, CheckToken*, CheckFits, ...
+using namespace jax_ep::ll_checks;  // BeginLLCall, CheckTopk, CheckToken*, CheckFits, ...
 
 // The send side: y [L, R*M, H] (sets args->y, args->dtype, *hidden), then
 // recv_src [L, R*M] and recv_count [L].
@@ -110,10 +110,9 @@ ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                      ffi::Buffer<ffi::S32, 2> slot, ffi::Result<ffi::AnyBuffer> out,
                      int64_t max_tokens, int64_t num_experts) {
   const std::string where = "jax_ep_ll_combine: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   jax_ep::LLCombineArgs args;
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(DecodeSendRows(where, y, recv_src, recv_count, L, R * M, &args, &H));
@@ -124,7 +123,7 @@ ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   args.topk_weights = topk_weights.typed_data();
   args.slot = slot.typed_data();
   JAX_EP_RETURN_IF_ERROR(DecodeOut(where, *out, /*have_y=*/true, T, K, &args, &H));
-  return Launch(where, comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
+  return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
 }
 
 ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
@@ -132,18 +131,18 @@ ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Result<ffi::Buffer<ffi::S32, 1>> token, int64_t max_tokens,
                          int64_t num_experts) {
   const std::string where = "jax_ep_ll_combine_send: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   jax_ep::LLCombineArgs args;
   int64_t H = 0;
   JAX_EP_RETURN_IF_ERROR(DecodeSendRows(where, y, recv_src, recv_count, L, R * M, &args, &H));
   JAX_EP_RETURN_IF_ERROR(CheckTokenOut(where, token->dimensions()));
   args.token_out = token->typed_data();
   // The send half knows no tokens or top-k: check against the allocation's top-k.
-  const int64_t K = comm.layout.top_k;
-  return Launch(where, comm, args, jax_ep::LLShape{0, H, K, E, M}, jax_ep::kLLSendOnly, stream);
+  const int64_t K = call.comm.layout.top_k;
+  return Launch(where, call.comm, args, jax_ep::LLShape{0, H, K, E, M},
+                jax_ep::kLLSendOnly, stream);
 }
 
 ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 1> token,
@@ -151,10 +150,9 @@ ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S
                          ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens,
                          int64_t num_experts) {
   const std::string where = "jax_ep_ll_combine_recv: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t M = max_tokens, E = num_experts;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t M = call.M, E = call.E;
   jax_ep::LLCombineArgs args;
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
@@ -164,7 +162,8 @@ ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S
   JAX_EP_RETURN_IF_ERROR(DecodeOut(where, *out, /*have_y=*/false, T, K, &args, &H));
   JAX_EP_RETURN_IF_ERROR(CheckTokenIn(where, token.dimensions()));
   args.token_in = token.typed_data();
-  return Launch(where, comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLRecvOnly, stream);
+  return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M},
+                jax_ep::kLLRecvOnly, stream);
 }
 
 ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
@@ -172,10 +171,9 @@ ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                     ffi::Buffer<ffi::S32, 1> recv_count, ffi::Buffer<ffi::S32, 2> slot,
                     ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens, int64_t num_experts) {
   const std::string where = "jax_ep_ll_gather: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   jax_ep::LLCombineArgs args;
   args.gather = true;
   int64_t T = 0, K = 0, H = 0;
@@ -185,7 +183,7 @@ ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   args.topk_idx = topk_idx.typed_data();
   args.slot = slot.typed_data();
   JAX_EP_RETURN_IF_ERROR(DecodeOut(where, *out, /*have_y=*/true, T, K, &args, &H));
-  return Launch(where, comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
+  return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace jax_ep::ffi_util;   // Dims, Shape, SameDims, ExpectShape, LaunchStatus, ...
-using namespace jax_ep::ll_checks;  // AcquireLL, CheckTopk, CheckToken*, CheckFits, ...
+using namespace jax_ep::ll_checks;  // BeginLLCall, CheckTopk, CheckToken*, CheckFits, ...
 
 // The receive results of jax_ep_ll_dispatch and jax_ep_ll_dispatch_recv.
 struct DispatchResults {
@@ -152,10 +152,9 @@ ffi::Error LLDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                       ffi::Result<ffi::Buffer<ffi::S32, 2>> slot, ffi::RemainingRets extra,
                       bool use_fp8, bool zero_fill, int64_t max_tokens, int64_t num_experts) {
   const std::string where = "jax_ep_ll_dispatch: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   int64_t T = 0, K = 0, H = 0, recv_h = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLDispatchArgs args = BaseArgs(topk_idx, use_fp8, zero_fill);
@@ -171,7 +170,7 @@ ffi::Error LLDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (!use_fp8 && recv_dtype != args.dtype) {
     return ffi::Error::InvalidArgument(where + "recv_x must have x's dtype");
   }
-  return Launch(where, comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
+  return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
 }
 
 ffi::Error LLDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
@@ -179,17 +178,17 @@ ffi::Error LLDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::Result<ffi::Buffer<ffi::S32, 1>> token, bool use_fp8,
                           int64_t max_tokens, int64_t num_experts) {
   const std::string where = "jax_ep_ll_dispatch_send: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t M = max_tokens, E = num_experts;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t M = call.M, E = call.E;
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLDispatchArgs args = BaseArgs(topk_idx, use_fp8, /*zero_fill=*/true);
   JAX_EP_RETURN_IF_ERROR(DecodeX(where, x, T, &args, &H));
   JAX_EP_RETURN_IF_ERROR(CheckTokenOut(where, token->dimensions()));
   args.token_out = token->typed_data();
-  return Launch(where, comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLSendOnly, stream);
+  return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M},
+                jax_ep::kLLSendOnly, stream);
 }
 
 ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 1> token,
@@ -199,10 +198,9 @@ ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::
                           ffi::Result<ffi::Buffer<ffi::S32, 2>> slot, ffi::RemainingRets extra,
                           bool use_fp8, bool zero_fill, int64_t max_tokens, int64_t num_experts) {
   const std::string where = "jax_ep_ll_dispatch_recv: ";
-  jax_ep::LLComm comm;
-  std::shared_ptr<const jax_ep::LLContext> hold;
-  JAX_EP_RETURN_IF_ERROR(AcquireLL(where, device, max_tokens, num_experts, &comm, &hold));
-  const int64_t R = comm.num_ranks, M = max_tokens, E = num_experts, L = E / R;
+  LLCall call;
+  JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
+  const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLDispatchArgs args = BaseArgs(topk_idx, use_fp8, zero_fill);
@@ -211,7 +209,8 @@ ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::
       DecodeResults(where, results, use_fp8, R, L, M, T, K, &args, &H, &args.dtype));
   JAX_EP_RETURN_IF_ERROR(CheckTokenIn(where, token.dimensions()));
   args.token_in = token.typed_data();
-  return Launch(where, comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLRecvOnly, stream);
+  return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M},
+                jax_ep::kLLRecvOnly, stream);
 }
 
 // The results and attributes of jax_ep_ll_dispatch and jax_ep_ll_dispatch_recv.

@@ -351,7 +351,8 @@ void CommConnect(int device, int rank, int num_ranks, int group,
   CheckConnectArgs(where, *ctx, rank, num_ranks, peers);
 
   DeviceGuard guard(device);
-  MappedPeers mapped{std::vector<uint8_t*>(num_ranks, nullptr), std::vector<bool>(num_ranks, false)};
+  MappedPeers mapped{std::vector<uint8_t*>(num_ranks, nullptr),
+                     std::vector<bool>(num_ranks, false)};
   uint8_t** table = nullptr;
   try {
     MapPeers(where, *ctx, peers, &mapped);

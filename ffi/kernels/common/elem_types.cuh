@@ -1,6 +1,7 @@
 // Element types of the reductions and casts in the intranode kernels
 // (intranode.cu) and the low-latency kernels (low_latency/*.cu): the raw
-// storage type and exact fp32 conversions. Header-only (see device_sync.cuh).
+// storage type and exact fp32 conversions, one struct per ElemType
+// (elem_type.h). Header-only (see device_sync.cuh).
 #pragma once
 
 #include <cuda_bf16.h>

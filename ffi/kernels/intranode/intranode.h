@@ -1,8 +1,10 @@
 // Intranode (NVLink / same-GPU CUDA IPC) dispatch and combine: interface for
-// host code. Plain C++ types only; the FFI handlers (ffi/handlers/intranode.cc)
-// fill these structs from XLA buffers, the runtime (ffi/runtime/intranode_runtime.*)
-// owns the buffers the kernels communicate through. The buffer layout and the
-// synchronisation protocol are described at the top of intranode.cu.
+// host code. Plain C++ types only; the FFI handlers
+// (ffi/handlers/intranode.cc) fill these structs from XLA buffers, the
+// runtime (ffi/runtime/intranode_runtime.*) owns the buffers the kernels
+// communicate through. The buffer layout and the synchronisation protocol
+// are described at the top of intranode.cu; the semantics in
+// docs/design.md §2, the kernel direction in §5.
 #pragma once
 
 #include <cstddef>

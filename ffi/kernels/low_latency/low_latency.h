@@ -1,9 +1,9 @@
 // Low-latency (decode) dispatch / combine over NVSHMEM: interface for host
-// code. Plain C++ types only; the FFI handlers (ffi/handlers/low_latency.cc)
+// code. Plain C++ types only; the FFI handlers (ffi/handlers/low_latency_*.cc)
 // fill these structs from XLA buffers, the runtime
 // (ffi/runtime/low_latency_runtime.*) owns the NVSHMEM symmetric region the
 // kernels communicate through. Buffer layout and protocol: the comment at the
-// top of low_latency/device.cuh.
+// top of low_latency/device.cuh; the semantics: docs/design.md §2.
 #pragma once
 
 #include <cstddef>
@@ -104,14 +104,15 @@ struct LLComm {
   int32_t stream_combine = 0;            // R > 1 at GPU scope: the fused combine reduces tokens as rows arrive
   TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
   uint64_t timeout_ns = 0;
-  uint64_t* trace = nullptr;             // phase timestamps (JAX_EP_LL_TRACE), nullptr: off
+  uint64_t* trace = nullptr;             // phase timestamps (phase_trace option), nullptr: off
 };
 
-// Phase trace (diagnostics, JAX_EP_LL_TRACE=<path>): thread 0 of every block
-// stores %globaltimer at each event into trace[op n % kLLTraceOps][block]
-// [event] (blocks past kLLTraceBlocks share the last row); event kLLTraceTag
-// holds (n << 8) | op kind, written by block 0. Written to <path>.pe<rank> at
-// finalize (low_latency_runtime.cc); read by benchmarks/ll_phases.py.
+// Phase trace (diagnostics, nvshmem_ll_alloc(phase_trace=<path>)): thread 0
+// of every block stores %globaltimer at each event into trace[op n %
+// kLLTraceOps][block][event] (blocks past kLLTraceBlocks share the last row);
+// event kLLTraceTag holds (n << 8) | op kind, written by block 0. Written to
+// <path>.pe<rank> at finalize (low_latency_runtime.cc); read by
+// benchmarks/ll_phases.py.
 inline constexpr int kLLTraceOps = 256;
 inline constexpr int kLLTraceBlocks = 160;
 inline constexpr int kLLTraceEvents = 8;
