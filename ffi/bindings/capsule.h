@@ -1,7 +1,7 @@
 // Hands XLA FFI handlers to Python: the registrations() dict of the CUDA
 // modules (ffi/bindings/cuda_module.cc, nvshmem_module.cc), FFI target name
 // -> PyCapsule of the handler, for jax.ffi.register_ffi_target(...,
-// platform="CUDA") in jax_ep/_ffi.py.
+// platform="CUDA") in jax_ep/cuda/extension.py.
 #pragma once
 
 #include <initializer_list>

@@ -1,5 +1,5 @@
 // nanobind module jax_ep._jax_ep_cuda: hands the CUDA XLA FFI handlers to
-// Python as PyCapsules (registered lazily by jax_ep/_ffi.py) and reports
+// Python as PyCapsules (registered lazily by jax_ep/cuda/extension.py) and reports
 // what this module was compiled for.
 #include <string>
 #include <vector>
