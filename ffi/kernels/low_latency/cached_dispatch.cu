@@ -66,67 +66,68 @@ struct CachedParams {
 };
 
 template <typename XElem>
-__global__ void __launch_bounds__(kThreads, 1) LLCachedDispatchKernel(LLComm c, CachedParams p) {
-  __shared__ uint8_t* s_peer[kLLMaxRanks];
-  const LLLayout& lay = c.layout;
-  const int R = c.num_ranks;
-  const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = GlobalWarp(), W = GridWarps();
-  WaitPreviousKernel();
-  LoadPeers(c, s_peer);
+struct LLCachedDispatchKernel {
+  static __device__ __forceinline__ void Run(const LLComm& c, const CachedParams& p) {
+    __shared__ uint8_t* s_peer[kLLMaxRanks];
+    const LLLayout& lay = c.layout;
+    const int R = c.num_ranks;
+    const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
+    const int lane = threadIdx.x & 31;
+    const int64_t gw = GlobalWarp(), W = GridWarps();
+    LoadPeers(c, s_peer);
 
-  const uint64_t n = StartOp(c);
-  const int b = static_cast<int>(n & 1);
-  const size_t set_off = SetOffset(lay, b);
-  const int64_t row_bytes = H * p.x_bytes;
+    const uint64_t n = StartOp(c);
+    const int b = static_cast<int>(n & 1);
+    const size_t set_off = SetOffset(lay, b);
+    const int64_t row_bytes = H * p.x_bytes;
 
-  // ---------------- send: x[t] * (sum of the scales of the k naming e) to its slot
-  WaitReleased(c, n, kOpLLDispatchCached);
-  for (int64_t q = gw; q < T * K; q += W) {
-    const int64_t t = q / K;
-    const int k = static_cast<int>(q - t * K);
-    const int32_t e = __shfl_sync(kFull, ExpertOfLane(p.idx, t, K, E, lane), k);
-    if (e < 0) continue;
-    const int32_t row_slot = __ldg(p.slot + q);
-    if (row_slot < 0 || row_slot >= RM) continue;
-    const int r = static_cast<int>(e / L);
-    const int64_t l = e - r * L;
-    const size_t off = set_off + static_cast<size_t>(l * RM + row_slot) * p.stride;
-    uint8_t* mapped = s_peer[r];
-    uint8_t* row = mapped != nullptr ? mapped + off : StagingRow(c, q, p.stride);
-    const uint8_t* src = p.x + t * row_bytes;
-    if (p.scale != nullptr) {
-      float sum = 0.0f;
-      for (int64_t kk = 0; kk < K; ++kk) {
-        if (__ldg(p.idx + t * K + kk) == e) sum = __fadd_rn(sum, __ldg(p.scale + t * K + kk));
+    // ---------------- send: x[t] * (sum of the scales of the k naming e) to its slot
+    WaitReleased(c, n, kOpLLDispatchCached);
+    for (int64_t q = gw; q < T * K; q += W) {
+      const int64_t t = q / K;
+      const int k = static_cast<int>(q - t * K);
+      const int32_t e = __shfl_sync(kFull, ExpertOfLane(p.idx, t, K, E, lane), k);
+      if (e < 0) continue;
+      const int32_t row_slot = __ldg(p.slot + q);
+      if (row_slot < 0 || row_slot >= RM) continue;
+      const int r = static_cast<int>(e / L);
+      const int64_t l = e - r * L;
+      const size_t off = set_off + static_cast<size_t>(l * RM + row_slot) * p.stride;
+      uint8_t* mapped = s_peer[r];
+      uint8_t* row = mapped != nullptr ? mapped + off : StagingRow(c, q, p.stride);
+      const uint8_t* src = p.x + t * row_bytes;
+      if (p.scale != nullptr) {
+        float sum = 0.0f;
+        for (int64_t kk = 0; kk < K; ++kk) {
+          if (__ldg(p.idx + t * K + kk) == e) sum = __fadd_rn(sum, __ldg(p.scale + t * K + kk));
+        }
+        WarpScaleRow<XElem>(row, src, H, sum, lane);
+      } else {
+        WarpCopy<false>(row, src, row_bytes, lane);
       }
-      WarpScaleRow<XElem>(row, src, H, sum, lane);
-    } else {
-      WarpCopy<false>(row, src, row_bytes, lane);
+      if (mapped == nullptr) PutStagedRow(c, off, row, row_bytes, r);
     }
-    if (mapped == nullptr) PutStagedRow(c, off, row, row_bytes, r);
-  }
-  if (LastToSend(c)) {
-    FinishSend(c, s_peer, n, kOpLLDispatchCached);
-  }
+    if (LastToSend(c)) {
+      FinishSend(c, s_peer, n, kOpLLDispatchCached);
+    }
 
-  // ---------------- receive: rows [0, count) of each local expert, zeros after
-  WaitAllDone(c, n, kOpLLDispatchCached);
-  const uint8_t* set = c.base + set_off;
-  for (int64_t row = gw; row < L * RM; row += W) {
-    const int64_t l = row / RM;
-    const int64_t pos = row - l * RM;
-    uint8_t* out = p.out + row * row_bytes;
-    const int64_t count = min(max(static_cast<int64_t>(__ldg(p.recv_count + l)), int64_t{0}), RM);
-    if (pos < count) {
-      WarpCopy<true>(out, set + row * p.stride, row_bytes, lane);
-    } else if (p.zero_fill) {
-      WarpZero(out, row_bytes, lane);
+    // ---------------- receive: rows [0, count) of each local expert, zeros after
+    WaitAllDone(c, n, kOpLLDispatchCached);
+    const uint8_t* set = c.base + set_off;
+    for (int64_t row = gw; row < L * RM; row += W) {
+      const int64_t l = row / RM;
+      const int64_t pos = row - l * RM;
+      uint8_t* out = p.out + row * row_bytes;
+      const int64_t count = min(max(static_cast<int64_t>(__ldg(p.recv_count + l)), int64_t{0}), RM);
+      if (pos < count) {
+        WarpCopy<true>(out, set + row * p.stride, row_bytes, lane);
+      } else if (p.zero_fill) {
+        WarpZero(out, row_bytes, lane);
+      }
     }
+    if (LastToReceive(c)) FinishRecv(c, s_peer, n);
   }
-  if (LastToReceive(c)) FinishRecv(c, s_peer, n);
-}
+};
 
 }  // namespace
 
@@ -153,11 +154,11 @@ cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArg
   const int grid = GridFor(comm);
   switch (a.dtype) {
     case ElemType::kBF16:
-      return Launch(LLCachedDispatchKernel<Bf16Elem>, grid, 0, stream, comm, p);
+      return Launch<LLCachedDispatchKernel<Bf16Elem>>(grid, 0, stream, comm, p);
     case ElemType::kF16:
-      return Launch(LLCachedDispatchKernel<F16Elem>, grid, 0, stream, comm, p);
+      return Launch<LLCachedDispatchKernel<F16Elem>>(grid, 0, stream, comm, p);
     case ElemType::kF32:
-      return Launch(LLCachedDispatchKernel<F32Elem>, grid, 0, stream, comm, p);
+      return Launch<LLCachedDispatchKernel<F32Elem>>(grid, 0, stream, comm, p);
     case ElemType::kF8E4M3FN:
       break;
   }

@@ -55,100 +55,102 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
 }
 
 template <typename Elem, int kNE, bool kSelfRows>
-__global__ void __launch_bounds__(kThreads, 1) LLCombineKernel(LLComm c, CombineParams p) {
-  extern __shared__ int32_t s_base[];  // [L + 1] (send)
-  __shared__ uint8_t* s_peer[kLLMaxRanks];
+struct LLCombineKernel {
+  static __device__ __forceinline__ void Run(const LLComm& c, const CombineParams& p) {
+    extern __shared__ int32_t s_base[];  // [L + 1] (send)
+    __shared__ uint8_t* s_peer[kLLMaxRanks];
 
-  const LLLayout& lay = c.layout;
-  const int R = c.num_ranks;
-  const int me = c.rank;
-  const int64_t H = p.s.hidden, E = p.s.num_experts, M = p.s.max_tokens;
-  const int64_t L = E / R;
-  const int64_t RM = R * M;
-  const int32_t op = p.gather ? kOpLLGather : kOpLLCombine;
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = GlobalWarp(), W = GridWarps();
-  LoadPeers(c, s_peer);
+    const LLLayout& lay = c.layout;
+    const int R = c.num_ranks;
+    const int me = c.rank;
+    const int64_t H = p.s.hidden, E = p.s.num_experts, M = p.s.max_tokens;
+    const int64_t L = E / R;
+    const int64_t RM = R * M;
+    const int32_t op = p.gather ? kOpLLGather : kOpLLCombine;
+    const int lane = threadIdx.x & 31;
+    const int64_t gw = GlobalWarp(), W = GridWarps();
+    LoadPeers(c, s_peer);
 
-  const uint64_t n = p.phase == kLLRecvOnly ? TokenOp(p.token_in) : StartOp(c);
-  const int b = static_cast<int>(n & 1);
-  const size_t set_off = SetOffset(lay, b);
-  TracePoint(c, n, kLLTraceStart, op);
+    const uint64_t n = p.phase == kLLRecvOnly ? TokenOp(p.token_in) : StartOp(c);
+    const int b = static_cast<int>(n & 1);
+    const size_t set_off = SetOffset(lay, b);
+    TracePoint(c, n, kLLTraceStart, op);
 
-  // One PE, fused (kSelfRows): every row stays in y, so there is nothing to
-  // send or to wait for; the op still waits for its set's release (the same
-  // ordering errors time out as at several PEs), counts and signals (end).
-  if (kSelfRows) WaitReleased(c, n, op);
-  if (!kSelfRows && p.phase != kLLRecvOnly) {
-    // ---------------- send: expert rows back to their source tokens
-    WriteToken(p.token_out, n);
-    WaitReleased(c, n, op);
-    TracePoint(c, n, kLLTraceReleased, op);
-    RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
-    const int64_t total = s_base[L];
-    const int64_t row_bytes = H * p.y_bytes;
-    const int64_t units = p.vec_y ? row_bytes / 16 : 1;
-    const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, kPartVectors);
-    for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < total * parts;
-         task = NextWarpTask(SendTask(c.base), lane)) {
-      const int64_t i = task / parts;
-      const int part = static_cast<int>(task - i * parts);
-      const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
-      const int64_t pos = i - s_base[l];
-      const int32_t code = __ldg(p.recv_src + l * RM + pos);
-      if (code < 0) continue;
-      const int s = code / static_cast<int32_t>(M);
-      const int64_t t = code - static_cast<int64_t>(s) * M;
-      if (s >= R) continue;
-      const int64_t e = static_cast<int64_t>(me) * L + l;
-      const size_t off = set_off + static_cast<size_t>(CombineSetRow(e, t, E)) * p.stride;
-      const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
-      uint8_t* mapped = s_peer[s];
-      if (mapped != nullptr && parts > 1) {
-        const UnitRange range = PartOf(units, part, parts);
-        WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
-        WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
-                                reinterpret_cast<const uint4*>(src), range.begin, range.end, lane);
-      } else if (mapped != nullptr) {
-        WarpPrefetchL2(src, row_bytes, lane);
-        WarpCopy<false>(mapped + off, src, row_bytes, lane);
-      } else if (i < p.send_rows) {
-        uint8_t* staged = StagingRow(c, i, p.stride);
-        WarpCopy<false>(staged, src, row_bytes, lane);
-        PutStagedRow(c, off, staged, row_bytes, s);
+    // One PE, fused (kSelfRows): every row stays in y, so there is nothing to
+    // send or to wait for; the op still waits for its set's release (the same
+    // ordering errors time out as at several PEs), counts and signals (end).
+    if (kSelfRows) WaitReleased(c, n, op);
+    if (!kSelfRows && p.phase != kLLRecvOnly) {
+      // ---------------- send: expert rows back to their source tokens
+      WriteToken(p.token_out, n);
+      WaitReleased(c, n, op);
+      TracePoint(c, n, kLLTraceReleased, op);
+      RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
+      const int64_t total = s_base[L];
+      const int64_t row_bytes = H * p.y_bytes;
+      const int64_t units = p.vec_y ? row_bytes / 16 : 1;
+      const int parts = (c.any_put || !p.vec_y) ? 1 : PartsPerRow(total, W, units, kPartVectors);
+      for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < total * parts;
+           task = NextWarpTask(SendTask(c.base), lane)) {
+        const int64_t i = task / parts;
+        const int part = static_cast<int>(task - i * parts);
+        const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
+        const int64_t pos = i - s_base[l];
+        const int32_t code = __ldg(p.recv_src + l * RM + pos);
+        if (code < 0) continue;
+        const int s = code / static_cast<int32_t>(M);
+        const int64_t t = code - static_cast<int64_t>(s) * M;
+        if (s >= R) continue;
+        const int64_t e = static_cast<int64_t>(me) * L + l;
+        const size_t off = set_off + static_cast<size_t>(CombineSetRow(e, t, E)) * p.stride;
+        const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
+        uint8_t* mapped = s_peer[s];
+        if (mapped != nullptr && parts > 1) {
+          const UnitRange range = PartOf(units, part, parts);
+          WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
+          WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
+                                  reinterpret_cast<const uint4*>(src), range.begin, range.end, lane);
+        } else if (mapped != nullptr) {
+          WarpPrefetchL2(src, row_bytes, lane);
+          WarpCopy<false>(mapped + off, src, row_bytes, lane);
+        } else if (i < p.send_rows) {
+          uint8_t* staged = StagingRow(c, i, p.stride);
+          WarpCopy<false>(staged, src, row_bytes, lane);
+          PutStagedRow(c, off, staged, row_bytes, s);
+        }
+      }
+      TracePoint(c, n, kLLTraceSent, op);
+      if (LastToSend(c)) {
+        FinishSend(c, s_peer, n, op);
+        TracePoint(c, n, kLLTraceSignalled, op);
       }
     }
-    TracePoint(c, n, kLLTraceSent, op);
-    if (LastToSend(c)) {
-      FinishSend(c, s_peer, n, op);
-      TracePoint(c, n, kLLTraceSignalled, op);
+    if (p.phase == kLLSendOnly) return;
+
+    // ---------------- receive: my tokens' rows, reduced in k order
+    if (!kSelfRows) WaitAllDone(c, n, op);
+    TracePoint(c, n, kLLTraceArrived, op);
+    const uint8_t* set = c.base + set_off;
+    const int64_t gtid = GlobalThread(), gthreads = GridThreads();
+    if (p.gather) {
+      GatherRows<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
+    } else {
+      CombineReduceItems<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
+    }
+    TracePoint(c, n, kLLTraceCopied, op);
+    TracePoint(c, n, kLLTraceEnd, op);
+    if (LastToReceive(c)) {
+      if (kSelfRows) FinishSend(c, s_peer, n, op);  // done signal + op counter, after every block started
+      FinishRecv(c, s_peer, n);
     }
   }
-  if (p.phase == kLLSendOnly) return;
-
-  // ---------------- receive: my tokens' rows, reduced in k order
-  if (!kSelfRows) WaitAllDone(c, n, op);
-  TracePoint(c, n, kLLTraceArrived, op);
-  const uint8_t* set = c.base + set_off;
-  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
-  if (p.gather) {
-    GatherRows<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
-  } else {
-    CombineReduceItems<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
-  }
-  TracePoint(c, n, kLLTraceCopied, op);
-  TracePoint(c, n, kLLTraceEnd, op);
-  if (LastToReceive(c)) {
-    if (kSelfRows) FinishSend(c, s_peer, n, op);  // done signal + op counter, after every block started
-    FinishRecv(c, s_peer, n);
-  }
-}
+};
 
 template <typename Elem, int kNE>
 cudaError_t LaunchCombine(bool self_rows, int grid, size_t smem, cudaStream_t stream,
                           const LLComm& comm, const CombineParams& p) {
-  return self_rows ? Launch(LLCombineKernel<Elem, kNE, true>, grid, smem, stream, comm, p)
-                   : Launch(LLCombineKernel<Elem, kNE, false>, grid, smem, stream, comm, p);
+  return self_rows ? Launch<LLCombineKernel<Elem, kNE, true>>(grid, smem, stream, comm, p)
+                   : Launch<LLCombineKernel<Elem, kNE, false>>(grid, smem, stream, comm, p);
 }
 
 }  // namespace
@@ -204,7 +206,7 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
       // faster there; at several PEs the same width spilled registers in the
       // send and was slower (see docs/optimisation-log.md).
       if (one && vec && a.shape.hidden % 16 == 0) {
-        return Launch(LLCombineKernel<Bf16Elem, 16, true>, grid, smem, stream, comm, p);
+        return Launch<LLCombineKernel<Bf16Elem, 16, true>>(grid, smem, stream, comm, p);
       }
       return vec ? LaunchCombine<Bf16Elem, 8>(one, grid, smem, stream, comm, p)
                  : LaunchCombine<Bf16Elem, 1>(one, grid, smem, stream, comm, p);

@@ -169,117 +169,119 @@ __device__ __forceinline__ void ReduceTokenRange(const CombineParams& p, const u
 }
 
 template <typename Elem, int kNE>
-__global__ void __launch_bounds__(kThreads, 1) LLStreamedCombineKernel(LLComm c, CombineParams p) {
-  extern __shared__ int32_t s_mem[];  // s_base[L + 1], s_hist[Q * L], s_qbase[Q * L + 1]
-  __shared__ uint8_t* s_peer[kLLMaxRanks];
+struct LLStreamedCombineKernel {
+  static __device__ __forceinline__ void Run(const LLComm& c, const CombineParams& p) {
+    extern __shared__ int32_t s_mem[];  // s_base[L + 1], s_hist[Q * L], s_qbase[Q * L + 1]
+    __shared__ uint8_t* s_peer[kLLMaxRanks];
 
-  const LLLayout& lay = c.layout;
-  const int R = c.num_ranks;
-  const int me = c.rank;
-  const int64_t H = p.s.hidden, E = p.s.num_experts, M = p.s.max_tokens, T = p.s.num_tokens;
-  const int64_t L = E / R;
-  const int64_t RM = R * M;
-  const int64_t QL = kStreamBuckets * L;
-  const int lane = threadIdx.x & 31;
-  const bool gpu = c.gpu_scope != 0;
-  LoadPeers(c, s_peer);
+    const LLLayout& lay = c.layout;
+    const int R = c.num_ranks;
+    const int me = c.rank;
+    const int64_t H = p.s.hidden, E = p.s.num_experts, M = p.s.max_tokens, T = p.s.num_tokens;
+    const int64_t L = E / R;
+    const int64_t RM = R * M;
+    const int64_t QL = kStreamBuckets * L;
+    const int lane = threadIdx.x & 31;
+    const bool gpu = c.gpu_scope != 0;
+    LoadPeers(c, s_peer);
 
-  const uint64_t n = StartOp(c);
-  const int b = static_cast<int>(n & 1);
-  const size_t set_off = SetOffset(lay, b);
-  TracePoint(c, n, kLLTraceStart, kOpLLCombine);
-  WaitReleased(c, n, kOpLLCombine);
-  TracePoint(c, n, kLLTraceReleased, kOpLLCombine);
+    const uint64_t n = StartOp(c);
+    const int b = static_cast<int>(n & 1);
+    const size_t set_off = SetOffset(lay, b);
+    TracePoint(c, n, kLLTraceStart, kOpLLCombine);
+    WaitReleased(c, n, kOpLLCombine);
+    TracePoint(c, n, kLLTraceReleased, kOpLLCombine);
 
-  // Send order: bucket-major, then expert, then row (s_qbase over [q][l]);
-  // rows from my own tokens are not sent.
-  int32_t* s_base = s_mem;
-  int32_t* s_hist = s_base + L + 1;
-  int32_t* s_qbase = s_hist + QL;
-  for (int64_t i = threadIdx.x; i < QL; i += blockDim.x) s_hist[i] = 0;
-  RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
-  const int64_t total = s_base[L];
-  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
-    const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
-    const int32_t code = __ldg(p.recv_src + l * RM + (i - s_base[l]));
-    if (SentRow(code, M, R, me)) atomicAdd(&s_hist[TokenBucket(code, M) * L + l], 1);
-  }
-  __syncthreads();
-  BlockExclusiveScan(QL, [&](int64_t j) { return s_hist[j]; }, s_qbase);
-  const int64_t sent = s_qbase[QL];
+    // Send order: bucket-major, then expert, then row (s_qbase over [q][l]);
+    // rows from my own tokens are not sent.
+    int32_t* s_base = s_mem;
+    int32_t* s_hist = s_base + L + 1;
+    int32_t* s_qbase = s_hist + QL;
+    for (int64_t i = threadIdx.x; i < QL; i += blockDim.x) s_hist[i] = 0;
+    RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
+    const int64_t total = s_base[L];
+    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+      const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
+      const int32_t code = __ldg(p.recv_src + l * RM + (i - s_base[l]));
+      if (SentRow(code, M, R, me)) atomicAdd(&s_hist[TokenBucket(code, M) * L + l], 1);
+    }
+    __syncthreads();
+    BlockExclusiveScan(QL, [&](int64_t j) { return s_hist[j]; }, s_qbase);
+    const int64_t sent = s_qbase[QL];
 
-  if ((threadIdx.x >> 5) < kWarps - kEarlyRecvWarps) {
-    // ---------------- send: my experts' rows, early tokens first
-    const int64_t row_bytes = H * p.y_bytes;
-    for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < sent;
-         task = NextWarpTask(SendTask(c.base), lane)) {
-      const int ql = UpperIndex(s_qbase, static_cast<int>(QL), static_cast<int32_t>(task));
-      const int q = ql / static_cast<int>(L);
-      const int l = ql - q * static_cast<int>(L);
-      const int2 row = NthRowInBucket(p.recv_src + l * RM, s_base[l + 1] - s_base[l], q,
-                                      task - s_qbase[ql], M, R, me, lane);
-      if (row.y < 0) continue;
-      const int s = row.y / static_cast<int32_t>(M);
-      const int64_t t = row.y - static_cast<int64_t>(s) * M;
-      const int64_t e = static_cast<int64_t>(me) * L + l;
-      uint8_t* dst = s_peer[s] + set_off + CombineSetRow(e, t, E) * p.stride;
-      const uint8_t* src = p.y + (l * RM + row.x) * row_bytes;
-      WarpPrefetchL2(src, row_bytes, lane);
-      WarpCopyVecRange<false, kRowUnroll>(reinterpret_cast<uint4*>(dst),
-                                          reinterpret_cast<const uint4*>(src), 0, row_bytes / 16,
-                                          lane);
-      __syncwarp();
-      if (lane == 0) {
-        Fence(gpu);
-        auto* count = reinterpret_cast<unsigned long long*>(s_peer[s] + ArriveOffset(lay, b, t));
-        if (gpu) {
-          atomicAdd(count, 1ull);
-        } else {
-          atomicAdd_system(count, 1ull);
+    if ((threadIdx.x >> 5) < kWarps - kEarlyRecvWarps) {
+      // ---------------- send: my experts' rows, early tokens first
+      const int64_t row_bytes = H * p.y_bytes;
+      for (int64_t task = NextWarpTask(SendTask(c.base), lane); task < sent;
+           task = NextWarpTask(SendTask(c.base), lane)) {
+        const int ql = UpperIndex(s_qbase, static_cast<int>(QL), static_cast<int32_t>(task));
+        const int q = ql / static_cast<int>(L);
+        const int l = ql - q * static_cast<int>(L);
+        const int2 row = NthRowInBucket(p.recv_src + l * RM, s_base[l + 1] - s_base[l], q,
+                                        task - s_qbase[ql], M, R, me, lane);
+        if (row.y < 0) continue;
+        const int s = row.y / static_cast<int32_t>(M);
+        const int64_t t = row.y - static_cast<int64_t>(s) * M;
+        const int64_t e = static_cast<int64_t>(me) * L + l;
+        uint8_t* dst = s_peer[s] + set_off + CombineSetRow(e, t, E) * p.stride;
+        const uint8_t* src = p.y + (l * RM + row.x) * row_bytes;
+        WarpPrefetchL2(src, row_bytes, lane);
+        WarpCopyVecRange<false, kRowUnroll>(reinterpret_cast<uint4*>(dst),
+                                            reinterpret_cast<const uint4*>(src), 0, row_bytes / 16,
+                                            lane);
+        __syncwarp();
+        if (lane == 0) {
+          Fence(gpu);
+          auto* count = reinterpret_cast<unsigned long long*>(s_peer[s] + ArriveOffset(lay, b, t));
+          if (gpu) {
+            atomicAdd(count, 1ull);
+          } else {
+            atomicAdd_system(count, 1ull);
+          }
         }
       }
-    }
-    TracePoint(c, n, kLLTraceSent, kOpLLCombine);
-    // The last send warp of the grid signals done (as FinishSend, per warp).
-    __syncwarp();
-    bool last = false;
-    if (lane == 0) {
-      Fence(gpu);
-      const unsigned int send_warps = gridDim.x * (kWarps - kEarlyRecvWarps);
-      last = atomicAdd(SendArrive(c.base), 1u) == send_warps - 1;
-      if (last) Fence(gpu);
-    }
-    if (__shfl_sync(kFull, last, 0)) {
+      TracePoint(c, n, kLLTraceSent, kOpLLCombine);
+      // The last send warp of the grid signals done (as FinishSend, per warp).
       __syncwarp();
-      PublishDone(c, s_peer, n, kOpLLCombine, lane, 32);
+      bool last = false;
+      if (lane == 0) {
+        Fence(gpu);
+        const unsigned int send_warps = gridDim.x * (kWarps - kEarlyRecvWarps);
+        last = atomicAdd(SendArrive(c.base), 1u) == send_warps - 1;
+        if (last) Fence(gpu);
+      }
+      if (__shfl_sync(kFull, last, 0)) {
+        __syncwarp();
+        PublishDone(c, s_peer, n, kOpLLCombine, lane, 32);
+      }
+    }
+
+    // ---------------- receive: my tokens in order, each once its rows are in
+    TracePoint(c, n, kLLTraceArrived, kOpLLCombine);
+    const uint8_t* set = c.base + set_off;
+    const uint64_t* arrive = reinterpret_cast<const uint64_t*>(c.base + ArriveOffset(lay, b, 0));
+    const int64_t chunks = H / kNE;
+    const int64_t segs = max(int64_t{1}, min((GridWarps() + T - 1) / max(T, int64_t{1}),
+                                             (chunks + 31) / 32));
+    for (int64_t unit = NextWarpTask(RecvTask(c.base), lane); unit < T * segs;
+         unit = NextWarpTask(RecvTask(c.base), lane)) {
+      const int64_t t = unit / segs;
+      WaitTokenRows(c, p, arrive + t, t, n, lane);
+      const UnitRange range = PartOf(chunks, static_cast<int>(unit - t * segs), static_cast<int>(segs));
+      ReduceTokenRange<Elem, kNE>(p, set, t, range, lane);
+    }
+    TracePoint(c, n, kLLTraceCopied, kOpLLCombine);
+    TracePoint(c, n, kLLTraceEnd, kOpLLCombine);
+    if (LastToReceive(c)) {
+      WaitAllDone(c, n, kOpLLCombine);
+      uint64_t* mine = reinterpret_cast<uint64_t*>(c.base + ArriveOffset(lay, b, 0));
+      for (int64_t t = threadIdx.x; t < M; t += blockDim.x) mine[t] = 0;
+      if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned int*>(RecvTask(c.base)) = 0u;
+      __syncthreads();
+      FinishRecv(c, s_peer, n);
     }
   }
-
-  // ---------------- receive: my tokens in order, each once its rows are in
-  TracePoint(c, n, kLLTraceArrived, kOpLLCombine);
-  const uint8_t* set = c.base + set_off;
-  const uint64_t* arrive = reinterpret_cast<const uint64_t*>(c.base + ArriveOffset(lay, b, 0));
-  const int64_t chunks = H / kNE;
-  const int64_t segs = max(int64_t{1}, min((GridWarps() + T - 1) / max(T, int64_t{1}),
-                                           (chunks + 31) / 32));
-  for (int64_t unit = NextWarpTask(RecvTask(c.base), lane); unit < T * segs;
-       unit = NextWarpTask(RecvTask(c.base), lane)) {
-    const int64_t t = unit / segs;
-    WaitTokenRows(c, p, arrive + t, t, n, lane);
-    const UnitRange range = PartOf(chunks, static_cast<int>(unit - t * segs), static_cast<int>(segs));
-    ReduceTokenRange<Elem, kNE>(p, set, t, range, lane);
-  }
-  TracePoint(c, n, kLLTraceCopied, kOpLLCombine);
-  TracePoint(c, n, kLLTraceEnd, kOpLLCombine);
-  if (LastToReceive(c)) {
-    WaitAllDone(c, n, kOpLLCombine);
-    uint64_t* mine = reinterpret_cast<uint64_t*>(c.base + ArriveOffset(lay, b, 0));
-    for (int64_t t = threadIdx.x; t < M; t += blockDim.x) mine[t] = 0;
-    if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned int*>(RecvTask(c.base)) = 0u;
-    __syncthreads();
-    FinishRecv(c, s_peer, n);
-  }
-}
+};
 
 }  // namespace
 
@@ -300,11 +302,11 @@ cudaError_t LaunchLLStreamedCombine(const LLComm& comm, const CombineParams& p, 
   const int grid = GridFor(comm);
   switch (dtype) {
     case ElemType::kBF16:
-      return Launch(LLStreamedCombineKernel<Bf16Elem, 8>, grid, smem, stream, comm, p);
+      return Launch<LLStreamedCombineKernel<Bf16Elem, 8>>(grid, smem, stream, comm, p);
     case ElemType::kF16:
-      return Launch(LLStreamedCombineKernel<F16Elem, 8>, grid, smem, stream, comm, p);
+      return Launch<LLStreamedCombineKernel<F16Elem, 8>>(grid, smem, stream, comm, p);
     case ElemType::kF32:
-      return Launch(LLStreamedCombineKernel<F32Elem, 4>, grid, smem, stream, comm, p);
+      return Launch<LLStreamedCombineKernel<F32Elem, 4>>(grid, smem, stream, comm, p);
     case ElemType::kF8E4M3FN:
       break;
   }

@@ -326,9 +326,9 @@ __device__ __forceinline__ void TracePoint(const LLComm& c, uint64_t n, int even
   if (blockIdx.x == 0) row[kLLTraceTag] = (n << 8) | static_cast<uint64_t>(op & 255);
 }
 
-// First thing in every low-latency kernel: under programmatic dependent
-// launch, wait until the previous kernel of the stream completed and its
-// writes are visible (a no-op for a normal launch).
+// First thing in every low-latency kernel (LLKernelEntry): under
+// programmatic dependent launch, wait until the previous kernel of the
+// stream completed and its writes are visible (a no-op for a normal launch).
 __device__ __forceinline__ void WaitPreviousKernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -549,9 +549,22 @@ __device__ __forceinline__ int32_t ExpertOfLane(const int32_t* __restrict__ idx,
 
 int GridFor(const LLComm& c) { return std::max(1, c.num_blocks); }
 
+// The one __global__ entry of every low-latency kernel. `Kernel` is a struct
+// with `static __device__ void Run(const LLComm&, const Params&)`; the entry
+// waits for the previous kernel of the stream before Run reads anything, so
+// no kernel launched with programmatic dependent launch can forget to (a
+// dependent grid may start before its predecessor's writes are visible).
 template <typename Kernel, typename Params>
-cudaError_t Launch(Kernel kernel, int grid, size_t smem, cudaStream_t stream, const LLComm& c,
+__global__ void __launch_bounds__(kThreads, 1) LLKernelEntry(LLComm c, Params p) {
+  WaitPreviousKernel();
+  Kernel::Run(c, p);
+}
+
+// Launches LLKernelEntry<Kernel>: the only way a low-latency kernel starts.
+template <typename Kernel, typename Params>
+cudaError_t Launch(int grid, size_t smem, cudaStream_t stream, const LLComm& c,
                    const Params& params) {
+  void (*kernel)(LLComm, Params) = LLKernelEntry<Kernel, Params>;
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -563,7 +576,7 @@ cudaError_t Launch(Kernel kernel, int grid, size_t smem, cudaStream_t stream, co
     return cudaGetLastError();
   }
   // Programmatic dependent launch: the grid is scheduled as the previous
-  // kernel's blocks exit, not after its completion is processed; the kernel
+  // kernel's blocks exit, not after its completion is processed; the entry
   // waits for that completion first thing (WaitPreviousKernel).
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(grid);

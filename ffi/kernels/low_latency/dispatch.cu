@@ -390,115 +390,116 @@ __device__ __forceinline__ void SendTokens(const LLComm& c, const DispatchParams
 // index [l][s][j] into (s, j) order; then every thread of the grid marks (and
 // zeroes) the padding rows (MarkPaddingRows) and writes slot (WriteSlots).
 template <typename XElem>
-__global__ void __launch_bounds__(kThreads, 1) LLDispatchKernel(LLComm c, DispatchParams p) {
-  // Send: token masks [E][mask_words]; receive (after a barrier): [L][R + 1], then [L + 1].
-  extern __shared__ int32_t s_dyn[];
-  int32_t* s_prefix = s_dyn;
-  __shared__ uint8_t* s_peer[kLLMaxRanks];
-  __shared__ int32_t s_expert[kThreads];  // 32 per warp (TokensBefore)
+struct LLDispatchKernel {
+  static __device__ __forceinline__ void Run(const LLComm& c, const DispatchParams& p) {
+    // Send: token masks [E][mask_words]; receive (after a barrier): [L][R + 1], then [L + 1].
+    extern __shared__ int32_t s_dyn[];
+    int32_t* s_prefix = s_dyn;
+    __shared__ uint8_t* s_peer[kLLMaxRanks];
+    __shared__ int32_t s_expert[kThreads];  // 32 per warp (TokensBefore)
 
-  const LLLayout& lay = c.layout;
-  const int R = c.num_ranks;
-  const int me = c.rank;
-  const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = GlobalWarp(), W = GridWarps();
-  WaitPreviousKernel();
-  LoadPeers(c, s_peer);
+    const LLLayout& lay = c.layout;
+    const int R = c.num_ranks;
+    const int me = c.rank;
+    const auto [T, H, K, E, M, L, RM] = GeometryOf(p.s, R);
+    const int lane = threadIdx.x & 31;
+    const int64_t gw = GlobalWarp(), W = GridWarps();
+    LoadPeers(c, s_peer);
 
-  uint64_t n;
-  if (p.phase == kLLRecvOnly) {
-    n = TokenOp(p.token_in);
-  } else {
-    n = StartOp(c);
-  }
-  const int b = static_cast<int>(n & 1);
-  int32_t* jpos = reinterpret_cast<int32_t*>(c.base + JposOffset(lay, b));
-  int32_t* scratch = reinterpret_cast<int32_t*>(c.base + ScratchOffset(lay, b));
-  const size_t set_off = SetOffset(lay, b);
-  const size_t rows_off = DispatchRowsOffset(E, M);  // in set b: int32 index, then the rows
-  TracePoint(c, n, kLLTraceStart, kOpLLDispatch);
-
-  if (p.phase != kLLRecvOnly) {
-    // ---------------- send
-    WriteToken(p.token_out, n);
-    WaitReleased(c, n, kOpLLDispatch);  // ends with __syncthreads (s_peer ready)
-    TracePoint(c, n, kLLTraceReleased, kOpLLDispatch);
-
-    SendTokens<XElem>(c, p, s_peer, s_expert, s_dyn, jpos, scratch, set_off, rows_off, R, me, T,
-                      H, K, E, M, L, lane, gw, W);
-
-    TracePoint(c, n, kLLTraceSent, kOpLLDispatch);
-    if (LastToSend(c)) PublishCounts(c, s_peer, scratch, n, b, R, me, E);
-  }
-  if (p.phase == kLLSendOnly) return;
-
-  // ---------------- receive
-  WaitAllDone(c, n, kOpLLDispatch);
-  TracePoint(c, n, kLLTraceArrived, kOpLLDispatch);
-  const int32_t* counts = reinterpret_cast<const int32_t*>(c.base + CountsOffset(lay, b, 0, E));
-  const int me_e0 = me * static_cast<int>(L);
-  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-    int32_t acc = 0;
-    for (int s = 0; s < R; ++s) {
-      s_prefix[l * (R + 1) + s] = acc;
-      acc += min(max(__ldcg(counts + s * E + me_e0 + l), 0), static_cast<int32_t>(M));
+    uint64_t n;
+    if (p.phase == kLLRecvOnly) {
+      n = TokenOp(p.token_in);
+    } else {
+      n = StartOp(c);
     }
-    s_prefix[l * (R + 1) + R] = acc;
-  }
-  __syncthreads();
-  int32_t* s_lbase = s_prefix + L * (R + 1);  // received rows before local expert l
-  BlockExclusiveScan(L, [&](int64_t l) { return s_prefix[l * (R + 1) + R]; }, s_lbase);
-  if (blockIdx.x == 0) {
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) p.recv_count[l] = s_prefix[l * (R + 1) + R];
-  }
-  const uint8_t* set = c.base + set_off;
-  const int32_t* index = reinterpret_cast<const int32_t*>(set);
-  const int64_t out_row_bytes = p.use_fp8 ? H : H * p.x_bytes;
-  const int64_t scale_row_bytes = p.use_fp8 ? (H / kLLFp8Block) * 4 : 0;
-  const int64_t total = s_lbase[L];
-  const int64_t out_units = p.vec_out ? out_row_bytes / 16 : 1;
-  const int rparts = p.vec_out ? PartsPerRow(total, W, out_units, kPartVectors) : 1;
-  for (int64_t i = gw; i < total * rparts; i += W) {
-    const int64_t v = i / rparts;
-    const int part = static_cast<int>(i - v * rparts);
-    const int l = UpperIndex(s_lbase, static_cast<int>(L), static_cast<int32_t>(v));
-    const int32_t pos = static_cast<int32_t>(v - s_lbase[l]);
-    const int32_t* pre = s_prefix + l * (R + 1);
-    const int s = UpperIndex(pre, R, pos);
-    const int32_t t = min(max(__ldcg(index + (l * R + s) * M + (pos - pre[s])), 0),
-                          static_cast<int32_t>(M - 1));
-    const uint8_t* src = set + rows_off + (s * M + t) * p.stride;
-    const int64_t row = l * RM + pos;
-    uint8_t* out = p.recv_x + row * out_row_bytes;
-    if (p.vec_out) {
-      const UnitRange range = PartOf(out_units, part, rparts);
-      WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
+    const int b = static_cast<int>(n & 1);
+    int32_t* jpos = reinterpret_cast<int32_t*>(c.base + JposOffset(lay, b));
+    int32_t* scratch = reinterpret_cast<int32_t*>(c.base + ScratchOffset(lay, b));
+    const size_t set_off = SetOffset(lay, b);
+    const size_t rows_off = DispatchRowsOffset(E, M);  // in set b: int32 index, then the rows
+    TracePoint(c, n, kLLTraceStart, kOpLLDispatch);
+
+    if (p.phase != kLLRecvOnly) {
+      // ---------------- send
+      WriteToken(p.token_out, n);
+      WaitReleased(c, n, kOpLLDispatch);  // ends with __syncthreads (s_peer ready)
+      TracePoint(c, n, kLLTraceReleased, kOpLLDispatch);
+
+      SendTokens<XElem>(c, p, s_peer, s_expert, s_dyn, jpos, scratch, set_off, rows_off, R, me, T,
+                        H, K, E, M, L, lane, gw, W);
+
+      TracePoint(c, n, kLLTraceSent, kOpLLDispatch);
+      if (LastToSend(c)) PublishCounts(c, s_peer, scratch, n, b, R, me, E);
     }
-    if (part == 0) {
-      if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
-      if (p.use_fp8) {  // H / 128 scales (a plain loop: WarpCopy here makes the kernel spill)
-        const float* scales = reinterpret_cast<const float*>(src + H);
-        float* scales_out = p.recv_scales + row * (H / kLLFp8Block);
-        for (int64_t i = lane; i < H / kLLFp8Block; i += 32) scales_out[i] = __ldcg(scales + i);
+    if (p.phase == kLLSendOnly) return;
+
+    // ---------------- receive
+    WaitAllDone(c, n, kOpLLDispatch);
+    TracePoint(c, n, kLLTraceArrived, kOpLLDispatch);
+    const int32_t* counts = reinterpret_cast<const int32_t*>(c.base + CountsOffset(lay, b, 0, E));
+    const int me_e0 = me * static_cast<int>(L);
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+      int32_t acc = 0;
+      for (int s = 0; s < R; ++s) {
+        s_prefix[l * (R + 1) + s] = acc;
+        acc += min(max(__ldcg(counts + s * E + me_e0 + l), 0), static_cast<int32_t>(M));
+      }
+      s_prefix[l * (R + 1) + R] = acc;
+    }
+    __syncthreads();
+    int32_t* s_lbase = s_prefix + L * (R + 1);  // received rows before local expert l
+    BlockExclusiveScan(L, [&](int64_t l) { return s_prefix[l * (R + 1) + R]; }, s_lbase);
+    if (blockIdx.x == 0) {
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) p.recv_count[l] = s_prefix[l * (R + 1) + R];
+    }
+    const uint8_t* set = c.base + set_off;
+    const int32_t* index = reinterpret_cast<const int32_t*>(set);
+    const int64_t out_row_bytes = p.use_fp8 ? H : H * p.x_bytes;
+    const int64_t scale_row_bytes = p.use_fp8 ? (H / kLLFp8Block) * 4 : 0;
+    const int64_t total = s_lbase[L];
+    const int64_t out_units = p.vec_out ? out_row_bytes / 16 : 1;
+    const int rparts = p.vec_out ? PartsPerRow(total, W, out_units, kPartVectors) : 1;
+    for (int64_t i = gw; i < total * rparts; i += W) {
+      const int64_t v = i / rparts;
+      const int part = static_cast<int>(i - v * rparts);
+      const int l = UpperIndex(s_lbase, static_cast<int>(L), static_cast<int32_t>(v));
+      const int32_t pos = static_cast<int32_t>(v - s_lbase[l]);
+      const int32_t* pre = s_prefix + l * (R + 1);
+      const int s = UpperIndex(pre, R, pos);
+      const int32_t t = min(max(__ldcg(index + (l * R + s) * M + (pos - pre[s])), 0),
+                            static_cast<int32_t>(M - 1));
+      const uint8_t* src = set + rows_off + (s * M + t) * p.stride;
+      const int64_t row = l * RM + pos;
+      uint8_t* out = p.recv_x + row * out_row_bytes;
+      if (p.vec_out) {
+        const UnitRange range = PartOf(out_units, part, rparts);
+        WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
+      }
+      if (part == 0) {
+        if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
+        if (p.use_fp8) {  // H / 128 scales (a plain loop: WarpCopy here makes the kernel spill)
+          const float* scales = reinterpret_cast<const float*>(src + H);
+          float* scales_out = p.recv_scales + row * (H / kLLFp8Block);
+          for (int64_t i = lane; i < H / kLLFp8Block; i += 32) scales_out[i] = __ldcg(scales + i);
+        }
+      }
+      if (p.vec_out) {
+        const UnitRange range = PartOf(out_units, part, rparts);
+        WarpCopyVecRange<true, kRowUnroll>(reinterpret_cast<uint4*>(out),
+                                           reinterpret_cast<const uint4*>(src), range.begin,
+                                           range.end, lane);
+      } else {
+        WarpCopy<true>(out, src, out_row_bytes, lane);
       }
     }
-    if (p.vec_out) {
-      const UnitRange range = PartOf(out_units, part, rparts);
-      WarpCopyVecRange<true, kRowUnroll>(reinterpret_cast<uint4*>(out),
-                                         reinterpret_cast<const uint4*>(src), range.begin,
-                                         range.end, lane);
-    } else {
-      WarpCopy<true>(out, src, out_row_bytes, lane);
-    }
+    TracePoint(c, n, kLLTraceCopied, kOpLLDispatch);
+    const int64_t gtid = GlobalThread(), gthreads = GridThreads();
+    MarkPaddingRows(p, s_prefix, R, L, RM, out_row_bytes, scale_row_bytes, gtid, gthreads);
+    WriteSlots(p, counts, jpos, me, T, K, E, M, gtid, gthreads);
+    TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
+    if (LastToReceive(c)) FinishRecv(c, s_peer, n);
   }
-  TracePoint(c, n, kLLTraceCopied, kOpLLDispatch);
-  const int64_t gtid = GlobalThread(), gthreads = GridThreads();
-  MarkPaddingRows(p, s_prefix, R, L, RM, out_row_bytes, scale_row_bytes, gtid, gthreads);
-  WriteSlots(p, counts, jpos, me, T, K, E, M, gtid, gthreads);
-  TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
-  if (LastToReceive(c)) FinishRecv(c, s_peer, n);
-}
+};
 
 }  // namespace
 
@@ -549,11 +550,11 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   const int grid = GridFor(comm);
   switch (a.dtype) {
     case ElemType::kBF16:
-      return Launch(LLDispatchKernel<Bf16Elem>, grid, smem, stream, comm, p);
+      return Launch<LLDispatchKernel<Bf16Elem>>(grid, smem, stream, comm, p);
     case ElemType::kF16:
-      return Launch(LLDispatchKernel<F16Elem>, grid, smem, stream, comm, p);
+      return Launch<LLDispatchKernel<F16Elem>>(grid, smem, stream, comm, p);
     case ElemType::kF32:
-      return Launch(LLDispatchKernel<F32Elem>, grid, smem, stream, comm, p);
+      return Launch<LLDispatchKernel<F32Elem>>(grid, smem, stream, comm, p);
     case ElemType::kF8E4M3FN:
       break;
   }
