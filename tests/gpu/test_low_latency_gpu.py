@@ -35,6 +35,7 @@ def test_low_latency_ranks_as_processes(mps, ranks):
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks
         assert "put fp8" in res.result["checked"] and "split" in res.result["checked"]
+        assert {"larger M refused", "fp8 nan and inf"} <= set(res.result["checked"])
         # Every PE on this GPU: GPU-scope flags on the direct path, system
         # scope once rows go by put; dependent launch on both; the streamed
         # combine at several PEs at GPU scope only.

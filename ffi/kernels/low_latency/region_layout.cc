@@ -80,6 +80,12 @@ const char* CheckCommon(const LLComm& c, const LLShape& s) {
   if (s.num_tokens < 0 || s.num_tokens > s.max_tokens) {
     return "the number of tokens exceeds max_tokens_per_rank";
   }
+  // The per-token arrival counters (and the per-token rows of every set) are
+  // laid out for the allocation's M: a larger call's tokens would land past them.
+  if (s.max_tokens > c.layout.max_tokens) {
+    return "max_tokens_per_rank exceeds the max_tokens_per_rank the low-latency buffer was "
+           "allocated for";
+  }
   if (s.num_experts < c.num_ranks || s.num_experts % c.num_ranks != 0) {
     return "num_experts must be a positive multiple of the number of PEs";
   }

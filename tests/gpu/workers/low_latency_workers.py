@@ -196,7 +196,31 @@ def low_latency(seed="0"):
         _same(scaled[0], want, f"{what} cached dispatch with scales")
         checked.append(what)
 
+    def check_refuses_a_larger_m(what):
+        """A direct combine whose max_tokens_per_rank exceeds the allocation's is refused
+        before launch (its tokens' arrival counters would lie past the region's)."""
+        m2 = 2 * M
+
+        @jax.jit
+        @smap
+        def f(y, idx, w, src, count, slot):
+            return ll.combine_call(y[0], idx, w, src[0], count[0], slot, num_ranks=n)
+
+        L = E // n
+        args = (put([np.zeros((1, L, n * m2, H), np.float32)] * n),
+                put([np.zeros((T, K), np.int32)] * n), put([np.zeros((T, K), np.float32)] * n),
+                put([np.full((1, L, n * m2), -1, np.int32)] * n),
+                put([np.zeros((1, L), np.int32)] * n), put([np.zeros((T, K), np.int32)] * n))
+        try:
+            jax.block_until_ready(f(*args))
+        except Exception as err:  # noqa: BLE001 - XLA's error type
+            assert "max_tokens_per_rank exceeds" in str(err), str(err)
+        else:
+            raise AssertionError("a combine with max_tokens_per_rank > the allocation ran")
+        checked.append(what)
+
     s = int(seed)
+    check_refuses_a_larger_m("larger M refused")
     modes = {}  # path -> [GPU-scope flags, programmatic dependent launch, streamed combine]
     for force_put in (0, 1):
         mod.nvshmem_ll_set_options(30.0, 0, force_put)
@@ -212,6 +236,12 @@ def low_latency(seed="0"):
         idxs = [np.where((i >= 0) & (i < E), i, -1).astype(np.int32) for i in idxs]
         check_fused(xs, idxs, ws, False, f"{tag}duplicates")
         check_fused(xs, idxs, ws, True, f"{tag}fp8")
+        xs_nan = [np.array(x) for x in xs]
+        for r, x in enumerate(xs_nan):  # NaN stays in its channel, inf scales its block
+            x[r % T, 3] = np.nan
+            x[(r + 1) % T, 128:256] = np.nan
+            x[(r + 2) % T, 7] = np.inf
+        check_fused(xs_nan, idxs, ws, True, f"{tag}fp8 nan and inf")
         xs2, idxs2, _ = oracle.make_inputs(s + 2, n, T, H, E, K, dtype=ml_dtypes.bfloat16)
         check_split(xs, idxs, ws, xs2, idxs2, f"{tag}split")
         xf, idxf, wf = oracle.make_inputs(s + 3, n, T, H, E, K, dtype=np.float32,
