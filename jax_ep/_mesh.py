@@ -7,6 +7,7 @@ EP group, so a (data, ep) mesh has one group per data index.
 from __future__ import annotations
 
 import numpy as np
+from jax._src import mesh as _jax_mesh  # the concrete mesh of a trace, if any
 
 
 def ep_groups(mesh, axis_name) -> np.ndarray:
@@ -18,6 +19,30 @@ def ep_groups(mesh, axis_name) -> np.ndarray:
     devices = np.asarray(mesh.devices)
     moved = np.moveaxis(devices, axis, -1)
     return moved.reshape(-1, moved.shape[-1])
+
+
+def group_ids(mesh, axis_name) -> tuple:
+    """The EP groups as device ids: ((ids of group 0 in rank order), ...)."""
+    return tuple(tuple(int(d.id) for d in row) for row in ep_groups(mesh, axis_name))
+
+
+def check_call_mesh(op, axis_name, expected) -> None:
+    """Trace-time check, where the call's mesh is known (jax.set_mesh / use_mesh):
+    its EP groups must be those `initialize` set up (`expected`, from group_ids).
+
+    Under shard_map(mesh=...) the mesh is not visible at trace time; the kernels
+    then check the call's EP axis index against the rank at run time.
+    """
+    mesh = _jax_mesh.get_concrete_mesh()
+    if mesh is None or mesh.empty or axis_name not in mesh.axis_names:
+        return
+    got = group_ids(mesh, axis_name)
+    if got != expected:
+        raise ValueError(
+            f"jax_ep.{op}: the mesh of this call orders the devices of axis {axis_name!r} as "
+            f"{[list(g) for g in got]} but jax_ep.initialize set them up as "
+            f"{[list(g) for g in expected]}; call the ops under the mesh given to initialize "
+            f"(the same devices in the same order).")
 
 
 def ep_coordinates(mesh, axis_name) -> dict:

@@ -105,3 +105,21 @@ def test_the_agreement_is_a_no_op_in_one_process():
     with pytest.raises(ValueError, match="boom"):
         _agreement.step(mesh, "x", lambda: (_ for _ in ()).throw(ValueError("boom")),
                         timeout_s=1)
+
+
+def test_a_call_mesh_of_another_device_order_raises_at_trace_time():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jax_ep import _mesh
+
+    devices = jax.devices()[:4]
+    mesh = Mesh(np.array(devices), ("ep",))
+    expected = _mesh.group_ids(mesh, "ep")
+    with jax.set_mesh(Mesh(np.array(devices[::-1]), ("ep",))):
+        with pytest.raises(ValueError, match="orders the devices of axis 'ep'.*same order"):
+            _mesh.check_call_mesh("dispatch", "ep", expected)
+    with jax.set_mesh(mesh):
+        _mesh.check_call_mesh("dispatch", "ep", expected)
+    _mesh.check_call_mesh("dispatch", "ep", expected)  # no mesh known: the kernels check

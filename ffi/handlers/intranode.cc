@@ -4,6 +4,9 @@
 // stream. No math, no host synchronisation, no CUDA API calls besides the
 // launches.
 //
+// Every target's first operand is axis_index s32[], the call's position on
+// the EP axis (lax.axis_index): the kernels stop with a message when it is not
+// the rank jax_ep.initialize gave this device (a mesh of another order).
 // jax_ep_intranode_dispatch
 //   operands  slot         s32[T, R]   position of token t among my tokens to rank r, or -1
 //             sent         s32[R]      my tokens per destination rank
@@ -170,7 +173,8 @@ ffi::Error DecodePayloads(const std::string& where, const jax_ep::IntranodeComm&
   return ffi::Error::Success();
 }
 
-ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 2> slot,
+ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device,
+                             ffi::Buffer<ffi::S32, 0> axis_index, ffi::Buffer<ffi::S32, 2> slot,
                              ffi::Buffer<ffi::S32, 1> sent, ffi::RemainingArgs payloads,
                              ffi::ResultBuffer<ffi::S32, 2> rank_counts, ffi::RemainingRets recvs,
                              int64_t capacity) {
@@ -186,6 +190,7 @@ ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::Buffer<ff
                                        Dims(sent.dimensions()));
   }
   jax_ep::IntranodeDispatchArgs args{};
+  args.axis_index = axis_index.typed_data();
   args.slot = slot.typed_data();
   args.sent = sent.typed_data();
   args.rank_counts = rank_counts->typed_data();
@@ -195,6 +200,7 @@ ffi::Error IntranodeDispatch(cudaStream_t stream, int32_t device, ffi::Buffer<ff
 }
 
 ffi::Error IntranodeDispatchCached(cudaStream_t stream, int32_t device,
+                                   ffi::Buffer<ffi::S32, 0> axis_index,
                                    ffi::Buffer<ffi::S32, 2> slot,
                                    ffi::Buffer<ffi::S32, 2> rank_counts,
                                    ffi::RemainingArgs payloads, ffi::RemainingRets recvs,
@@ -206,6 +212,7 @@ ffi::Error IntranodeDispatchCached(cudaStream_t stream, int32_t device,
   int64_t T = 0;
   JAX_EP_RETURN_IF_ERROR(CheckSlotTable(where, "slot", slot.dimensions(), comm.num_ranks, &T));
   jax_ep::IntranodeDispatchArgs args{};
+  args.axis_index = axis_index.typed_data();
   args.slot = slot.typed_data();
   args.sent = nullptr;  // cached: the kernels only read rank_counts
   args.rank_counts = const_cast<int32_t*>(rank_counts.typed_data());
@@ -233,7 +240,8 @@ ffi::Error DecodeCombineRows(const std::string& where, const ffi::AnyBuffer& y,
   return ffi::Error::Success();
 }
 
-ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device,
+                            ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer y,
                             ffi::Buffer<ffi::S32, 2> token_slot,
                             ffi::Buffer<ffi::S32, 2> rank_counts, ffi::Result<ffi::AnyBuffer> out) {
   const std::string where = "jax_ep_intranode_combine: ";
@@ -258,6 +266,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                                " bytes but this combine needs " + std::to_string(need) +
                                " (R x T x H x itemsize); initialize jax_ep with a larger buffer");
   }
+  args.axis_index = axis_index.typed_data();
   args.y = y.untyped_data();
   args.token_slot = token_slot.typed_data();
   args.rank_counts = rank_counts.typed_data();
@@ -271,6 +280,7 @@ ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatch, IntranodeDispatch,
                               BindStreamAndDevice()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // slot
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // sent
                                   .RemainingArgs()                  // payloads
@@ -280,6 +290,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatch, IntranodeDispatch,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCached,
                               BindStreamAndDevice()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // slot (post-drop)
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
                                   .RemainingArgs()                  // payloads
@@ -288,6 +299,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCac
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeCombine, IntranodeCombine,
                               BindStreamAndDevice()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                                   .Arg<ffi::AnyBuffer>()            // y
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // token_slot (post-drop)
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts

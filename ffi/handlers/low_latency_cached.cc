@@ -6,8 +6,8 @@
 //
 // jax_ep_ll_dispatch_cached     attrs zero_fill (bool), max_tokens_per_rank (i64),
 //                                     num_experts (i64)
-//   operands  x [T, H] (bf16 | f16 | f32), topk_idx s32[T, K], slot s32[T, K],
-//             recv_count s32[L], optional scale f32[T, K]
+//   operands  axis_index s32[] (lax.axis_index of the call), x [T, H] (bf16 | f16 | f32),
+//             topk_idx s32[T, K], slot s32[T, K], recv_count s32[L], optional scale f32[T, K]
 //   results   out [L, RM, H] (x dtype)
 #include <cstdint>
 #include <memory>
@@ -48,7 +48,8 @@ ffi::Error DecodeScale(const std::string& where, const ffi::RemainingArgs& rest,
   return ffi::Error::Success();
 }
 
-ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device,
+                            ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer x,
                             ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::S32, 2> slot,
                             ffi::Buffer<ffi::S32, 1> recv_count, ffi::RemainingArgs rest,
                             ffi::Result<ffi::AnyBuffer> out, bool zero_fill, int64_t max_tokens,
@@ -60,6 +61,7 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   int64_t T = 0, K = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLCachedDispatchArgs args;
+  args.axis_index = axis_index.typed_data();
   if (!ToLLElemType(x.element_type(), &args.dtype)) {
     return ffi::Error::InvalidArgument(where + "x must be bfloat16, float16 or float32");
   }
@@ -94,6 +96,7 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLDispatchCached, LLDispatchCached,
     WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                           .Arg<ffi::AnyBuffer>()           // x
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::S32>>()  // slot

@@ -4,7 +4,9 @@
 // context, check shapes, fill LLCombineArgs and launch on XLA's stream. No
 // math, no host synchronisation. Notation: low_latency_checks.h; y dtypes
 // bf16 | f16 | f32. Every target takes the attributes max_tokens_per_rank
-// (i64) and num_experts (i64).
+// (i64) and num_experts (i64), and first the operand axis_index s32[]
+// (lax.axis_index of the call: the kernels stop with a message when it is
+// not the PE's rank).
 //
 // jax_ep_ll_combine
 //   operands  y [L, RM, H], topk_idx s32[T, K], topk_weights f32[T, K], recv_src s32[L, RM],
@@ -104,7 +106,8 @@ ffi::Error Launch(const std::string& where, const jax_ep::LLComm& comm,
   return LaunchStatus(where, jax_ep::LaunchLLCombine(comm, args, phase, stream));
 }
 
-ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+ffi::Error LLCombine(cudaStream_t stream, int32_t device,
+                     ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer y,
                      ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
                      ffi::Buffer<ffi::S32, 2> recv_src, ffi::Buffer<ffi::S32, 1> recv_count,
                      ffi::Buffer<ffi::S32, 2> slot, ffi::Result<ffi::AnyBuffer> out,
@@ -114,6 +117,7 @@ ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
   const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   jax_ep::LLCombineArgs args;
+  args.axis_index = axis_index.typed_data();
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(DecodeSendRows(where, y, recv_src, recv_count, L, R * M, &args, &H));
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
@@ -126,7 +130,8 @@ ffi::Error LLCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
 }
 
-ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+ffi::Error LLCombineSend(cudaStream_t stream, int32_t device,
+                         ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32, 2> recv_src, ffi::Buffer<ffi::S32, 1> recv_count,
                          ffi::Result<ffi::Buffer<ffi::S32, 1>> token, int64_t max_tokens,
                          int64_t num_experts) {
@@ -135,6 +140,7 @@ ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
   const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   jax_ep::LLCombineArgs args;
+  args.axis_index = axis_index.typed_data();
   int64_t H = 0;
   JAX_EP_RETURN_IF_ERROR(DecodeSendRows(where, y, recv_src, recv_count, L, R * M, &args, &H));
   JAX_EP_RETURN_IF_ERROR(CheckTokenOut(where, token->dimensions()));
@@ -145,7 +151,8 @@ ffi::Error LLCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                 jax_ep::kLLSendOnly, stream);
 }
 
-ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 1> token,
+ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device,
+                         ffi::Buffer<ffi::S32, 0> axis_index, ffi::Buffer<ffi::S32, 1> token,
                          ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::F32, 2> topk_weights,
                          ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens,
                          int64_t num_experts) {
@@ -154,6 +161,7 @@ ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S
   JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
   const int64_t M = call.M, E = call.E;
   jax_ep::LLCombineArgs args;
+  args.axis_index = axis_index.typed_data();
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "topk_weights", topk_weights.dimensions(), {T, K}));
@@ -166,7 +174,8 @@ ffi::Error LLCombineRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S
                 jax_ep::kLLRecvOnly, stream);
 }
 
-ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+ffi::Error LLGather(cudaStream_t stream, int32_t device,
+                    ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer y,
                     ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Buffer<ffi::S32, 2> recv_src,
                     ffi::Buffer<ffi::S32, 1> recv_count, ffi::Buffer<ffi::S32, 2> slot,
                     ffi::Result<ffi::AnyBuffer> out, int64_t max_tokens, int64_t num_experts) {
@@ -175,6 +184,7 @@ ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   JAX_EP_RETURN_IF_ERROR(BeginLLCall(where, device, max_tokens, num_experts, &call));
   const int64_t R = call.R, M = call.M, E = call.E, L = call.L;
   jax_ep::LLCombineArgs args;
+  args.axis_index = axis_index.typed_data();
   args.gather = true;
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(DecodeSendRows(where, y, recv_src, recv_count, L, R * M, &args, &H));
@@ -191,6 +201,7 @@ ffi::Error LLGather(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLCombine, LLCombine,
     WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                           .Arg<ffi::AnyBuffer>()           // y
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
@@ -202,6 +213,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLCombineSend, LLCombineSend,
     WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                           .Arg<ffi::AnyBuffer>()             // y
                           .Arg<ffi::BufferR2<ffi::S32>>()    // recv_src
                           .Arg<ffi::BufferR1<ffi::S32>>()    // recv_count
@@ -210,6 +222,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLCombineRecv, LLCombineRecv,
     WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                           .Arg<ffi::BufferR1<ffi::S32>>()  // token
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
@@ -218,6 +231,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLGather, LLGather,
     WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                           .Arg<ffi::AnyBuffer>()           // y
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src

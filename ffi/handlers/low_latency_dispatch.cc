@@ -4,7 +4,8 @@
 // LLDispatchArgs and launch on XLA's stream. No math, no host
 // synchronisation. Notation: low_latency_checks.h; x dtypes bf16 | f16 | f32.
 // Every target takes the attributes max_tokens_per_rank (i64) and
-// num_experts (i64).
+// num_experts (i64), and first the operand axis_index s32[] (lax.axis_index
+// of the call: the kernels stop with a message when it is not the PE's rank).
 //
 // jax_ep_ll_dispatch            attrs use_fp8 (bool), zero_fill (bool)
 //   operands  x [T, H], topk_idx s32[T, K]
@@ -145,7 +146,8 @@ ffi::Error Launch(const std::string& where, const jax_ep::LLComm& comm,
   return LaunchStatus(where, jax_ep::LaunchLLDispatch(comm, args, phase, stream));
 }
 
-ffi::Error LLDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+ffi::Error LLDispatch(cudaStream_t stream, int32_t device,
+                      ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer x,
                       ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Result<ffi::AnyBuffer> recv_x,
                       ffi::Result<ffi::Buffer<ffi::S32, 1>> recv_count,
                       ffi::Result<ffi::Buffer<ffi::S32, 2>> recv_src,
@@ -158,6 +160,7 @@ ffi::Error LLDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   int64_t T = 0, K = 0, H = 0, recv_h = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLDispatchArgs args = BaseArgs(topk_idx, use_fp8, zero_fill);
+  args.axis_index = axis_index.typed_data();
   JAX_EP_RETURN_IF_ERROR(DecodeX(where, x, T, &args, &H));
   jax_ep::ElemType recv_dtype = args.dtype;
   const DispatchResults results{recv_x, recv_count, recv_src, slot, extra};
@@ -173,7 +176,8 @@ ffi::Error LLDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   return Launch(where, call.comm, args, jax_ep::LLShape{T, H, K, E, M}, jax_ep::kLLFused, stream);
 }
 
-ffi::Error LLDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+ffi::Error LLDispatchSend(cudaStream_t stream, int32_t device,
+                          ffi::Buffer<ffi::S32, 0> axis_index, ffi::AnyBuffer x,
                           ffi::Buffer<ffi::S32, 2> topk_idx,
                           ffi::Result<ffi::Buffer<ffi::S32, 1>> token, bool use_fp8,
                           int64_t max_tokens, int64_t num_experts) {
@@ -184,6 +188,7 @@ ffi::Error LLDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLDispatchArgs args = BaseArgs(topk_idx, use_fp8, /*zero_fill=*/true);
+  args.axis_index = axis_index.typed_data();
   JAX_EP_RETURN_IF_ERROR(DecodeX(where, x, T, &args, &H));
   JAX_EP_RETURN_IF_ERROR(CheckTokenOut(where, token->dimensions()));
   args.token_out = token->typed_data();
@@ -191,7 +196,8 @@ ffi::Error LLDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                 jax_ep::kLLSendOnly, stream);
 }
 
-ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32, 1> token,
+ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device,
+                          ffi::Buffer<ffi::S32, 0> axis_index, ffi::Buffer<ffi::S32, 1> token,
                           ffi::Buffer<ffi::S32, 2> topk_idx, ffi::Result<ffi::AnyBuffer> recv_x,
                           ffi::Result<ffi::Buffer<ffi::S32, 1>> recv_count,
                           ffi::Result<ffi::Buffer<ffi::S32, 2>> recv_src,
@@ -204,6 +210,7 @@ ffi::Error LLDispatchRecv(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::
   int64_t T = 0, K = 0, H = 0;
   JAX_EP_RETURN_IF_ERROR(CheckTopk(where, topk_idx.dimensions(), M, &T, &K));
   jax_ep::LLDispatchArgs args = BaseArgs(topk_idx, use_fp8, zero_fill);
+  args.axis_index = axis_index.typed_data();
   const DispatchResults results{recv_x, recv_count, recv_src, slot, extra};
   JAX_EP_RETURN_IF_ERROR(
       DecodeResults(where, results, use_fp8, R, L, M, T, K, &args, &H, &args.dtype));
@@ -231,12 +238,14 @@ auto WithDispatchResults(Binding&& b) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLDispatch, LLDispatch,
     WithGeometryAttrs(WithDispatchResults(BindStreamAndDevice()
+                                              .Arg<ffi::BufferR0<ffi::S32>>()      // axis_index
                                               .Arg<ffi::AnyBuffer>()               // x
                                               .Arg<ffi::BufferR2<ffi::S32>>())));  // topk_idx
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLDispatchSend, LLDispatchSend,
     WithGeometryAttrs(BindStreamAndDevice()
+                          .Arg<ffi::BufferR0<ffi::S32>>()  // axis_index
                           .Arg<ffi::AnyBuffer>()           // x
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Ret<ffi::BufferR1<ffi::S32>>()  // token
@@ -245,5 +254,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLDispatchRecv, LLDispatchRecv,
     WithGeometryAttrs(WithDispatchResults(BindStreamAndDevice()
+                                              .Arg<ffi::BufferR0<ffi::S32>>()      // axis_index
                                               .Arg<ffi::BufferR1<ffi::S32>>()      // token
                                               .Arg<ffi::BufferR2<ffi::S32>>())));  // topk_idx

@@ -84,7 +84,52 @@ const char* WaitName(int32_t what) {
   return "an unknown signal";
 }
 
+// An op signature (intranode.h: kSignatureWords), e.g. "dispatch (capacity
+// 4096, 512 tokens, 4 payloads, 14448 bytes a row)".
+std::string DescribeSignature(const uint64_t* w) {
+  const int32_t op = static_cast<int32_t>(w[0] & 0xff);
+  const int parts = static_cast<int>((w[0] >> 8) & 0xff);
+  const int dtype = static_cast<int>((w[0] >> 16) & 0xff);
+  char buf[192];
+  if (op == kOpCombine) {
+    static const char* const kNames[] = {"bfloat16", "float16", "float32", "float8_e4m3fn"};
+    std::snprintf(buf, sizeof(buf), "combine (capacity %llu, %llu tokens, %s rows of %llu bytes)",
+                  static_cast<unsigned long long>(w[1]), static_cast<unsigned long long>(w[2]),
+                  dtype >= 0 && dtype < 4 ? kNames[dtype] : "?",
+                  static_cast<unsigned long long>(w[3]));
+  } else {
+    std::snprintf(buf, sizeof(buf),
+                  "%s (capacity %llu, %llu tokens, %d payloads, %llu bytes a row)", OpName(op), static_cast<unsigned long long>(w[1]),
+                  static_cast<unsigned long long>(w[2]), parts,
+                  static_cast<unsigned long long>(w[3]));
+  }
+  return buf;
+}
+
+std::string FormatDisagreement(const CommContext& ctx, const TimeoutRecord& rec) {
+  char buf[768];
+  const unsigned long long n = static_cast<unsigned long long>(rec.epoch);
+  if (rec.what == kWaitRankOrder) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: op #%llu of EP group %d: rank %d's call put it at EP axis index %llu, "
+                  "but jax_ep.initialize made that device rank %d. Call the jax_ep ops under the "
+                  "mesh given to jax_ep.initialize (the same devices in the same order) "
+                  "[seen by rank %d, CUDA device %d]",
+                  n, ctx.group, rec.peer, static_cast<unsigned long long>(rec.seen), rec.peer,
+                  rec.rank, ctx.device);
+  } else {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: ranks disagree on op #%llu of EP group %d: rank %d runs %s, rank %d "
+                  "runs %s. Every rank must make the same jax_ep calls, with the same shapes, in "
+                  "the same order [seen by rank %d, CUDA device %d]",
+                  n, ctx.group, rec.rank, DescribeSignature(rec.mine).c_str(), rec.peer,
+                  DescribeSignature(rec.theirs).c_str(), rec.rank, ctx.device);
+  }
+  return buf;
+}
+
 std::string FormatTimeout(const CommContext& ctx, const TimeoutRecord& rec) {
+  if (rec.what == kWaitSignature || rec.what == kWaitRankOrder) return FormatDisagreement(ctx, rec);
   char buf[512];
   std::snprintf(buf, sizeof(buf),
                 "jax_ep: rank %d of EP group %d timed out after %.1f s in %s waiting for %s from "

@@ -91,11 +91,41 @@ const char* OpNameFromSignal(uint64_t seen) {
   return "an unknown op";
 }
 
+// A low-latency op signature (LLComm::op_sig), e.g. "ll_dispatch (hidden
+// 7168, 2-byte rows, FP8 cast, top-8 of 256 experts, max_tokens_per_rank 128)".
+std::string DescribeSignature(const uint64_t* w) {
+  char buf[192];
+  std::snprintf(buf, sizeof(buf),
+                "%s (hidden %llu, %d-byte elements%s, top-%d of %llu experts, "
+                "max_tokens_per_rank %llu)",
+                OpName(static_cast<int32_t>(w[0] & 0xff)),
+                static_cast<unsigned long long>(w[1] & 0xffffffffu),
+                static_cast<int>((w[0] >> 8) & 0xff), ((w[0] >> 16) & 1) ? ", FP8 cast" : "",
+                static_cast<int>((w[0] >> 24) & 0xff), static_cast<unsigned long long>(w[0] >> 32),
+                static_cast<unsigned long long>(w[1] >> 32));
+  return buf;
+}
+
 std::string FormatRecord(const LLContext& ctx, const TimeoutRecord& rec) {
   char buf[768];
   const unsigned long long n = static_cast<unsigned long long>(rec.epoch);
   const double secs = static_cast<double>(rec.timeout_ns) * 1e-9;
-  if (rec.what == kWaitLLMismatch) {
+  if (rec.what == kWaitLLRankOrder) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: low-latency op #%llu: PE %d's call put it at EP axis index %llu, but "
+                  "NVSHMEM made it PE %d at jax_ep.initialize. Call the jax_ep ops under the "
+                  "mesh given to jax_ep.initialize (the same devices in the same order) [seen "
+                  "by PE %d, CUDA device %d]",
+                  n, rec.peer, static_cast<unsigned long long>(rec.seen), rec.peer, rec.rank,
+                  ctx.device);
+  } else if (rec.what == kWaitLLShapeMismatch) {
+    std::snprintf(buf, sizeof(buf),
+                  "jax_ep: PEs disagree on low-latency op #%llu: PE %d runs %s, PE %d runs %s. "
+                  "Every rank must make the same jax_ep calls, with the same shapes, in the "
+                  "same order [seen by PE %d, CUDA device %d]",
+                  n, rec.rank, DescribeSignature(rec.mine).c_str(), rec.peer,
+                  DescribeSignature(rec.theirs).c_str(), rec.rank, ctx.device);
+  } else if (rec.what == kWaitLLMismatch) {
     std::snprintf(buf, sizeof(buf),
                   "jax_ep: PE %d got from PE %d a signal for %s while running %s as low-latency "
                   "op #%llu: every rank must call the same jax_ep low-latency ops in the same "

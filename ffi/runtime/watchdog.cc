@@ -77,6 +77,10 @@ bool TakeTimeoutRecord(const TimeoutRecord* host, bool* reported, TimeoutRecord*
   rec.timeout_ns = v->timeout_ns;
   rec.epoch = v->epoch;
   rec.seen = v->seen;
+  for (int i = 0; i < kSignatureWords; ++i) {
+    rec.mine[i] = v->mine[i];
+    rec.theirs[i] = v->theirs[i];
+  }
   *reported = true;
   *out = rec;
   return true;

@@ -61,6 +61,7 @@ struct Rank {
   uint8_t* buf = nullptr;
   uint8_t** peers = nullptr;
   TimeoutRecord* rec = nullptr;
+  int32_t* axis_index = nullptr;  // device int: this rank's index on the EP axis
   cudaStream_t stream = nullptr;
   IntranodeComm comm{};
 };
@@ -88,6 +89,8 @@ World MakeWorld(int R, size_t data_bytes, int num_blocks) {
     std::memset(k.rec, 0, sizeof(TimeoutRecord));
     TimeoutRecord* drec;
     CK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&drec), k.rec, 0));
+    CK(cudaMalloc(&k.axis_index, sizeof(int32_t)));
+    CK(cudaMemcpy(k.axis_index, &r, sizeof(int32_t), cudaMemcpyHostToDevice));
     CK(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
     k.comm.peer_bases = k.peers;
     k.comm.local_base = k.buf;
@@ -109,6 +112,7 @@ void FreeWorld(World& w) {
   for (auto& k : w.ranks) {
     cudaFree(k.buf);
     cudaFree(k.peers);
+    cudaFree(k.axis_index);
     cudaFreeHost(k.rec);
     cudaStreamDestroy(k.stream);
   }
@@ -285,6 +289,7 @@ void LaunchDispatch(World& w, const Problem& P, DevProblem& D, bool cached, int 
   for (int phase = 0; phase < 3; ++phase)
   for (int r = 0; r < w.R; ++r) {
     IntranodeDispatchArgs a{};
+    a.axis_index = w.ranks[r].axis_index;
     a.slot = cached ? D.token_slot[r] : D.slot[r];
     a.sent = cached ? nullptr : D.sent[r];
     a.rank_counts = D.counts[r];
@@ -346,6 +351,7 @@ void RunCombine(const std::string& tag, World& w, const Problem& P, DevProblem& 
   for (int phase = 0; phase < 3; ++phase)
   for (int r = 0; r < P.R; ++r) {
     IntranodeCombineArgs a{};
+    a.axis_index = w.ranks[r].axis_index;
     a.y = dy[r];
     a.token_slot = D.token_slot[r];
     a.rank_counts = D.counts[r];  // from the last non-cached dispatch
@@ -477,6 +483,7 @@ void Bench(int R, int T, int64_t hidden, int num_blocks, double p_send) {
     for (int phase = 0; phase < 3; ++phase)
     for (int r = 0; r < R; ++r) {
       IntranodeCombineArgs c{};
+      c.axis_index = w.ranks[r].axis_index;
       c.y = dy[r];
       c.token_slot = D.token_slot[r];
       c.rank_counts = D.counts[r];

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from .. import _agreement, _kvstore
-from .._mesh import ep_coordinates, ep_groups
+from .._mesh import check_call_mesh, ep_coordinates, ep_groups, group_ids
 from .._routing import Routing, handle_from_counts, localize, valid_ids
 from . import extension, layout
 
@@ -48,6 +48,7 @@ class _Buffers:
     axis_name: object
     data_bytes: int
     devices: tuple  # local device ordinals holding a buffer
+    groups: tuple   # the EP groups as device ids (_mesh.group_ids)
 
 
 _buffers: _Buffers | None = None
@@ -107,6 +108,7 @@ def check_buffer(op, axis_name, nbytes):
     if _buffers.axis_name != axis_name:
         raise ValueError(f"jax_ep.{op}: axis_name={axis_name!r} but initialize() set up "
                          f"axis {_buffers.axis_name!r}.")
+    check_call_mesh(op, axis_name, _buffers.groups)
     if nbytes > _buffers.data_bytes:
         raise ValueError(
             f"jax_ep.{op}: this call needs {nbytes} bytes of communication buffer but "
@@ -157,7 +159,8 @@ def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
     except BaseException:
         mod.comm_destroy_all()
         raise
-    _buffers = _Buffers(axis_name, int(data_bytes), tuple(d.local_hardware_id for d in local))
+    _buffers = _Buffers(axis_name, int(data_bytes), tuple(d.local_hardware_id for d in local),
+                        group_ids(mesh, axis_name))
 
 
 def _exchange_peers(mesh, scope, coords, num_ranks, local, timeout_s):
@@ -249,36 +252,43 @@ def _moved_type(p, capacity):
     return extension.result_type(t, (capacity,) + tuple(t.shape[1:]), t.dtype)
 
 
-def dispatch_call(slot, sent, payloads, *, capacity):
-    """Count exchange + row transfer. slot int32 [T, R], sent int32 [R], payloads
-    [T, ...] -> (rank_counts int32 [R, R], *payloads moved to [capacity, ...])."""
+def _axis_index(axis_name):
+    """This call's position on the EP axis: the kernels check it against the rank
+    initialize gave the device (a mesh of another device order stops with a message)."""
+    return lax.axis_index(axis_name).astype(jnp.int32)
+
+
+def dispatch_call(axis_index, slot, sent, payloads, *, capacity):
+    """Count exchange + row transfer. axis_index int32 [], slot int32 [T, R], sent
+    int32 [R], payloads [T, ...] -> (rank_counts int32 [R, R], *payloads moved to
+    [capacity, ...])."""
     extension.register_targets()
     num_ranks = jax.typeof(sent).shape[0]
     flat = [_as_rows(p) for p in payloads]
     result_types = [extension.result_type(jax.typeof(sent), (num_ranks, num_ranks), jnp.int32)]
     result_types += [_moved_type(p, capacity) for p in flat]
-    counts, *recv = jax.ffi.ffi_call(DISPATCH, result_types)(slot, sent, *flat,
-                                                             capacity=np.int64(capacity))
+    counts, *recv = jax.ffi.ffi_call(DISPATCH, result_types)(
+        axis_index, slot, sent, *flat, capacity=np.int64(capacity))
     return [counts] + [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
 
 
-def dispatch_cached_call(token_slot, rank_counts, payloads, *, capacity):
+def dispatch_cached_call(axis_index, token_slot, rank_counts, payloads, *, capacity):
     """Row transfer with known counts (the handle's): payloads [T, ...] -> [capacity, ...]."""
     extension.register_targets()
     flat = [_as_rows(p) for p in payloads]
     result_types = [_moved_type(p, capacity) for p in flat]
-    recv = jax.ffi.ffi_call(DISPATCH_CACHED, result_types)(token_slot, rank_counts, *flat,
-                                                            capacity=np.int64(capacity))
+    recv = jax.ffi.ffi_call(DISPATCH_CACHED, result_types)(
+        axis_index, token_slot, rank_counts, *flat, capacity=np.int64(capacity))
     return [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
 
 
-def combine_call(y, token_slot, rank_counts):
+def combine_call(axis_index, y, token_slot, rank_counts):
     """Rank-ordered float32 sum of each token's rows: y [capacity, ...] -> [T, ...]."""
     extension.register_targets()
     num_tokens = jax.typeof(token_slot).shape[0]
     flat = _as_rows(y)
     out_type = extension.result_type(jax.typeof(flat), (num_tokens, flat.shape[1]), flat.dtype)
-    out = jax.ffi.ffi_call(COMBINE, out_type)(flat, token_slot, rank_counts)
+    out = jax.ffi.ffi_call(COMBINE, out_type)(axis_index, flat, token_slot, rank_counts)
     return out.reshape((num_tokens,) + tuple(y.shape[1:]))
 
 
@@ -295,7 +305,8 @@ def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity)
     payloads = list(parts) + [routing.idx, topk_weights]
     check_buffer("dispatch", axis_name,
                  dispatch_bytes(capacity, [_row_bytes(p) for p in payloads]))
-    rank_counts, *recv = dispatch_call(routing.slot, routing.sent, payloads, capacity=capacity)
+    rank_counts, *recv = dispatch_call(_axis_index(axis_name), routing.slot, routing.sent,
+                                       payloads, capacity=capacity)
     handle = handle_from_counts(routing, rank_counts, num_experts=num_experts,
                                 axis_name=axis_name, capacity=capacity)
     *recv_parts, recv_idx, recv_w = recv
@@ -306,8 +317,8 @@ def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity)
 def dispatch_rows(parts, handle):
     check_buffer("dispatch", handle.axis_name,
                  dispatch_bytes(handle.capacity, [_row_bytes(p) for p in parts]))
-    return dispatch_cached_call(handle.token_slot, handle.rank_counts, list(parts),
-                                capacity=handle.capacity)
+    return dispatch_cached_call(_axis_index(handle.axis_name), handle.token_slot,
+                                handle.rank_counts, list(parts), capacity=handle.capacity)
 
 
 def combine_rows(parts, handle):
@@ -315,5 +326,6 @@ def combine_rows(parts, handle):
     for part in parts:
         check_buffer("combine", handle.axis_name,
                      combine_bytes(handle.num_ranks, handle.num_tokens, _row_bytes(part)))
-        out.append(combine_call(part, handle.token_slot, handle.rank_counts))
+        out.append(combine_call(_axis_index(handle.axis_name), part, handle.token_slot,
+                                handle.rank_counts))
     return out

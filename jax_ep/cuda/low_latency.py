@@ -7,7 +7,10 @@ collective allocation of the double-buffered symmetric region sized from
 The symmetric heap (NVSHMEM_SYMMETRIC_SIZE, unless set) is sized to fit it.
 The `Options` switches reach the kernels here, as arguments.
 
-Conventions of the custom calls (ffi/handlers/low_latency.cc): R = EP size,
+Conventions of the custom calls (ffi/handlers/low_latency_*.cc): every one takes
+first `axis_index` (int32 [], lax.axis_index of the call: the kernels stop
+with a message when it is not the PE's rank, i.e. a mesh of another device
+order than initialize's). R = EP size,
 M = max_tokens_per_rank, L = num_experts // R. `slot[t, k]` is the row of
 (token t, expert topk_idx[t, k]) among that expert's R * M rows on its owner
 (not the flattened L * R * M index of LowLatencyHandle.slot: add
@@ -29,6 +32,7 @@ from jax import lax
 
 from .. import _agreement, _kvstore
 from .._handles import LowLatencyHandle
+from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
 from . import extension, nvshmem
 
@@ -47,6 +51,8 @@ _HEAP_HEADROOM = 128 << 20
 
 SETUP_HINT = ("call jax_ep.initialize(mesh, axis_name=..., max_tokens_per_rank=..., "
               "hidden=..., num_experts=..., low_latency=True) on the GPU mesh first.")
+
+_groups = None  # the EP group of setup as device ids (_mesh.group_ids), for trace-time checks
 
 
 def compiled() -> bool:
@@ -80,6 +86,7 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
     collective. send_buffer: allocate the staging rows NVSHMEM puts need.
     Default: when the PEs span several hosts or options.force_put is on.
     """
+    global _groups
     mod = extension.nvshmem_module()
     prefix = _kvstore.new_scope("nvshmem")
     pes = _agreement.step(
@@ -107,12 +114,15 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
     # The allocation ends in an NVSHMEM barrier; the agreement after it also
     # keeps rank 0's bootstrap socket alive until everyone's init is done.
     _agreement.step(mesh, "allocating the low-latency region", allocate, timeout_s=timeout_s)
+    _groups = group_ids(mesh, axis_name)
     extension.register_targets()
     return info()
 
 
 def teardown():
     """Collective: free the region and finalize NVSHMEM (idempotent)."""
+    global _groups
+    _groups = None
     nvshmem.finalize()
 
 
@@ -161,7 +171,7 @@ def _pack_dispatch(out, use_fp8):
     return ((recv_x, scales[0]) if use_fp8 else recv_x), recv_count, recv_src, slot
 
 
-def dispatch_call(x, topk_idx, *, num_experts, max_tokens_per_rank, use_fp8=False,
+def dispatch_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_rank, use_fp8=False,
                   zero_fill=True, num_ranks=None):
     """x [T, H] (bf16 / f16 / f32), topk_idx int32 [T, K] ->
     (recv_x [L, R*M, H] or (e4m3 [L, R*M, H], f32 scales [L, R*M, H/128]),
@@ -173,19 +183,20 @@ def dispatch_call(x, topk_idx, *, num_experts, max_tokens_per_rank, use_fp8=Fals
     types = _dispatch_results(x, jax.typeof(x).dtype, H, T, K, R, num_experts,
                               max_tokens_per_rank, use_fp8)
     out = jax.ffi.ffi_call(DISPATCH, types)(
-        x, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
+        axis_index, x, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
         **_attrs(max_tokens_per_rank, num_experts))
     return _pack_dispatch(out, use_fp8)
 
 
-def dispatch_send_call(x, topk_idx, *, num_experts, max_tokens_per_rank, use_fp8=False):
+def dispatch_send_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_rank, use_fp8=False):
     """Send half of dispatch_call: returns the int32 [2] token dispatch_recv_call takes."""
     extension.register_targets()
     return jax.ffi.ffi_call(DISPATCH_SEND, _token_type(x))(
-        x, topk_idx, use_fp8=bool(use_fp8), **_attrs(max_tokens_per_rank, num_experts))
+        axis_index, x, topk_idx, use_fp8=bool(use_fp8), **_attrs(max_tokens_per_rank, num_experts))
 
 
-def dispatch_recv_call(token, topk_idx, *, hidden, x_dtype, num_experts, max_tokens_per_rank,
+def dispatch_recv_call(token, topk_idx, *, axis_index, hidden, x_dtype, num_experts,
+                       max_tokens_per_rank,
                        use_fp8=False, zero_fill=True, num_ranks=None):
     """Receive half of dispatch_call (same results); x_dtype / hidden of the sent x."""
     extension.register_targets()
@@ -194,7 +205,7 @@ def dispatch_recv_call(token, topk_idx, *, hidden, x_dtype, num_experts, max_tok
     types = _dispatch_results(topk_idx, x_dtype, hidden, T, K, R, num_experts,
                               max_tokens_per_rank, use_fp8)
     out = jax.ffi.ffi_call(DISPATCH_RECV, types)(
-        token, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
+        axis_index, token, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
         **_attrs(max_tokens_per_rank, num_experts))
     return _pack_dispatch(out, use_fp8)
 
@@ -207,7 +218,8 @@ def _expert_attrs(y, num_ranks):
     return L, RM // R, H, L * R
 
 
-def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, num_ranks=None):
+def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, axis_index,
+                 num_ranks=None):
     """out[t] = sum_k w[t, k] * y_owner[row of (t, k)] in fp32, k order, cast to y's dtype.
 
     slot: dispatch_call's [T, K] slot (rows on this PE are read from y there)."""
@@ -216,28 +228,28 @@ def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, num_r
     T = jax.typeof(topk_idx).shape[0]
     out_type = extension.result_type(jax.typeof(y), (T, H), jax.typeof(y).dtype)
     return jax.ffi.ffi_call(COMBINE, out_type)(
-        y, topk_idx, topk_weights, recv_src, recv_count, slot, **_attrs(M, E))
+        axis_index, y, topk_idx, topk_weights, recv_src, recv_count, slot, **_attrs(M, E))
 
 
-def combine_send_call(y, recv_src, recv_count, *, num_ranks=None):
+def combine_send_call(y, recv_src, recv_count, *, axis_index, num_ranks=None):
     """Send half of combine_call: returns the int32 [2] token combine_recv_call takes."""
     extension.register_targets()
     L, M, H, E = _expert_attrs(y, num_ranks)
     return jax.ffi.ffi_call(COMBINE_SEND, _token_type(y))(
-        y, recv_src, recv_count, **_attrs(M, E))
+        axis_index, y, recv_src, recv_count, **_attrs(M, E))
 
 
-def combine_recv_call(token, topk_idx, topk_weights, *, hidden, y_dtype, num_experts,
+def combine_recv_call(token, topk_idx, topk_weights, *, axis_index, hidden, y_dtype, num_experts,
                       max_tokens_per_rank):
     """Receive half of combine_call: [T, H] of the sent y's dtype."""
     extension.register_targets()
     T = jax.typeof(topk_idx).shape[0]
     out_type = extension.result_type(jax.typeof(topk_weights), (T, hidden), y_dtype)
     return jax.ffi.ffi_call(COMBINE_RECV, out_type)(
-        token, topk_idx, topk_weights, **_attrs(max_tokens_per_rank, num_experts))
+        axis_index, token, topk_idx, topk_weights, **_attrs(max_tokens_per_rank, num_experts))
 
 
-def gather_call(y, topk_idx, recv_src, recv_count, slot, *, num_ranks=None):
+def gather_call(y, topk_idx, recv_src, recv_count, slot, *, axis_index, num_ranks=None):
     """[T, K, H]: the row of each (t, k) from its expert's owner, 0 for invalid ids
     (slot as in combine_call)."""
     extension.register_targets()
@@ -245,10 +257,10 @@ def gather_call(y, topk_idx, recv_src, recv_count, slot, *, num_ranks=None):
     T, K = jax.typeof(topk_idx).shape
     out_type = extension.result_type(jax.typeof(y), (T, K, H), jax.typeof(y).dtype)
     return jax.ffi.ffi_call(GATHER, out_type)(
-        y, topk_idx, recv_src, recv_count, slot, **_attrs(M, E))
+        axis_index, y, topk_idx, recv_src, recv_count, slot, **_attrs(M, E))
 
 
-def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, num_experts,
+def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, axis_index, num_experts,
                          max_tokens_per_rank, zero_fill=True, num_ranks=None):
     """Dispatch with known slots: [T, H] -> [L, R*M, H]; the row sent to expert e
     is x[t] * (sum of scale[t, k] over the k naming e), once per distinct
@@ -259,7 +271,7 @@ def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, num_exper
     L = num_experts // R
     out_type = extension.result_type(jax.typeof(x), (L, R * max_tokens_per_rank, H),
                                      jax.typeof(x).dtype)
-    operands = [x, topk_idx, slot, recv_count] + ([] if scale is None else [scale])
+    operands = [axis_index, x, topk_idx, slot, recv_count] + ([] if scale is None else [scale])
     return jax.ffi.ffi_call(DISPATCH_CACHED, out_type)(
         *operands, zero_fill=bool(zero_fill), **_attrs(max_tokens_per_rank, num_experts))
 
@@ -269,7 +281,14 @@ def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, num_exper
 # --------------------------------------------------------------------------
 
 
-def _check_fits(max_tokens_per_rank, hidden, top_k, num_experts, num_ranks):
+def _axis_index(axis_name):
+    """The call's position on the EP axis; the kernels check it against the PE's rank."""
+    return lax.axis_index(axis_name).astype(jnp.int32)
+
+
+def _check_fits(max_tokens_per_rank, hidden, top_k, num_experts, num_ranks, axis_name):
+    if _groups is not None:
+        check_call_mesh("low_latency_dispatch", axis_name, _groups)
     lay = info()["layout"]
     want = dict(max_tokens_per_rank=max_tokens_per_rank, hidden=hidden, top_k=top_k,
                 num_experts=num_experts)
@@ -316,10 +335,12 @@ def _make_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_n
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
                          use_fp8, zero_padding=True):
     num_ranks = lax.axis_size(axis_name)
-    _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
+    _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks,
+                axis_name)
     idx, num_invalid = valid_ids(topk_idx, num_experts)
     recv, count, recv_src, slot = dispatch_call(
-        x, idx, num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
+        x, idx, axis_index=_axis_index(axis_name), num_experts=num_experts,
+        max_tokens_per_rank=max_tokens_per_rank,
         use_fp8=use_fp8, zero_fill=zero_padding, num_ranks=num_ranks)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
                           axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
@@ -330,10 +351,12 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
                               use_fp8):
     """Send half: (token, cleaned ids, invalid count) for low_latency_dispatch_recv."""
     num_ranks = lax.axis_size(axis_name)
-    _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks)
+    _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks,
+                axis_name)
     idx, num_invalid = valid_ids(topk_idx, num_experts)
-    token = dispatch_send_call(x, idx, num_experts=num_experts,
-                               max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8)
+    token = dispatch_send_call(x, idx, axis_index=_axis_index(axis_name),
+                               num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
+                               use_fp8=use_fp8)
     return token, idx, num_invalid
 
 
@@ -341,7 +364,8 @@ def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_e
                               axis_name, max_tokens_per_rank, use_fp8, zero_padding=True):
     num_ranks = lax.axis_size(axis_name)
     recv, count, recv_src, slot = dispatch_recv_call(
-        token, idx, hidden=hidden, x_dtype=x_dtype, num_experts=num_experts,
+        token, idx, axis_index=_axis_index(axis_name), hidden=hidden, x_dtype=x_dtype,
+        num_experts=num_experts,
         max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, zero_fill=zero_padding,
         num_ranks=num_ranks)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
@@ -350,27 +374,32 @@ def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_e
 
 
 def low_latency_combine_send(y, handle):
-    return combine_send_call(y, handle.recv_src, handle.recv_count, num_ranks=handle.num_ranks)
+    return combine_send_call(y, handle.recv_src, handle.recv_count,
+                             axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
-    return combine_recv_call(token, _global_ids(handle), topk_weights, hidden=hidden,
+    return combine_recv_call(token, _global_ids(handle), topk_weights,
+                             axis_index=_axis_index(handle.axis_name), hidden=hidden,
                              y_dtype=y_dtype, num_experts=handle.num_experts,
                              max_tokens_per_rank=handle.max_tokens_per_rank)
 
 
 def low_latency_combine(y, topk_weights, handle):
     return combine_call(y, _global_ids(handle), topk_weights, handle.recv_src,
-                        handle.recv_count, _kernel_slot(handle), num_ranks=handle.num_ranks)
+                        handle.recv_count, _kernel_slot(handle),
+                        axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_gather_rows(y, handle):
     return gather_call(y, _global_ids(handle), handle.recv_src, handle.recv_count,
-                       _kernel_slot(handle), num_ranks=handle.num_ranks)
+                       _kernel_slot(handle), axis_index=_axis_index(handle.axis_name),
+                       num_ranks=handle.num_ranks)
 
 
 def low_latency_dispatch_rows(parts, handle, row_weights=None):
     return [dispatch_cached_call(
         part, _global_ids(handle), _kernel_slot(handle), handle.recv_count, row_weights,
-        num_experts=handle.num_experts, max_tokens_per_rank=handle.max_tokens_per_rank,
+        axis_index=_axis_index(handle.axis_name), num_experts=handle.num_experts,
+        max_tokens_per_rank=handle.max_tokens_per_rank,
         num_ranks=handle.num_ranks) for part in parts]

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 R, M, E, K, T, H = 4, 16, 32, 4, 12, 256
 L = E // R
+AX = jnp.zeros((), jnp.int32)  # the EP axis index operand every target takes first
 
 
 def _calls(fn, *shapes, target):
@@ -34,10 +35,11 @@ def _s(shape, dtype):
 
 
 def test_dispatch_bf16():
-    call = _calls(lambda x, i: ll.dispatch_call(x, i, num_experts=E, max_tokens_per_rank=M,
+    call = _calls(lambda x, i: ll.dispatch_call(x, i, axis_index=AX, num_experts=E, max_tokens_per_rank=M,
                                                     num_ranks=R),
                   _s((T, H), jnp.bfloat16), _s((T, K), jnp.int32), target="jax_ep_ll_dispatch")
-    assert f"(tensor<{T}x{H}xbf16>, tensor<{T}x{K}xi32>) -> (tensor<{L}x{R * M}x{H}xbf16>, " \
+    assert f"(tensor<i32>, tensor<{T}x{H}xbf16>, tensor<{T}x{K}xi32>) -> " \
+           f"(tensor<{L}x{R * M}x{H}xbf16>, " \
            f"tensor<{L}xi32>, tensor<{L}x{R * M}xi32>, tensor<{T}x{K}xi32>)" in call
     for attr in ("use_fp8 = false", "zero_fill = true", f"max_tokens_per_rank = {M} : i64",
                  f"num_experts = {E} : i64"):
@@ -45,7 +47,7 @@ def test_dispatch_bf16():
 
 
 def test_dispatch_fp8_has_scales():
-    call = _calls(lambda x, i: ll.dispatch_call(x, i, num_experts=E, max_tokens_per_rank=M,
+    call = _calls(lambda x, i: ll.dispatch_call(x, i, axis_index=AX, num_experts=E, max_tokens_per_rank=M,
                                                     use_fp8=True, num_ranks=R)[0],
                   _s((T, H), jnp.float32), _s((T, K), jnp.int32), target="jax_ep_ll_dispatch")
     assert f"tensor<{L}x{R * M}x{H}xf8E4M3FN>" in call
@@ -55,15 +57,16 @@ def test_dispatch_fp8_has_scales():
 
 def test_split_dispatch_token_orders_halves():
     def fn(x, i):
-        tok = ll.dispatch_send_call(x, i, num_experts=E, max_tokens_per_rank=M)
-        return ll.dispatch_recv_call(tok, i, hidden=H, x_dtype=x.dtype, num_experts=E,
+        tok = ll.dispatch_send_call(x, i, axis_index=AX, num_experts=E, max_tokens_per_rank=M)
+        return ll.dispatch_recv_call(tok, i, axis_index=AX, hidden=H, x_dtype=x.dtype, num_experts=E,
                                          max_tokens_per_rank=M, num_ranks=R)
 
     shapes = (_s((T, H), jnp.float16), _s((T, K), jnp.int32))
     send = _calls(fn, *shapes, target="jax_ep_ll_dispatch_send")
     assert "-> tensor<2xi32>" in send
     recv = _calls(fn, *shapes, target="jax_ep_ll_dispatch_recv")
-    assert f"(tensor<2xi32>, tensor<{T}x{K}xi32>) -> (tensor<{L}x{R * M}x{H}xf16>" in recv
+    assert f"(tensor<i32>, tensor<2xi32>, tensor<{T}x{K}xi32>) -> (tensor<{L}x{R * M}x{H}xf16>" \
+        in recv
 
 
 def test_combine_gather_and_split_combine():
@@ -72,33 +75,33 @@ def test_combine_gather_and_split_combine():
     src, cnt = _s((L, R * M), jnp.int32), _s((L,), jnp.int32)
     slot = _s((T, K), jnp.int32)
     y_type = f"tensor<{L}x{R * M}x{H}xbf16>"
-    call = _calls(lambda *a: ll.combine_call(*a, num_ranks=R), y, idx, w, src, cnt, slot,
+    call = _calls(lambda *a: ll.combine_call(*a, axis_index=AX, num_ranks=R), y, idx, w, src, cnt, slot,
                   target="jax_ep_ll_combine")
     assert f"-> tensor<{T}x{H}xbf16>" in call
-    assert (f"({y_type}, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>, tensor<{L}x{R * M}xi32>, "
+    assert (f"(tensor<i32>, {y_type}, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>, tensor<{L}x{R * M}xi32>, "
             f"tensor<{L}xi32>, tensor<{T}x{K}xi32>)") in call
     assert f"max_tokens_per_rank = {M} : i64" in call and f"num_experts = {E} : i64" in call
-    call = _calls(lambda y, i, s, c, sl: ll.gather_call(y, i, s, c, sl, num_ranks=R), y, idx,
+    call = _calls(lambda y, i, s, c, sl: ll.gather_call(y, i, s, c, sl, axis_index=AX, num_ranks=R), y, idx,
                   src, cnt, slot, target="jax_ep_ll_gather")
     assert f"-> tensor<{T}x{K}x{H}xbf16>" in call
 
     def split(y, i, w, s, c):
-        tok = ll.combine_send_call(y, s, c, num_ranks=R)
-        return ll.combine_recv_call(tok, i, w, hidden=H, y_dtype=y.dtype, num_experts=E,
+        tok = ll.combine_send_call(y, s, c, axis_index=AX, num_ranks=R)
+        return ll.combine_recv_call(tok, i, w, axis_index=AX, hidden=H, y_dtype=y.dtype, num_experts=E,
                                         max_tokens_per_rank=M)
 
     args = (y, idx, w, src, cnt)
     assert "-> tensor<2xi32>" in _calls(split, *args, target="jax_ep_ll_combine_send")
     recv = _calls(split, *args, target="jax_ep_ll_combine_recv")
     # the receive holds neither y nor the slots (y need not stay alive through the overlap)
-    assert (f"(tensor<2xi32>, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>) -> "
+    assert (f"(tensor<i32>, tensor<2xi32>, tensor<{T}x{K}xi32>, tensor<{T}x{K}xf32>) -> "
             f"tensor<{T}x{H}xbf16>") in recv
 
 
 def test_cached_dispatch_optional_scale():
     x, idx = _s((T, H), jnp.float32), _s((T, K), jnp.int32)
     slot, cnt, scale = _s((T, K), jnp.int32), _s((L,), jnp.int32), _s((T, K), jnp.float32)
-    kw = dict(num_experts=E, max_tokens_per_rank=M, num_ranks=R)
+    kw = dict(axis_index=AX, num_experts=E, max_tokens_per_rank=M, num_ranks=R)
     plain = _calls(lambda *a: ll.dispatch_cached_call(*a, **kw), x, idx, slot, cnt,
                    target="jax_ep_ll_dispatch_cached")
     assert f"tensor<{L}xi32>) -> tensor<{L}x{R * M}x{H}xf32>" in plain

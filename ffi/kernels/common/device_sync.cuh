@@ -67,7 +67,9 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 inline __device__ __noinline__ void RecordTimeoutAndTrap(TimeoutRecord* rec, int32_t rank,
                                                          int32_t op, int32_t what, int32_t peer,
                                                          uint64_t timeout_ns, uint64_t epoch,
-                                                         uint64_t seen) {
+                                                         uint64_t seen,
+                                                         const uint64_t* mine = nullptr,
+                                                         const uint64_t* theirs = nullptr) {
   if (rec != nullptr) {
     if (atomicCAS_system(&rec->state, 0, 1) == 0) {
       volatile TimeoutRecord* v = rec;
@@ -78,6 +80,10 @@ inline __device__ __noinline__ void RecordTimeoutAndTrap(TimeoutRecord* rec, int
       v->timeout_ns = timeout_ns;
       v->epoch = epoch;
       v->seen = seen;
+      for (int i = 0; i < kSignatureWords; ++i) {
+        v->mine[i] = mine != nullptr ? mine[i] : 0;
+        v->theirs[i] = theirs != nullptr ? theirs[i] : 0;
+      }
       __threadfence_system();
       atomicExch_system(&rec->state, 2);
       __threadfence_system();

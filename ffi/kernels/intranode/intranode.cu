@@ -105,6 +105,10 @@ __device__ __forceinline__ int32_t* CountMatrix(uint8_t* base, uint64_t epoch) {
   return reinterpret_cast<int32_t*>(base + kSignalCountsOffset) +
          (epoch & 1) * kMaxRanks * kMaxRanks;
 }
+__device__ __forceinline__ uint64_t* SignatureSlot(uint8_t* base, uint64_t epoch, int sender) {
+  return reinterpret_cast<uint64_t*>(base + kSignalSignaturesOffset) +
+         ((epoch & 1) * kMaxRanks + sender) * kSignatureWords;
+}
 __device__ __forceinline__ uint8_t* DataArea(uint8_t* base) { return base + kIntranodeSignalBytes; }
 
 // The epoch of the op in flight, set by its notify kernel (an earlier kernel
@@ -149,9 +153,39 @@ __device__ __forceinline__ void SignalDataWhenGridDone(const IntranodeComm& c) {
 
 // ------------------------------------------------------------ notify / barrier
 
-// sent != nullptr: count exchange (dispatch), else a plain barrier.
+// This op's signature (intranode.h, IntranodeOpSignature words), the axis
+// index word read in the kernel from the call's operand.
+struct OpSignature {
+  uint64_t words[kSignatureWords];
+  const int32_t* axis_index;
+};
+
+// Sender s's signature of op e (in my signal area) against mine: another op,
+// other shapes, or a rank whose call put it elsewhere on the EP axis than
+// initialize did stops every rank here, before any row moves. Out of line:
+// the common path stays small.
+__device__ __noinline__ void CheckSignature(const IntranodeComm& c, uint64_t e, int s,
+                                            const uint64_t* mine, int32_t op) {
+  uint64_t theirs[kSignatureWords];
+  const volatile uint64_t* slot = SignatureSlot(c.local_base, e, s);
+  for (int i = 0; i < kSignatureWords; ++i) theirs[i] = slot[i];
+  if (theirs[kSignatureAxisIndex] != static_cast<uint64_t>(s)) {
+    RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitRankOrder, s, c.timeout_ns, e,
+                         theirs[kSignatureAxisIndex], mine, theirs);
+  }
+  for (int i = 0; i < kSignatureWords; ++i) {
+    if (i != kSignatureAxisIndex && theirs[i] != mine[i]) {
+      RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitSignature, s, c.timeout_ns, e, 0,
+                           mine, theirs);
+    }
+  }
+}
+
+// sent != nullptr: count exchange (dispatch), else a plain barrier. Every
+// rank also leaves its op signature with every peer and checks theirs.
 __global__ void __launch_bounds__(kThreads)
-    NotifyKernel(IntranodeComm c, const int32_t* sent, int32_t* rank_counts, int32_t op) {
+    NotifyKernel(IntranodeComm c, const int32_t* sent, int32_t* rank_counts, int32_t op,
+                 OpSignature sig) {
   const int R = c.num_ranks;
   const int me = c.rank;
   const int tid = threadIdx.x;
@@ -166,12 +200,20 @@ __global__ void __launch_bounds__(kThreads)
       CountMatrix(c.peer_bases[r], e)[me * kMaxRanks + k] = sent[k];
     }
   }
+  uint64_t mine[kSignatureWords];
+  for (int i = 0; i < kSignatureWords; ++i) mine[i] = sig.words[i];
+  mine[kSignatureAxisIndex] = static_cast<uint64_t>(static_cast<uint32_t>(*sig.axis_index));
+  if (tid < R) {
+    uint64_t* slot = SignatureSlot(c.peer_bases[tid], e, me);
+    for (int i = 0; i < kSignatureWords; ++i) slot[i] = mine[i];
+  }
   __threadfence_system();
   __syncthreads();
   if (tid < R) {
     StoreReleaseSys(BarrierFlags(c.peer_bases[tid]) + me, e);
     WaitAtLeast(c, BarrierFlags(c.local_base) + tid, e, op,
                 sent != nullptr ? kWaitCounts : kWaitBarrier, tid);
+    CheckSignature(c, e, tid, mine, op);
   }
   __syncthreads();
   if (sent != nullptr) {
@@ -721,11 +763,37 @@ namespace {
 
 // Validated kernel arguments of a dispatch; false for parameters outside the
 // limits in intranode.h.
+OpSignature DispatchSignature(const IntranodeDispatchArgs& args, int32_t op) {
+  OpSignature sig{};
+  uint64_t row_bytes = 0;
+  for (int p = 0; p < args.num_parts; ++p) {
+    row_bytes += static_cast<uint64_t>(args.parts[p].row_bytes);
+  }
+  sig.words[0] = static_cast<uint64_t>(op) | static_cast<uint64_t>(args.num_parts) << 8 |
+                 uint64_t{0xff} << 16;
+  sig.words[1] = static_cast<uint64_t>(args.capacity);
+  sig.words[2] = static_cast<uint64_t>(args.num_tokens);
+  sig.words[3] = row_bytes;
+  sig.axis_index = args.axis_index;
+  return sig;
+}
+
+OpSignature CombineSignature(const IntranodeCombineArgs& args) {
+  OpSignature sig{};
+  sig.words[0] = static_cast<uint64_t>(kOpCombine) | uint64_t{1} << 8 |
+                 static_cast<uint64_t>(args.dtype) << 16;
+  sig.words[1] = static_cast<uint64_t>(args.capacity);
+  sig.words[2] = static_cast<uint64_t>(args.num_tokens);
+  sig.words[3] = static_cast<uint64_t>(args.hidden) * ElemTypeBytes(args.dtype);
+  sig.axis_index = args.axis_index;
+  return sig;
+}
+
 bool PrepareDispatch(const IntranodeComm& comm, const IntranodeDispatchArgs& args,
                      DispatchKernelArgs* k, int64_t* recv_bytes) {
   if (!ValidComm(comm) || args.num_parts < 0 || args.num_parts > kMaxParts ||
       args.num_tokens < 0 || args.capacity < 0 || args.rank_counts == nullptr ||
-      (args.num_tokens > 0 && args.slot == nullptr)) {
+      args.axis_index == nullptr || (args.num_tokens > 0 && args.slot == nullptr)) {
     return false;
   }
   *k = DispatchKernelArgs{};
@@ -761,7 +829,7 @@ bool PrepareCombine(const IntranodeComm& comm, const IntranodeCombineArgs& args,
   const int elem_bytes = ElemTypeBytes(args.dtype);
   if (!ValidComm(comm) || elem_bytes == 0 || args.num_tokens < 0 || args.capacity < 0 ||
       args.hidden < 0 || args.hidden > kMaxHidden || args.rank_counts == nullptr ||
-      (args.num_tokens > 0 && args.token_slot == nullptr)) {
+      args.axis_index == nullptr || (args.num_tokens > 0 && args.token_slot == nullptr)) {
     return false;
   }
   const int64_t rb = args.hidden * elem_bytes;
@@ -799,7 +867,8 @@ cudaError_t LaunchIntranodeDispatchPhase(const IntranodeComm& comm,
   const int32_t op = args.sent != nullptr ? kOpDispatch : kOpCachedDispatch;
   switch (phase) {
     case kPhaseNotify:
-      NotifyKernel<<<1, kThreads, 0, stream>>>(comm, args.sent, args.rank_counts, op);
+      NotifyKernel<<<1, kThreads, 0, stream>>>(comm, args.sent, args.rank_counts, op,
+                                               DispatchSignature(args, op));
       break;
     case kPhaseSend:
       DispatchSendKernel<<<GridSize(comm, args.num_tokens, kWarps), kThreads, 0, stream>>>(comm,
@@ -823,7 +892,8 @@ cudaError_t LaunchIntranodeCombinePhase(const IntranodeComm& comm, const Intrano
   const bool has_rows = k.row_bytes > 0;
   switch (phase) {
     case kPhaseNotify:
-      NotifyKernel<<<1, kThreads, 0, stream>>>(comm, nullptr, nullptr, kOpCombine);
+      NotifyKernel<<<1, kThreads, 0, stream>>>(comm, nullptr, nullptr, kOpCombine,
+                                               CombineSignature(args));
       break;
     case kPhaseSend:
       // With no rows the send still runs: it publishes the data flags.

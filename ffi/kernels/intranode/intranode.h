@@ -33,7 +33,12 @@ inline constexpr size_t kSignalSendCounterOffset = 8;   // uint32: last-block co
 inline constexpr size_t kSignalBarrierFlagsOffset = 256;  // uint64[kIntranodeMaxRanks]
 inline constexpr size_t kSignalDataFlagsOffset = 768;     // uint64[kIntranodeMaxRanks]
 inline constexpr size_t kSignalCountsOffset = 2048;  // int32[2][kIntranodeMaxRanks][kIntranodeMaxRanks]
+// uint64[2][kIntranodeMaxRanks][kSignatureWords]: sig[e & 1][s] = the op signature of rank s's op e
+inline constexpr size_t kSignalSignaturesOffset = 36864;
 static_assert(kSignalCountsOffset + 2 * kIntranodeMaxRanks * kIntranodeMaxRanks * 4 <=
+                  kSignalSignaturesOffset,
+              "counts overlap the signatures");
+static_assert(kSignalSignaturesOffset + 2 * kIntranodeMaxRanks * kSignatureWords * 8 <=
                   kIntranodeSignalBytes,
               "signal area too small");
 
@@ -47,7 +52,18 @@ enum IntranodeWait : int32_t {
   kWaitBarrier = 0,
   kWaitCounts = 1,
   kWaitData = 2,
+  kWaitSignature = 3,  // not a wait: rank `peer` runs another op or other shapes (signatures differ)
+  kWaitRankOrder = 4,  // not a wait: a call's EP axis index differs from the rank of initialize
 };
+
+// An op signature (TimeoutRecord::mine / theirs): what every rank's call of
+// one op must agree on, compared by the notify kernel before any row moves.
+//   [0] op | num_parts << 8 | dtype << 16 (dtype: ElemType of a combine's y,
+//       0xff for a dispatch)   [1] capacity   [2] num_tokens
+//   [3] bytes of a row, all payloads together   [4] the call's EP axis index
+//   (the rank the call's mesh gives this device; must equal the rank of
+//   initialize; not compared between ranks)   [5] 0
+inline constexpr int kSignatureAxisIndex = 4;
 
 // What a kernel needs to know about its rank's communicator.
 struct IntranodeComm {
@@ -69,6 +85,7 @@ struct IntranodePart {
 };
 
 struct IntranodeDispatchArgs {
+  const int32_t* axis_index;  // []: this call's position on the EP axis (lax.axis_index)
   const int32_t* slot;   // [T, R]: position of token t among my tokens to rank r, or -1
   const int32_t* sent;   // [R]: my tokens per destination; nullptr = cached dispatch
   int32_t* rank_counts;  // [R, R]: written (from all ranks' `sent`) unless cached, else read
@@ -79,6 +96,7 @@ struct IntranodeDispatchArgs {
 };
 
 struct IntranodeCombineArgs {
+  const int32_t* axis_index;   // []: this call's position on the EP axis (lax.axis_index)
   const void* y;               // [capacity, hidden] rows this rank received in dispatch
   const int32_t* token_slot;   // [T, R]: post-drop slot of my token t on rank r, or -1
   const int32_t* rank_counts;  // [R, R] count matrix of the matching dispatch

@@ -141,6 +141,7 @@ cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArg
     return cudaErrorInvalidValue;
   }
   CachedParams p{};
+  const LLComm c = Signed(comm, kOpLLDispatchCached, a.shape, xb, false, a.axis_index);
   p.s = a.shape;
   p.x_bytes = xb;
   p.zero_fill = a.zero_fill;
@@ -154,11 +155,11 @@ cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArg
   const int grid = GridFor(comm);
   switch (a.dtype) {
     case ElemType::kBF16:
-      return Launch<LLCachedDispatchKernel<Bf16Elem>>(grid, 0, stream, comm, p);
+      return Launch<LLCachedDispatchKernel<Bf16Elem>>(grid, 0, stream, c, p);
     case ElemType::kF16:
-      return Launch<LLCachedDispatchKernel<F16Elem>>(grid, 0, stream, comm, p);
+      return Launch<LLCachedDispatchKernel<F16Elem>>(grid, 0, stream, c, p);
     case ElemType::kF32:
-      return Launch<LLCachedDispatchKernel<F32Elem>>(grid, 0, stream, comm, p);
+      return Launch<LLCachedDispatchKernel<F32Elem>>(grid, 0, stream, c, p);
     case ElemType::kF8E4M3FN:
       break;
   }

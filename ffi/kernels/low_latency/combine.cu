@@ -169,6 +169,8 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
     return cudaErrorInvalidValue;
   }
   CombineParams p{};
+  const LLComm c = Signed(comm, a.gather ? kOpLLGather : kOpLLCombine, a.shape, yb, false,
+                          a.axis_index);
   p.s = a.shape;
   p.gather = a.gather;
   p.phase = phase;
@@ -199,23 +201,23 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
                    ((reinterpret_cast<uintptr_t>(a.out) % 16 == 0 &&
                      (!one || reinterpret_cast<uintptr_t>(a.y) % 16 == 0)) || !recv);
   const size_t stream_smem = LLStreamedCombineSmem(comm, a, phase, vec);
-  if (stream_smem > 0) return LaunchLLStreamedCombine(comm, p, a.dtype, stream_smem, stream);
+  if (stream_smem > 0) return LaunchLLStreamedCombine(c, p, a.dtype, stream_smem, stream);
   switch (a.dtype) {
     case ElemType::kBF16:
       // One PE, fused: 16 channels (two 16-byte loads per row) per thread,
       // faster there; at several PEs the same width spilled registers in the
       // send and was slower (see docs/optimisation-log.md).
       if (one && vec && a.shape.hidden % 16 == 0) {
-        return Launch<LLCombineKernel<Bf16Elem, 16, true>>(grid, smem, stream, comm, p);
+        return Launch<LLCombineKernel<Bf16Elem, 16, true>>(grid, smem, stream, c, p);
       }
-      return vec ? LaunchCombine<Bf16Elem, 8>(one, grid, smem, stream, comm, p)
-                 : LaunchCombine<Bf16Elem, 1>(one, grid, smem, stream, comm, p);
+      return vec ? LaunchCombine<Bf16Elem, 8>(one, grid, smem, stream, c, p)
+                 : LaunchCombine<Bf16Elem, 1>(one, grid, smem, stream, c, p);
     case ElemType::kF16:
-      return vec ? LaunchCombine<F16Elem, 8>(one, grid, smem, stream, comm, p)
-                 : LaunchCombine<F16Elem, 1>(one, grid, smem, stream, comm, p);
+      return vec ? LaunchCombine<F16Elem, 8>(one, grid, smem, stream, c, p)
+                 : LaunchCombine<F16Elem, 1>(one, grid, smem, stream, c, p);
     case ElemType::kF32:
-      return vec ? LaunchCombine<F32Elem, 4>(one, grid, smem, stream, comm, p)
-                 : LaunchCombine<F32Elem, 1>(one, grid, smem, stream, comm, p);
+      return vec ? LaunchCombine<F32Elem, 4>(one, grid, smem, stream, c, p)
+                 : LaunchCombine<F32Elem, 1>(one, grid, smem, stream, c, p);
     case ElemType::kF8E4M3FN:
       break;
   }

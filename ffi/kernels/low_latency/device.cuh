@@ -193,6 +193,9 @@ __host__ __device__ __forceinline__ size_t DoneOffset(int b, int s) {
 __host__ __device__ __forceinline__ size_t AckOffset(int b, int r) {
   return kLLAckOffset + (static_cast<size_t>(b) * kLLMaxRanks + r) * 8;
 }
+__host__ __device__ __forceinline__ size_t SignatureOffset(int b, int s) {
+  return kLLSignatureOffset + (static_cast<size_t>(b) * kLLMaxRanks + s) * kLLSignatureWords * 8;
+}
 // counts[b][s][e] for the call's E (the slab of set b is R * E_alloc ints).
 __device__ __forceinline__ size_t CountsOffset(const LLLayout& lay, int b, int s, int64_t E) {
   return lay.counts_offset +
@@ -227,6 +230,38 @@ __device__ __noinline__ void PutInt32(void* dest, int32_t value, int pe) {
   nvshmem_int32_p(static_cast<int32_t*>(dest), value, pe);
 }
 __device__ __noinline__ void QuietAll() { nvshmem_quiet(); }
+// A source's op signature to PE pe, delivered before what it sends next.
+__device__ __noinline__ void PutSignature(uint64_t* dest, const uint64_t* words, int pe) {
+  for (int i = 0; i < kLLSignatureWords; ++i) nvshmem_uint64_p(dest + i, words[i], pe);
+  nvshmem_fence();
+}
+
+// This call's op signature (LLComm::op_sig plus its EP axis index).
+__device__ __forceinline__ void MySignature(const LLComm& c, uint64_t* words) {
+  words[0] = c.op_sig[0];
+  words[1] = c.op_sig[1];
+  words[2] = c.axis_index != nullptr ? static_cast<uint32_t>(*c.axis_index)
+                                     : static_cast<uint32_t>(c.rank);
+}
+
+// Source s's signature of op n (it arrived before its done signal) against
+// mine: another EP axis position than its PE, or other shapes, stop here.
+// Out of line: the common path stays small.
+__device__ __noinline__ void CheckSignature(const LLComm& c, uint64_t n, int s, int32_t op) {
+  uint64_t mine[kSignatureWords] = {0}, theirs[kSignatureWords] = {0};
+  MySignature(c, mine);
+  const volatile uint64_t* slot =
+      reinterpret_cast<const volatile uint64_t*>(c.base + SignatureOffset(n & 1, s));
+  for (int i = 0; i < kLLSignatureWords; ++i) theirs[i] = slot[i];
+  if (theirs[2] != static_cast<uint64_t>(s)) {
+    RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitLLRankOrder, s, c.timeout_ns, n,
+                         theirs[2], mine, theirs);
+  }
+  if (theirs[0] != mine[0] || theirs[1] != mine[1]) {
+    RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitLLShapeMismatch, s, c.timeout_ns, n,
+                         0, mine, theirs);
+  }
+}
 
 // Threads [0, R) of the block wait until every PE released set b of op n - 2
 // (ack >= n - 2; the record gets n as the epoch).
@@ -255,6 +290,7 @@ __device__ __forceinline__ void WaitAllDone(const LLComm& c, uint64_t n, int32_t
       RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitLLMismatch, s, c.timeout_ns, n,
                            seen);
     }
+    if ((seen >> 4) == n) CheckSignature(c, n, s, op);
   }
   __syncthreads();
 }
@@ -283,7 +319,17 @@ __device__ __forceinline__ uint64_t TokenOp(const int32_t* token) {
 // i == 0 then stores n in the op counter and clears the send's counters.
 __device__ __forceinline__ void PublishDone(const LLComm& c, uint8_t* const* s_peer, uint64_t n,
                                             int32_t op, int i, int step) {
+  uint64_t sig[kLLSignatureWords];
+  MySignature(c, sig);
+  const size_t sig_off = SignatureOffset(n & 1, c.rank);
   for (int r = i; r < c.num_ranks; r += step) {
+    // The signature first: the done signal's release (or the fence) orders it before.
+    if (s_peer[r] != nullptr) {
+      volatile uint64_t* dst = reinterpret_cast<volatile uint64_t*>(s_peer[r] + sig_off);
+      for (int w = 0; w < kLLSignatureWords; ++w) dst[w] = sig[w];
+    } else {
+      PutSignature(reinterpret_cast<uint64_t*>(c.base + sig_off), sig, r);
+    }
     SignalPe(c, s_peer[r], r, DoneOffset(n & 1, c.rank), (n << 4) | static_cast<uint64_t>(op & 15));
   }
   if (i == 0) {
@@ -548,6 +594,20 @@ __device__ __forceinline__ int32_t ExpertOfLane(const int32_t* __restrict__ idx,
 // ------------------------------------------------------------ launch
 
 int GridFor(const LLComm& c) { return std::max(1, c.num_blocks); }
+
+// The call's comm with its op signature (LLComm::op_sig): every receiver
+// compares it with its own when the done signal arrives.
+LLComm Signed(const LLComm& comm, int32_t op, const LLShape& s, int elem_bytes, bool use_fp8,
+              const int32_t* axis_index) {
+  LLComm c = comm;
+  c.op_sig[0] = static_cast<uint64_t>(op & 0xff) | static_cast<uint64_t>(elem_bytes) << 8 |
+                static_cast<uint64_t>(use_fp8 ? 1 : 0) << 16 |
+                static_cast<uint64_t>(s.top_k & 0xff) << 24 |
+                static_cast<uint64_t>(s.num_experts) << 32;
+  c.op_sig[1] = static_cast<uint64_t>(s.hidden) | static_cast<uint64_t>(s.max_tokens) << 32;
+  c.axis_index = axis_index;
+  return c;
+}
 
 // The one __global__ entry of every low-latency kernel. `Kernel` is a struct
 // with `static __device__ void Run(const LLComm&, const Params&)`; the entry

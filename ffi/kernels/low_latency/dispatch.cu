@@ -519,6 +519,7 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
     return cudaErrorInvalidValue;
   }
   DispatchParams p{};
+  const LLComm c = Signed(comm, kOpLLDispatch, a.shape, xb, a.use_fp8, a.axis_index);
   p.s = a.shape;
   p.x = static_cast<const uint8_t*>(a.x);
   p.idx = a.topk_idx;
@@ -550,11 +551,11 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   const int grid = GridFor(comm);
   switch (a.dtype) {
     case ElemType::kBF16:
-      return Launch<LLDispatchKernel<Bf16Elem>>(grid, smem, stream, comm, p);
+      return Launch<LLDispatchKernel<Bf16Elem>>(grid, smem, stream, c, p);
     case ElemType::kF16:
-      return Launch<LLDispatchKernel<F16Elem>>(grid, smem, stream, comm, p);
+      return Launch<LLDispatchKernel<F16Elem>>(grid, smem, stream, c, p);
     case ElemType::kF32:
-      return Launch<LLDispatchKernel<F32Elem>>(grid, smem, stream, comm, p);
+      return Launch<LLDispatchKernel<F32Elem>>(grid, smem, stream, c, p);
     case ElemType::kF8E4M3FN:
       break;
   }

@@ -33,8 +33,12 @@ inline constexpr size_t kLLSendTaskOffset = 16;    // u32: next warp task of a c
 inline constexpr size_t kLLRecvTaskOffset = 20;    // u32: next warp task of a streamed combine receive
 inline constexpr size_t kLLDoneOffset = 256;       // u64 done[2][kLLMaxRanks]: written by sources
 inline constexpr size_t kLLAckOffset = kLLDoneOffset + 2 * kLLMaxRanks * 8;  // u64 ack[2][kLLMaxRanks]
-inline constexpr size_t kLLControlBytes = 4096;
-static_assert(kLLAckOffset + 2 * kLLMaxRanks * 8 <= kLLControlBytes, "control area too small");
+// u64 sig[2][kLLMaxRanks][kLLSignatureWords]: the op signature of source s's op n (LLComm::op_sig)
+inline constexpr size_t kLLSignatureOffset = kLLAckOffset + 2 * kLLMaxRanks * 8;
+inline constexpr int kLLSignatureWords = 3;
+inline constexpr size_t kLLControlBytes = 8192;
+static_assert(kLLSignatureOffset + 2 * kLLMaxRanks * kLLSignatureWords * 8 <= kLLControlBytes,
+              "control area too small");
 
 // Where everything lives in the symmetric region. Made once at allocation
 // from the largest problem (M, H, E, K, itemsize); every call checks that its
@@ -88,6 +92,8 @@ enum LLWait : int32_t {
   kWaitLLData = 16,      // a source's done signal (its rows of this op)
   kWaitLLRelease = 17,   // a receiver's release (ack) of the buffer set two ops back
   kWaitLLMismatch = 18,  // a source signalled this op number for a different op kind
+  kWaitLLShapeMismatch = 19,  // not a wait: a source's op signature differs (other shapes / dtype)
+  kWaitLLRankOrder = 20,      // not a wait: a call's EP axis index is not the PE's rank
 };
 
 // What a kernel needs to know about its PE.
@@ -105,6 +111,12 @@ struct LLComm {
   TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
   uint64_t timeout_ns = 0;
   uint64_t* trace = nullptr;             // phase timestamps (phase_trace option), nullptr: off
+  // Per call (set by the launchers, Signed): what every PE's call of this op
+  // must agree on, published with the done signal and checked by receivers.
+  //   op_sig[0] = op | elem bytes << 8 | use_fp8 << 16 | K << 24 | E << 32
+  //   op_sig[1] = H | M << 32;   the third word is the call's EP axis index
+  uint64_t op_sig[2] = {0, 0};
+  const int32_t* axis_index = nullptr;   // [] lax.axis_index of the call, nullptr: not checked
 };
 
 // Phase trace (diagnostics, nvshmem_ll_alloc(phase_trace=<path>)): thread 0
@@ -147,6 +159,7 @@ struct LLShape {
 
 struct LLDispatchArgs {
   LLShape shape;
+  const int32_t* axis_index = nullptr;  // [] the call's EP axis index (lax.axis_index)
   const void* x = nullptr;           // [T, H] (send)
   ElemType dtype = ElemType::kBF16;  // x's dtype (the plain recv_x dtype)
   const int32_t* topk_idx = nullptr; // [T, K] (send and receive)
@@ -163,6 +176,7 @@ struct LLDispatchArgs {
 
 struct LLCombineArgs {
   LLShape shape;
+  const int32_t* axis_index = nullptr;  // [] the call's EP axis index (lax.axis_index)
   bool gather = false;                  // out [T, K, H] rows instead of the weighted sum
   ElemType dtype = ElemType::kBF16;     // y's dtype = out's dtype
   const void* y = nullptr;              // [L, R*M, H] (send; fused at one PE: receive too)
@@ -178,6 +192,7 @@ struct LLCombineArgs {
 
 struct LLCachedDispatchArgs {
   LLShape shape;
+  const int32_t* axis_index = nullptr;  // [] the call's EP axis index (lax.axis_index)
   const void* x = nullptr;              // [T, H]
   ElemType dtype = ElemType::kBF16;
   const int32_t* topk_idx = nullptr;    // [T, K]

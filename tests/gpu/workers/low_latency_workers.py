@@ -43,6 +43,13 @@ def _env():
     return n, mesh, put, local, me
 
 
+def _ax():
+    """The EP axis index of the enclosing shard_map (the kernels check it)."""
+    import jax
+
+    return jax.lax.axis_index("ep").astype("int32")
+
+
 def _same(got, want, what):
     got = np.asarray(got)
     want = np.asarray(want)
@@ -99,14 +106,15 @@ def low_latency(seed="0"):
         @smap
         def f(x, idx, w):
             recv_x, count, src, slot = ll.dispatch_call(
-                x, idx, num_experts=E, max_tokens_per_rank=M, use_fp8=use_fp8, num_ranks=n)
+                x, idx, axis_index=_ax(), num_experts=E, max_tokens_per_rank=M, use_fp8=use_fp8,
+                num_ranks=n)
             if use_fp8:
                 y = recv_x[0].astype(jnp.float32) * jnp.repeat(recv_x[1], 128, axis=-1)
                 y = (y * 2.0 - 1.0).astype(jnp.bfloat16)
             else:
                 y = (recv_x.astype(jnp.float32) * 2.0 - 1.0).astype(recv_x.dtype)
-            out = ll.combine_call(y, idx, w, src, count, slot, num_ranks=n)
-            gathered = ll.gather_call(y, idx, src, count, slot, num_ranks=n)
+            out = ll.combine_call(y, idx, w, src, count, slot, axis_index=_ax(), num_ranks=n)
+            gathered = ll.gather_call(y, idx, src, count, slot, axis_index=_ax(), num_ranks=n)
             parts = tuple(recv_x) if use_fp8 else (recv_x,)
             return (*[p[None] for p in parts], count[None], src[None], slot, out,
                     gathered)
@@ -118,19 +126,20 @@ def low_latency(seed="0"):
         @smap
         def f(x, idx, w, x2, idx2):
             # Two ops in flight: send a, send b, receive a, receive b.
-            ta = ll.dispatch_send_call(x, idx, num_experts=E, max_tokens_per_rank=M)
-            tb = ll.dispatch_send_call(x2, idx2, num_experts=E, max_tokens_per_rank=M)
+            send = dict(axis_index=_ax(), num_experts=E, max_tokens_per_rank=M)
+            ta = ll.dispatch_send_call(x, idx, **send)
+            tb = ll.dispatch_send_call(x2, idx2, **send)
             kw = dict(hidden=H, x_dtype=x.dtype, num_experts=E, max_tokens_per_rank=M,
                       num_ranks=n)
-            ra, ca, sa, _ = ll.dispatch_recv_call(ta, idx, **kw)
-            rb, cb, sb, _ = ll.dispatch_recv_call(tb, idx2, **kw)
+            ra, ca, sa, _ = ll.dispatch_recv_call(ta, idx, axis_index=_ax(), **kw)
+            rb, cb, sb, _ = ll.dispatch_recv_call(tb, idx2, axis_index=_ax(), **kw)
             # The combine's send is a third op: it must run after both receives
             # (XLA may order the independent halves either way, e.g. send b
             # first, and then a send before receive b would wait for it).
             ra, rb = jax.lax.optimization_barrier((ra, rb))
             ya = (ra.astype(jnp.float32) * 2.0 - 1.0).astype(ra.dtype)
-            tc = ll.combine_send_call(ya, sa, ca, num_ranks=n)
-            out = ll.combine_recv_call(tc, idx, w, hidden=H, y_dtype=ya.dtype,
+            tc = ll.combine_send_call(ya, sa, ca, axis_index=_ax(), num_ranks=n)
+            out = ll.combine_recv_call(tc, idx, w, axis_index=_ax(), hidden=H, y_dtype=ya.dtype,
                                            num_experts=E, max_tokens_per_rank=M)
             return ra[None], rb[None], out
         return f
@@ -141,8 +150,8 @@ def low_latency(seed="0"):
         @smap
         def f(x, idx, w, slot, count):
             return ll.dispatch_cached_call(x, idx, slot, count[0], w if with_scale else None,
-                                               num_experts=E, max_tokens_per_rank=M,
-                                               num_ranks=n)[None]
+                                           axis_index=_ax(), num_experts=E,
+                                           max_tokens_per_rank=M, num_ranks=n)[None]
         return f
 
     def check_fused(xs, idxs, ws, use_fp8, what):
@@ -204,7 +213,8 @@ def low_latency(seed="0"):
         @jax.jit
         @smap
         def f(y, idx, w, src, count, slot):
-            return ll.combine_call(y[0], idx, w, src[0], count[0], slot, num_ranks=n)
+            return ll.combine_call(y[0], idx, w, src[0], count[0], slot, axis_index=_ax(),
+                                   num_ranks=n)
 
         L = E // n
         args = (put([np.zeros((1, L, n * m2, H), np.float32)] * n),
@@ -292,7 +302,7 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
     @jax.jit
     @smap
     def f(x, idx):
-        return ll.dispatch_call(x, idx, num_experts=E, max_tokens_per_rank=M,
+        return ll.dispatch_call(x, idx, axis_index=_ax(), num_experts=E, max_tokens_per_rank=M,
                                     num_ranks=n)[1]
 
     args = put(xs), put(idxs)
@@ -313,14 +323,15 @@ def one_rank_skips_the_combine(skipper="1", wait_s="20"):
     @jax.jit
     @smap
     def dispatch(x, idx):
-        recv_x, count, src, slot = ll.dispatch_call(x, idx, num_experts=E,
+        recv_x, count, src, slot = ll.dispatch_call(x, idx, axis_index=_ax(), num_experts=E,
                                                         max_tokens_per_rank=M, num_ranks=n)
         return recv_x[None], count[None], src[None], slot
 
     @jax.jit
     @smap
     def combine(y, idx, w, src, count, slot):
-        return ll.combine_call(y[0], idx, w, src[0], count[0], slot, num_ranks=n)
+        return ll.combine_call(y[0], idx, w, src[0], count[0], slot, axis_index=_ax(),
+                               num_ranks=n)
 
     idx, w = put(idxs), put(ws)
     y, count, src, slot = jax.block_until_ready(dispatch(put(xs), idx))
