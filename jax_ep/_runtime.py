@@ -28,6 +28,7 @@ class _State:
     axis_name: object = None
     backend: str = "auto"
     options: Options = dataclasses.field(default_factory=Options)
+    timeout_s: float = DEFAULT_TIMEOUT_S
     intranode: bool = False    # cuda.intranode buffers set up
     low_latency: bool = False  # NVSHMEM set up (finalised only by an explicit shutdown)
 
@@ -96,7 +97,8 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
             num_blocks=num_blocks, timeout_s=timeout_s, num_experts=num_experts,
             low_latency=low_latency, options=options), timeout_s=timeout_s)
 
-    state = _State(mesh=mesh, axis_name=axis_name, backend=backend, options=options)
+    state = _State(mesh=mesh, axis_name=axis_name, backend=backend, options=options,
+                   timeout_s=timeout_s)
     on_gpu = mesh is not None and mesh.devices.flat[0].platform == "gpu"
     if backend == "cuda" and not cuda.extension.cuda_available():
         raise RuntimeError(f"jax_ep.initialize: backend='cuda': "
@@ -125,7 +127,7 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
                 num_experts=num_experts, top_k=top_k, itemsize=jnp.dtype(dtype).itemsize,
                 options=options, timeout_s=timeout_s, num_blocks=int(num_blocks))
     except BaseException:
-        _teardown(state)
+        _teardown(state, collective=False)
         raise
     _backend.set_default_backend(backend)
     _state = state
@@ -186,25 +188,32 @@ def runtime_info() -> dict:
                 low_latency=cuda.low_latency.info() if _state.low_latency else None)
 
 
-def _teardown(state, *, at_exit=False):
-    if state.intranode:
-        cuda.intranode.teardown()
-    if state.low_latency and not at_exit:
-        cuda.low_latency.teardown()
+def _teardown(state, *, collective=True, at_exit=False):
+    """Undo what `state` records. collective: agree with the peers first (a normal
+    shutdown); a failed initialize has agreed on its failure already."""
+    mesh = state.mesh if collective and not at_exit else None
+    try:
+        if state.intranode:
+            cuda.intranode.teardown(mesh, timeout_s=state.timeout_s)
+    finally:
+        if state.low_latency and not at_exit:
+            cuda.low_latency.teardown(mesh, timeout_s=state.timeout_s)
 
 
 def shutdown(*, at_exit=False):
     """Release what initialize set up (GPU buffers, peer mappings); idempotent.
 
-    Collective when the low-latency mode was set up (NVSHMEM finalize): every
-    process calls it. At interpreter exit NVSHMEM is left to the process's end,
-    since a peer that already died would hang a collective finalize.
+    Collective: every process of the mesh calls it. It waits for the devices,
+    agrees with the peers (bounded by initialize's timeout_s) and only then
+    frees what a peer may still map. At interpreter exit nothing is agreed
+    and NVSHMEM is left to the process's end, since a peer that already died
+    would hang a collective finalize.
     """
     global _state
-    if _state is not None:
-        _teardown(_state, at_exit=at_exit)
-    _state = None
+    state, _state = _state, None
     _backend.set_default_backend("auto")
+    if state is not None:
+        _teardown(state, at_exit=at_exit)
 
 
 atexit.register(shutdown, at_exit=True)

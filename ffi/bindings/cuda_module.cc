@@ -99,6 +99,7 @@ nb::dict CommInfoDict(int device) {
   d["num_sms"] = info.num_sms;
   d["ranks_on_device"] = info.ranks_on_device;
   d["num_blocks"] = info.num_blocks;
+  d["max_coresident_blocks"] = info.max_coresident_blocks;
   d["timeout_s"] = jax_ep::CommTimeoutSeconds();
   return d;
 }
@@ -154,7 +155,16 @@ NB_MODULE(_jax_ep_cuda, m) {
         "2 x SMs / ranks sharing the GPU, at least 8). Read at every op launch.");
   m.def("comm_info", &CommInfoDict, nb::arg("device_ordinal"),
         "Dict describing the device's communicator (rank, num_ranks, group, connected, "
-        "data_bytes, signal_bytes, num_sms, ranks_on_device, num_blocks, timeout_s).");
+        "data_bytes, signal_bytes, num_sms, ranks_on_device, num_blocks, max_coresident_blocks, "
+        "timeout_s).");
+  m.def(
+      "comm_close_peers",
+      [] {
+        nb::gil_scoped_release release;
+        jax_ep::CommClosePeers();
+      },
+      "Disconnect every communicator, wait for its device and close its IPC mappings of "
+      "the peers' buffers (the first half of a collective shutdown).");
   m.def(
       "comm_destroy_all",
       [] {

@@ -67,6 +67,7 @@ nb::dict InfoDict(const jax_ep::LLInfo& info) {
   d["rank"] = info.rank;
   d["num_ranks"] = info.num_ranks;
   d["num_sms"] = info.num_sms;
+  d["max_coresident_blocks"] = info.max_coresident_blocks;
   d["ranks_on_device"] = info.ranks_on_device;
   d["num_blocks"] = info.num_blocks;
   d["unmapped_peers"] = info.unmapped_peers;

@@ -23,6 +23,7 @@ struct CommContext {
   uint8_t* buffer = nullptr;  // signal area + data area
   size_t data_bytes = 0;
   int num_sms = 0;
+  int recv_blocks_per_sm = 0;  // IntranodeRecvBlocksPerSm on this device
   TimeoutRecord* record_host = nullptr;    // cudaHostAlloc(mapped)
   TimeoutRecord* record_device = nullptr;  // its device-visible address
   bool reported = false;                   // timeout already printed (registry mutex)
@@ -220,6 +221,7 @@ void CommCreate(int device, size_t data_bytes) {
     DeviceGuard guard(device);
     CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device),
               device, "cudaDeviceGetAttribute(multiProcessorCount)");
+    ctx->recv_blocks_per_sm = IntranodeRecvBlocksPerSm();
     void* buffer = nullptr;
     cudaError_t err = cudaMalloc(&buffer, total);
     if (err != cudaSuccess) {
@@ -443,10 +445,38 @@ CommInfo CommGetInfo(int device) {
   info.num_sms = ctx->num_sms;
   info.ranks_on_device = ctx->ranks_on_device;
   info.num_blocks = EffectiveNumBlocks(*ctx, reg.num_blocks.load());
+  info.max_coresident_blocks = ctx->recv_blocks_per_sm * ctx->num_sms;
   info.connected = ctx->connected;
   info.data_bytes = ctx->data_bytes;
   info.signal_bytes = kIntranodeSignalBytes;
   return info;
+}
+
+void CommClosePeers() {
+  Registry& reg = Reg();
+  std::vector<std::shared_ptr<CommContext>> contexts;
+  {
+    std::lock_guard<std::mutex> guard(reg.mu);
+    for (auto& entry : reg.contexts) {
+      entry.second->connected = false;  // handlers refuse it from now on
+      contexts.push_back(entry.second);
+    }
+  }
+  for (auto& ctx : contexts) {
+    int previous = -1;
+    if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+    if (cudaSetDevice(ctx->device) == cudaSuccess) {
+      cudaDeviceSynchronize();  // every kernel that may read or write a peer is done
+      for (size_t r = 0; r < ctx->peers.size(); ++r) {
+        if (ctx->peer_is_ipc[r] && ctx->peers[r] != nullptr) {
+          cudaIpcCloseMemHandle(ctx->peers[r]);
+          ctx->peers[r] = nullptr;
+        }
+      }
+    }
+    cudaGetLastError();
+    if (previous >= 0) cudaSetDevice(previous);
+  }
 }
 
 void CommDestroyAll() {

@@ -51,10 +51,16 @@ double CommTimeoutSeconds();
 
 struct CommInfo {
   int device, rank, num_ranks, group, num_sms, ranks_on_device, num_blocks;
+  int max_coresident_blocks;  // receive-kernel blocks the GPU holds at once (occupancy x SMs)
   bool connected;
   size_t data_bytes, signal_bytes;
 };
 CommInfo CommGetInfo(int device);
+// The first half of a collective shutdown: marks every context disconnected
+// (handlers refuse it), waits for each device and closes its mappings of the
+// peers' buffers. Free (CommDestroyAll) only once every peer has done this:
+// freeing a buffer another process still has mapped is undefined.
+void CommClosePeers();
 // Stops the watchdog, waits for each device, closes IPC mappings, frees
 // everything. Safe to call twice. Timeout messages survive it.
 void CommDestroyAll();

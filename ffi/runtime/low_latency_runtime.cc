@@ -25,6 +25,7 @@ struct LLContext {
   int rank = -1;
   int num_ranks = 0;
   int num_sms = 0;
+  int blocks_per_sm = 0;  // the least of the LL kernels' occupancy (LL*BlocksPerSm)
   int ranks_on_device = 1;
   LLAllocOptions options;
   uint8_t* region = nullptr;  // nvshmem_align
@@ -268,6 +269,7 @@ LLInfo InfoLocked(const Registry& reg, const std::optional<NvshmemPe>& pe) {
     const LLContext& ctx = *reg.ctx;
     info.allocated = true;
     info.num_sms = ctx.num_sms;
+    info.max_coresident_blocks = ctx.blocks_per_sm * ctx.num_sms;
     info.ranks_on_device = EffectiveRanksOnDevice(ctx, reg.ranks_on_device.load());
     info.num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load(), reg.ranks_on_device.load());
     info.unmapped_peers = ctx.unmapped_peers;
@@ -372,6 +374,9 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
   DeviceGuard guard(device);
   CudaCheck(cudaDeviceGetAttribute(&ctx->num_sms, cudaDevAttrMultiProcessorCount, device), device,
             "cudaDeviceGetAttribute(multiProcessorCount)");
+  ctx->blocks_per_sm =
+      std::min({LLDispatchBlocksPerSm(ctx->layout), LLCombineBlocksPerSm(ctx->layout),
+                LLStreamedCombineBlocksPerSm(ctx->layout), LLCachedDispatchBlocksPerSm()});
   ctx->region = AllocRegion(where, ctx->layout.total_bytes);
   try {
     CudaCheck(cudaMemset(ctx->region, 0, ctx->layout.total_bytes), device, "zeroing the region");

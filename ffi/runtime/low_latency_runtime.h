@@ -40,6 +40,7 @@ struct LLInfo {
   bool allocated = false;    // the region exists
   int device = -1, rank = -1, num_ranks = 0;
   int num_sms = 0, ranks_on_device = 0, num_blocks = 0;
+  int max_coresident_blocks = 0;  // blocks of the LL kernels the GPU holds at once (occupancy x SMs)
   int unmapped_peers = 0;    // PEs nvshmem_ptr cannot map (reached by puts)
   bool force_put = false;
   bool gpu_scope = false;    // the kernels' flags and fences at GPU, not system, scope

@@ -1,6 +1,7 @@
 """The CUDA backend: one module per mode, and the answer to "is it usable, and if not, why".
 
 - `extension`   loads the compiled modules, registers the FFI targets, build_info
+- `errors`      jax_ep's timeout / disagreement message in JAX's runtime errors
 - `layout`      get_dispatch_layout / route kernels (local, no setup)
 - `intranode`   dispatch / combine over NVLink peer pointers (CUDA IPC)
 - `low_latency` decode dispatch / combine over NVSHMEM
@@ -12,7 +13,7 @@ says whether the op can run on this backend now and, if not, what to do.
 
 from __future__ import annotations
 
-from . import extension, intranode, layout, low_latency, nvshmem
+from . import errors, extension, intranode, layout, low_latency, nvshmem
 
 # public op -> the mode module whose backend functions implement it
 MODES = {
@@ -49,5 +50,5 @@ def why_unavailable(op) -> str | None:
     return None
 
 
-__all__ = ["MODES", "extension", "intranode", "layout", "low_latency", "needs_runtime",
+__all__ = ["MODES", "errors", "extension", "intranode", "layout", "low_latency", "needs_runtime",
            "nvshmem", "supported_ops", "why_unavailable"]

@@ -32,7 +32,7 @@ from jax import lax
 from .. import _agreement, _kvstore
 from .._mesh import check_call_mesh, ep_coordinates, ep_groups, group_ids
 from .._routing import Routing, handle_from_counts, localize, valid_ids
-from . import extension, layout
+from . import errors, extension, layout
 
 DISPATCH = "jax_ep_intranode_dispatch"
 DISPATCH_CACHED = "jax_ep_intranode_dispatch_cached"
@@ -132,6 +132,7 @@ def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
     """
     global _buffers
     mod = extension.cuda_module()
+    errors.install()
     groups = ep_groups(mesh, axis_name)
     max_ranks = mod.intranode_max_ranks()
     if groups.shape[1] > max_ranks:
@@ -156,11 +157,31 @@ def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
         _agreement.step(mesh, "mapping the intranode peers", lambda: connect(peers),
                         timeout_s=timeout_s)
         mod.comm_set_options(timeout_s, num_blocks)
+        ordinals = [d.local_hardware_id for d in local]
+        _agreement.step(mesh, "checking the intranode grid size",
+                        lambda: _check_coresident(ordinals, num_blocks), timeout_s=timeout_s)
     except BaseException:
         mod.comm_destroy_all()
         raise
     _buffers = _Buffers(axis_name, int(data_bytes), tuple(d.local_hardware_id for d in local),
                         group_ids(mesh, axis_name))
+
+
+def _check_coresident(ordinals, num_blocks):
+    """The receive kernels spin: the grids of every rank sharing a GPU must fit on it
+    with room left for a send, or the ranks wait for each other forever."""
+    mod = extension.cuda_module()
+    for o in ordinals:
+        info = mod.comm_info(o)
+        sharing, blocks, room = (info["ranks_on_device"], info["num_blocks"],
+                                 info["max_coresident_blocks"])
+        if sharing * blocks >= room:
+            largest = max((room - 1) // sharing, 0)
+            raise ValueError(
+                f"jax_ep.initialize: num_blocks={num_blocks} gives {blocks} blocks per kernel "
+                f"for each of the {sharing} ranks on CUDA device {o}, but the device holds at "
+                f"most {room} blocks of the intranode receive kernels at once, and they must "
+                f"leave room for a send; pass num_blocks <= {largest} (or 0 for automatic).")
 
 
 def _exchange_peers(mesh, scope, coords, num_ranks, local, timeout_s):
@@ -220,12 +241,27 @@ def _peer_handle(raw, group, rank, process, me):
     return handle
 
 
-def teardown():
-    """Free every buffer and close the peer mappings (idempotent)."""
+def teardown(mesh=None, *, timeout_s=60.0):
+    """Free every buffer and close the peer mappings (idempotent).
+
+    With `mesh` (a collective shutdown, every process): wait for the devices,
+    close this process's mappings of the peers' buffers, agree that every
+    process did, then free, since freeing a buffer a peer still has mapped
+    is undefined. Without it (interpreter exit, or a failed setup), free at
+    once. The buffers are freed even when the agreement fails (a peer gone).
+    """
     global _buffers
-    if _buffers is not None:
-        extension.cuda_module().comm_destroy_all()
-    _buffers = None
+    if _buffers is None:
+        return
+    mod = extension.cuda_module()
+    try:
+        if mesh is not None:
+            mod.comm_close_peers()
+            _agreement.agree(mesh, "closing the intranode peer mappings", None,
+                             timeout_s=timeout_s)
+    finally:
+        mod.comm_destroy_all()
+        _buffers = None
 
 
 def info() -> dict | None:

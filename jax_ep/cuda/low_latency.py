@@ -34,7 +34,7 @@ from .. import _agreement, _kvstore
 from .._handles import LowLatencyHandle
 from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
-from . import extension, nvshmem
+from . import errors, extension, nvshmem
 
 DISPATCH = "jax_ep_ll_dispatch"
 DISPATCH_SEND = "jax_ep_ll_dispatch_send"
@@ -88,6 +88,7 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
     """
     global _groups
     mod = extension.nvshmem_module()
+    errors.install()
     prefix = _kvstore.new_scope("nvshmem")
     pes = _agreement.step(
         mesh, "locating the NVSHMEM PEs",
@@ -110,6 +111,7 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
                              dependent_launch=options.dependent_launch,
                              streamed_combine=options.streamed_combine,
                              phase_trace=options.phase_trace or "")
+        _check_coresident(num_blocks)
 
     # The allocation ends in an NVSHMEM barrier; the agreement after it also
     # keeps rank 0's bootstrap socket alive until everyone's init is done.
@@ -119,9 +121,30 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
     return info()
 
 
-def teardown():
-    """Collective: free the region and finalize NVSHMEM (idempotent)."""
+def _check_coresident(num_blocks):
+    """A fused low-latency kernel waits for its own blocks and for every peer's: the
+    grids of every PE sharing the GPU must be resident together."""
+    state = info()
+    sharing, blocks, room = (state["ranks_on_device"], state["num_blocks"],
+                             state["max_coresident_blocks"])
+    if sharing * blocks > room:
+        raise ValueError(
+            f"jax_ep.initialize(low_latency=True): num_blocks={num_blocks} gives {blocks} "
+            f"blocks per kernel for each of the {sharing} PEs on this GPU, but it holds at most "
+            f"{room} blocks of the low-latency kernels at once and every one of them must be "
+            f"resident; pass num_blocks <= {room // sharing} (or 0 for automatic).")
+
+
+def teardown(mesh=None, *, timeout_s=60.0):
+    """Collective: free the region and finalize NVSHMEM (idempotent).
+
+    With `mesh`, the processes first agree (bounded by timeout_s) that all of
+    them are shutting down: a missing one raises here instead of leaving the
+    others in NVSHMEM's collective free / finalize forever.
+    """
     global _groups
+    if mesh is not None:
+        _agreement.agree(mesh, "shutting down the low-latency mode", None, timeout_s=timeout_s)
     _groups = None
     nvshmem.finalize()
 

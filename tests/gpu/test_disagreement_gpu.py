@@ -40,6 +40,7 @@ def test_intranode_disagreement_is_named(mps, kind, words):
     text = _first_process("disagreement_workers:intranode", kind)
     for w in words:
         assert w in text, text[-3000:]
+    assert "message in the exception: True" in text, text[-3000:]
     assert "timed out" not in text, text[-3000:]
 
 
@@ -52,4 +53,5 @@ def test_low_latency_disagreement_is_named(mps, kind, words):
     text = _first_process("disagreement_workers:low_latency", kind)
     for w in words:
         assert w in text, text[-3000:]
+    assert "message in the exception: True" in text, text[-3000:]
     assert "timed out" not in text, text[-3000:]

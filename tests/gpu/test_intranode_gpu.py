@@ -84,5 +84,6 @@ def test_rank_that_never_calls_times_out_with_a_message(mps):
         pytest.skip("needs to control which rank calls; run without a scheduler")
     text, seconds = silent_peer_output("intranode_workers:one_rank_never_calls", WORKERS_DIR)
     assert "timed out" in text and "waiting for" in text and "from rank 1" in text, text[-3000:]
+    assert "message in the exception: True" in text, text[-3000:]
     assert seconds < 100, seconds
 

@@ -123,6 +123,7 @@ def test_pe_that_never_calls_times_out_with_a_message(mps):
         pytest.skip("needs to control which PE calls; run without a scheduler")
     text, seconds = silent_peer_output("low_latency_workers:one_rank_never_calls", WORKERS_DIR)
     assert "timed out" in text and "of PE 1" in text, text[-3000:]
+    assert "message in the exception: True" in text, text[-3000:]
     assert seconds < 100, seconds
 
 
@@ -132,4 +133,5 @@ def test_pe_that_skips_the_streamed_combine_times_out_with_a_message(mps):
     text, seconds = silent_peer_output("low_latency_workers:one_rank_skips_the_combine", WORKERS_DIR)
     assert "streamed combine: True" in text, text[-3000:]
     assert "timed out" in text and "ll_combine" in text and "of PE 1" in text, text[-3000:]
+    assert "message in the exception: True" in text, text[-3000:]
     assert seconds < 100, seconds

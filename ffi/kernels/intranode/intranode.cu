@@ -746,6 +746,25 @@ void LaunchCombineRecv(const IntranodeComm& comm, const CombineKernelArgs& k, bo
 
 }  // namespace
 
+int IntranodeRecvBlocksPerSm() {
+  int least = 1 << 30;
+  auto take = [&](const void* kernel) {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
+      n = 0;
+    }
+    least = std::min(least, n);
+  };
+  take(reinterpret_cast<const void*>(DispatchRecvKernel));
+  take(reinterpret_cast<const void*>(CombineRecvKernel<Bf16Elem, 8>));
+  take(reinterpret_cast<const void*>(CombineRecvKernel<Bf16Elem, 1>));
+  take(reinterpret_cast<const void*>(CombineRecvKernel<F32Elem, 4>));
+  take(reinterpret_cast<const void*>(CombineRecvKernel<F32Elem, 1>));
+  take(reinterpret_cast<const void*>(CombineRecvKernel<F8E4M3Elem, 16>));
+  cudaGetLastError();
+  return least;
+}
+
 size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts) {
   size_t total = 0;
   for (int p = 0; p < num_parts; ++p) {

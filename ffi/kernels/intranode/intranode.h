@@ -107,6 +107,11 @@ struct IntranodeCombineArgs {
   ElemType dtype;              // bf16 | f16 | f32 | f8e4m3fn
 };
 
+// Blocks of the spinning receive kernels (dispatch and combine) one SM of the
+// current device holds at once (the least over their variants), from the
+// occupancy API: ranks sharing a GPU must leave room for each other's sends.
+int IntranodeRecvBlocksPerSm();
+
 // Data-area bytes one dispatch needs: capacity * sum of row_bytes (payload
 // p's sub-area starts at capacity * sum_{q<p} row_bytes[q]).
 size_t IntranodeDispatchDataBytes(int64_t capacity, const int64_t* row_bytes, int num_parts);

@@ -131,6 +131,12 @@ struct LLCachedDispatchKernel {
 
 }  // namespace
 
+int LLCachedDispatchBlocksPerSm() {
+  return std::min({BlocksPerSm<LLCachedDispatchKernel<Bf16Elem>, CachedParams>(0),
+                   BlocksPerSm<LLCachedDispatchKernel<F16Elem>, CachedParams>(0),
+                   BlocksPerSm<LLCachedDispatchKernel<F32Elem>, CachedParams>(0)});
+}
+
 cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArgs& a,
                                    cudaStream_t stream) {
   const int xb = LLElemBytes(a.dtype);

@@ -155,6 +155,16 @@ cudaError_t LaunchCombine(bool self_rows, int grid, size_t smem, cudaStream_t st
 
 }  // namespace
 
+int LLCombineBlocksPerSm(const LLLayout& lay) {
+  const size_t smem = static_cast<size_t>(lay.num_experts / std::max(lay.num_ranks, 1) + 1) * 4;
+  return std::min({BlocksPerSm<LLCombineKernel<Bf16Elem, 16, true>, CombineParams>(smem),
+                   BlocksPerSm<LLCombineKernel<Bf16Elem, 8, false>, CombineParams>(smem),
+                   BlocksPerSm<LLCombineKernel<Bf16Elem, 1, false>, CombineParams>(smem),
+                   BlocksPerSm<LLCombineKernel<F16Elem, 8, false>, CombineParams>(smem),
+                   BlocksPerSm<LLCombineKernel<F32Elem, 4, false>, CombineParams>(smem),
+                   BlocksPerSm<LLCombineKernel<F32Elem, 1, true>, CombineParams>(smem)});
+}
+
 cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase phase,
                             cudaStream_t stream) {
   const int yb = LLElemBytes(a.dtype);

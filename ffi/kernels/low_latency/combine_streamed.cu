@@ -285,6 +285,15 @@ struct LLStreamedCombineKernel {
 
 }  // namespace
 
+int LLStreamedCombineBlocksPerSm(const LLLayout& lay) {
+  const int64_t L = lay.num_experts / std::max(lay.num_ranks, 1);
+  const size_t smem = static_cast<size_t>(L + 2 + 2 * kStreamBuckets * L) * 4;
+  if (smem > 96 * 1024) return 1 << 30;  // the plain combine runs instead
+  return std::min({BlocksPerSm<LLStreamedCombineKernel<Bf16Elem, 8>, CombineParams>(smem),
+                   BlocksPerSm<LLStreamedCombineKernel<F16Elem, 8>, CombineParams>(smem),
+                   BlocksPerSm<LLStreamedCombineKernel<F32Elem, 4>, CombineParams>(smem)});
+}
+
 size_t LLStreamedCombineSmem(const LLComm& comm, const LLCombineArgs& a, LLPhase phase, bool vec) {
   // The receive reads my own experts' rows from y at the dispatch's slot.
   const bool y_rows = reinterpret_cast<uintptr_t>(a.y) % 16 == 0 &&

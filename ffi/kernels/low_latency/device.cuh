@@ -620,6 +620,22 @@ __global__ void __launch_bounds__(kThreads, 1) LLKernelEntry(LLComm c, Params p)
   Kernel::Run(c, p);
 }
 
+// Blocks of LLKernelEntry<Kernel> one SM of the current device holds at once
+// with `smem` bytes of dynamic shared memory (0 when it cannot run at all).
+template <typename Kernel, typename Params>
+int BlocksPerSm(size_t smem) {
+  void (*kernel)(LLComm, Params) = LLKernelEntry<Kernel, Params>;
+  int n = 0;
+  if ((smem <= 48 * 1024 ||
+       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            static_cast<int>(smem)) == cudaSuccess) &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem) == cudaSuccess) {
+    return n;
+  }
+  cudaGetLastError();
+  return 0;
+}
+
 // Launches LLKernelEntry<Kernel>: the only way a low-latency kernel starts.
 template <typename Kernel, typename Params>
 cudaError_t Launch(int grid, size_t smem, cudaStream_t stream, const LLComm& c,

@@ -503,6 +503,16 @@ struct LLDispatchKernel {
 
 }  // namespace
 
+int LLDispatchBlocksPerSm(const LLLayout& lay) {
+  const int64_t R = lay.num_ranks, E = lay.num_experts, L = E / std::max<int64_t>(R, 1);
+  const int64_t masks = E * ((lay.max_tokens + 31) / 32) * 4;
+  const size_t smem = static_cast<size_t>(
+      std::max(masks <= kMaskSmemBytes ? masks : int64_t{0}, (L * (R + 1) + L + 1) * 4));
+  return std::min({BlocksPerSm<LLDispatchKernel<Bf16Elem>, DispatchParams>(smem),
+                   BlocksPerSm<LLDispatchKernel<F16Elem>, DispatchParams>(smem),
+                   BlocksPerSm<LLDispatchKernel<F32Elem>, DispatchParams>(smem)});
+}
+
 cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhase phase,
                              cudaStream_t stream) {
   const int xb = LLElemBytes(a.dtype);

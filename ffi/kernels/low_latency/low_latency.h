@@ -203,6 +203,15 @@ struct LLCachedDispatchArgs {
   void* out = nullptr;                  // [L, R*M, H] x dtype
 };
 
+// Blocks of each kernel family one SM of the current device holds at once,
+// for the largest call the layout allows (the least over element types and
+// variants; occupancy API). The fused kernels need their whole grid, and the
+// grids of every PE sharing the GPU, resident together.
+int LLDispatchBlocksPerSm(const LLLayout& lay);
+int LLCombineBlocksPerSm(const LLLayout& lay);
+int LLStreamedCombineBlocksPerSm(const LLLayout& lay);
+int LLCachedDispatchBlocksPerSm();
+
 // nullptr when the call fits the region, else a sentence saying what does not.
 const char* LLCheckDispatch(const LLComm& comm, const LLShape& s, int64_t x_itemsize, bool use_fp8);
 const char* LLCheckCombine(const LLComm& comm, const LLShape& s, int64_t y_itemsize);

@@ -35,6 +35,8 @@ def _run_and_report(compiled_by_process, args_by_process, last_error):
         raised = str(err)
     message = last_error()
     print("jax_ep message:", message, flush=True)
+    print("message in the exception:", bool(message) and raised is not None and message in raised,
+          flush=True)
     return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
 
 

@@ -26,6 +26,8 @@ def run_without_peer(compiled, args, skipper, wait_s, last_error):
     message = last_error()
     print("jax_ep timeout message:", message, flush=True)
     print("the call raised:", raised, flush=True)
+    print("message in the exception:", bool(message) and raised is not None and message in raised,
+          flush=True)
     return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
 
 
