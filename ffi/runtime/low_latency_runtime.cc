@@ -38,6 +38,7 @@ struct LLContext {
   TimeoutRecord* record_device = nullptr;
   uint64_t* trace = nullptr;        // phase trace (options.phase_trace), device memory
   bool reported = false;            // registry mutex
+  bool ready = false;               // set up completely (registry mutex); else only the region
 };
 
 namespace {
@@ -267,7 +268,7 @@ LLInfo InfoLocked(const Registry& reg, const std::optional<NvshmemPe>& pe) {
   info.force_put = reg.force_put.load();
   if (reg.ctx) {
     const LLContext& ctx = *reg.ctx;
-    info.allocated = true;
+    info.allocated = ctx.ready;
     info.num_sms = ctx.num_sms;
     info.max_coresident_blocks = ctx.blocks_per_sm * ctx.num_sms;
     info.ranks_on_device = EffectiveRanksOnDevice(ctx, reg.ranks_on_device.load());
@@ -378,6 +379,12 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
       std::min({LLDispatchBlocksPerSm(ctx->layout), LLCombineBlocksPerSm(ctx->layout),
                 LLStreamedCombineBlocksPerSm(ctx->layout), LLCachedDispatchBlocksPerSm()});
   ctx->region = AllocRegion(where, ctx->layout.total_bytes);
+  {
+    // Registered at once (not ready): whatever fails below, LLFree frees the
+    // region, and nvshmem_free is collective, so every PE must call it.
+    std::lock_guard<std::mutex> lock(reg.mu);
+    reg.ctx = ctx;
+  }
   try {
     CudaCheck(cudaMemset(ctx->region, 0, ctx->layout.total_bytes), device, "zeroing the region");
     CudaCheck(cudaDeviceSynchronize(), device, "zeroing the region");
@@ -387,24 +394,23 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
     AllocTrace(ctx.get());
     CudaCheck(cudaDeviceSynchronize(), device, "setting up the low-latency context");
   } catch (...) {
-    FreeLocalParts(*ctx);
-    // The region stays allocated: nvshmem_free is collective and the other
-    // PEs are not here. nvshmem_finalize releases the heap.
+    FreeLocalParts(*ctx);  // the region itself waits for the collective LLFree
     throw;
   }
-  // Nobody launches a kernel on this region before every PE zeroed its part.
-  nvshmem_barrier_all();
-  {
-    std::lock_guard<std::mutex> lock(reg.mu);
-    reg.ctx = ctx;
-  }
-  reg.watchdog.Start();
   if (ctx->unmapped_peers > 0 && !send_buffer) {
     throw std::runtime_error(
         where + std::to_string(ctx->unmapped_peers) +
         " PEs are not reachable by loads / stores from this one (other nodes): the "
         "low-latency ops need NVSHMEM puts and therefore send_buffer=True on every PE");
   }
+  // No NVSHMEM barrier here: a PE that failed above would leave the others in
+  // it forever. The caller agrees on success with a bounded wait instead
+  // (jax_ep/_agreement.py) before any kernel runs on the region.
+  {
+    std::lock_guard<std::mutex> lock(reg.mu);
+    ctx->ready = true;
+  }
+  reg.watchdog.Start();
   return LLGetInfo();
 }
 
@@ -472,7 +478,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
     *error = reg.reports.first();
     return false;
   }
-  if (!reg.ctx) {
+  if (!reg.ctx || !reg.ctx->ready) {
     *error = "jax_ep: the NVSHMEM low-latency buffers are not set up in this process: call "
              "jax_ep's low-latency initialization (nvshmem_init + nvshmem_ll_alloc) first";
     return false;
