@@ -184,6 +184,14 @@ NB_MODULE(_jax_ep_nvshmem, m) {
         "num_blocks, unmapped_peers, force_put, gpu_scope, pdl, stream_combine (effective values), "
         "system_scope, phase_trace (as given to nvshmem_ll_alloc), timeout_s, layout.");
   m.def(
+      "nvshmem_ll_free",
+      [] {
+        nb::gil_scoped_release release;
+        jax_ep::LLFree();
+      },
+      "Collective: free the low-latency region (nvshmem_free); NVSHMEM stays initialized. "
+      "Safe to call twice / without allocation.");
+  m.def(
       "nvshmem_finalize",
       [] {
         nb::gil_scoped_release release;

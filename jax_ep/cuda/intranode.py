@@ -169,19 +169,18 @@ def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
 
 def _check_coresident(ordinals, num_blocks):
     """The receive kernels spin: the grids of every rank sharing a GPU must fit on it
-    with room left for a send, or the ranks wait for each other forever."""
+    together, or a rank's blocks wait for a peer whose kernel cannot start."""
     mod = extension.cuda_module()
     for o in ordinals:
         info = mod.comm_info(o)
         sharing, blocks, room = (info["ranks_on_device"], info["num_blocks"],
                                  info["max_coresident_blocks"])
-        if sharing * blocks >= room:
-            largest = max((room - 1) // sharing, 0)
+        if sharing * blocks > room:
             raise ValueError(
                 f"jax_ep.initialize: num_blocks={num_blocks} gives {blocks} blocks per kernel "
                 f"for each of the {sharing} ranks on CUDA device {o}, but the device holds at "
-                f"most {room} blocks of the intranode receive kernels at once, and they must "
-                f"leave room for a send; pass num_blocks <= {largest} (or 0 for automatic).")
+                f"most {room} blocks of the intranode receive kernels at once; pass "
+                f"num_blocks <= {room // sharing} (or 0 for automatic).")
 
 
 def _exchange_peers(mesh, scope, coords, num_ranks, local, timeout_s):

@@ -136,7 +136,8 @@ def _check_coresident(num_blocks):
 
 
 def teardown(mesh=None, *, timeout_s=60.0):
-    """Collective: free the region and finalize NVSHMEM (idempotent).
+    """Collective: free the region (idempotent); NVSHMEM stays up for the next setup
+    (nvshmem.py says why).
 
     With `mesh`, the processes first agree (bounded by timeout_s) that all of
     them are shutting down: a missing one raises here instead of leaving the
@@ -146,7 +147,7 @@ def teardown(mesh=None, *, timeout_s=60.0):
     if mesh is not None:
         _agreement.agree(mesh, "shutting down the low-latency mode", None, timeout_s=timeout_s)
     _groups = None
-    nvshmem.finalize()
+    nvshmem.free_regions()
 
 
 # --------------------------------------------------------------------------

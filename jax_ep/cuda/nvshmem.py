@@ -14,6 +14,12 @@ Used by the low-latency mode (and, later, the internode mode):
    host the single-host NVSHMEM defaults apply (no remote transport, no NCCL,
    bootstrap over `lo`); `NVSHMEM_DISABLE_NVLS=1` always.
 3. `finalize`: collective; frees what the modes allocated and finalizes.
+
+NVSHMEM stays initialized when a mode shuts down: a later `init` with the
+same PE layout and a heap that fits reuses it (every PE takes the same
+decision: the configurations were agreed). Initializing and finalizing
+NVSHMEM repeatedly leaks device memory inside NVSHMEM (~1.7 MB a cycle,
+measured), and costs seconds; the process's end finalizes it.
 """
 
 from __future__ import annotations
@@ -72,9 +78,21 @@ def locate(mesh, axis_name, *, timeout_s, prefix) -> PeGroup:
                    ranks_on_device=places.count(where))
 
 
+_current = None  # (rank, num_ranks, device ordinal, heap bytes) while NVSHMEM is up
+
+
 def init(pes: PeGroup, *, heap_bytes, timeout_s, prefix) -> None:
-    """Collective: NVSHMEM up on every PE with a symmetric heap of `heap_bytes` (if unset)."""
+    """Collective: NVSHMEM up on every PE with a symmetric heap of `heap_bytes` (if unset).
+
+    Reuses an NVSHMEM that is up with the same PEs and a heap at least that
+    large; else finalizes it first."""
+    global _current
     mod = extension.nvshmem_module()
+    layout = (pes.rank, pes.num_ranks, pes.device.local_hardware_id)
+    if _current is not None and mod.nvshmem_initialized():
+        if _current[:3] == layout and _current[3] >= heap_bytes:
+            return
+        finalize()
     if pes.rank == 0:
         uid = mod.nvshmem_get_unique_id(pes.single_host)
         if pes.num_ranks > 1:
@@ -83,9 +101,18 @@ def init(pes: PeGroup, *, heap_bytes, timeout_s, prefix) -> None:
         uid = _kvstore.kv_get_bytes(f"{prefix}/uid", timeout=timeout_s)
     mod.nvshmem_init(uid, pes.rank, pes.num_ranks, pes.device.local_hardware_id,
                      pes.single_host, int(heap_bytes))
+    _current = layout + (int(heap_bytes),)
+
+
+def free_regions() -> None:
+    """Collective: free the modes' symmetric regions; NVSHMEM stays up (idempotent)."""
+    if extension.nvshmem_available():
+        extension.nvshmem_module().nvshmem_ll_free()
 
 
 def finalize() -> None:
     """Collective: free the modes' symmetric regions and finalize NVSHMEM (idempotent)."""
+    global _current
+    _current = None
     if extension.nvshmem_available():
         extension.nvshmem_module().nvshmem_finalize()
