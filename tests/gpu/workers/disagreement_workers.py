@@ -86,9 +86,10 @@ def intranode(kind):
                                               backend="cuda")
             if second_is_combine:
                 return jax_ep.combine(recv_x, h, backend="cuda")
-            # both results used: XLA drops custom calls whose results nobody reads
-            return recv_x[:T] + jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep",
-                                                backend="cuda")[0][:T]
+            # both results used (XLA drops custom calls whose results nobody reads) and
+            # the second call's input differs (XLA merges identical calls into one)
+            return recv_x[:T] + jax_ep.dispatch(x + 1.0, idx, w, num_experts=E,
+                                                axis_name="ep", backend="cuda")[0][:T]
         return f.lower(*args).compile()
 
     programs = [two_ops(False), two_ops(True)]
