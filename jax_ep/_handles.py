@@ -31,6 +31,24 @@ class DispatchHandle:
       rank_counts: [R, R] tokens rank s sends to rank r (before dropping),
         identical on every rank. The row of (s, j) on r is
         sum(rank_counts[:s, r]) + j.
+
+    Node grouping (docs/design.md §2.16): `ranks_per_node` (static) is G when
+    the dispatch ran with N = R / G > 1 nodes (rank r = n * G + g), else None;
+    combine then sums in the node tree. The three fields below are None
+    unless the handle was made with N > 1 nodes (all int32, pre-drop:
+    capacity does not change them). This rank is me = (n_me, g_me).
+      node_slot: [T, N] position of local token t among this rank's tokens sent
+        to node n, in token order (0, 1, ...), or -1 when t is not sent to
+        node n. A token is sent to node n when any of its valid experts lives
+        on a rank of node n.
+      relay_pos: [N, T, G] this rank relays, for each source node n, the tokens
+        that source rank s = n * G + g_me sends to node n_me. Row j of
+        relay_pos[n] is the j-th such token (token order); relay_pos[n, j, g']
+        = that token's pre-drop slot on rank n_me * G + g' (the source's
+        routing slot column for that rank, i.e. its position among the tokens
+        s sends to that rank), or -1 when the token has no expert on that
+        rank. Rows j >= relay_rows[n] are all -1.
+      relay_rows: [N] how many tokens source rank n * G + g_me sends to node n_me.
     """
 
     num_recv_tokens: jax.Array
@@ -42,6 +60,10 @@ class DispatchHandle:
     num_experts: int = dataclasses.field(metadata=dict(static=True))
     capacity: int = dataclasses.field(metadata=dict(static=True))
     axis_name: object = dataclasses.field(metadata=dict(static=True))
+    ranks_per_node: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    node_slot: jax.Array | None = None
+    relay_pos: jax.Array | None = None
+    relay_rows: jax.Array | None = None
 
     @property
     def num_ranks(self) -> int:
@@ -50,6 +72,11 @@ class DispatchHandle:
     @property
     def num_tokens(self) -> int:
         return self.token_slot.shape[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """N: 1 unless the dispatch grouped the ranks into several nodes."""
+        return 1 if self.ranks_per_node is None else self.num_ranks // self.ranks_per_node
 
 
 @jax.tree_util.register_dataclass

@@ -30,9 +30,11 @@ def get_dispatch_layout(topk_idx, *, num_experts, num_ranks):
     return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
 
 
-def _rank_ordered_sum(num_ranks, term):
+def _rank_ordered_sum(num_ranks, term, unroll=None):
     """sum_r term(r) in float32, accumulated in rank order (bitwise stable)."""
-    if num_ranks <= _UNROLL_RANKS:
+    if unroll is None:
+        unroll = num_ranks <= _UNROLL_RANKS
+    if unroll:
         acc = term(0)
         for r in range(1, num_ranks):
             acc = acc + term(r)
@@ -40,17 +42,33 @@ def _rank_ordered_sum(num_ranks, term):
     return lax.fori_loop(1, num_ranks, lambda r, acc: acc + term(r), term(0))
 
 
+def _node_tree_sum(num_ranks, ranks_per_node, term, dtype):
+    """docs/design.md §2.16: float32 within each node in rank order, each node's
+    partial rounded to `dtype`, then float32 over the nodes in node order."""
+    unroll = num_ranks <= _UNROLL_RANKS
+
+    def node(n):
+        partial = _rank_ordered_sum(
+            ranks_per_node, lambda g: term(n * ranks_per_node + g), unroll)
+        # The barrier keeps XLA from folding the f32 -> dtype -> f32 pair away
+        # (allowed excess precision does that on GPU): the rounding is the contract.
+        return lax.optimization_barrier(partial.astype(dtype)).astype(jnp.float32)
+
+    return _rank_ordered_sum(num_ranks // ranks_per_node, node, unroll)
+
+
 # --------------------------------------------------------------------------
 # Normal mode: dispatch / combine
 # --------------------------------------------------------------------------
 
 
-def make_dispatch_handle(topk_idx, *, num_experts, axis_name, capacity):
+def make_dispatch_handle(topk_idx, *, num_experts, axis_name, capacity, ranks_per_node=None):
     """Routing + count exchange (an all_gather): everything but moving rows."""
     routing = route(topk_idx, num_experts, lax.axis_size(axis_name))
     rank_counts = lax.all_gather(routing.sent, axis_name)  # [R src, R dst]
     handle = handle_from_counts(routing, rank_counts, num_experts=num_experts,
-                                axis_name=axis_name, capacity=capacity)
+                                axis_name=axis_name, capacity=capacity,
+                                ranks_per_node=ranks_per_node)
     return routing, handle
 
 
@@ -97,7 +115,8 @@ def dispatch_rows(parts, handle):
 
 
 def combine_rows(parts, handle):
-    """Sum each token's rows [capacity, ...] back over ranks, in rank order."""
+    """Sum each token's rows [capacity, ...] back over ranks, in rank order (or in
+    the node tree when the handle has several nodes)."""
     me = lax.axis_index(handle.axis_name)
     num_tokens, num_ranks = handle.token_slot.shape
     counts_in = handle.rank_counts[:, me]
@@ -121,13 +140,19 @@ def combine_rows(parts, handle):
                               mode="fill", fill_value=0)
             return picked.astype(jnp.float32)
 
-        out.append(_rank_ordered_sum(num_ranks, term).astype(part.dtype))
+        if handle.num_nodes > 1:
+            acc = _node_tree_sum(num_ranks, handle.ranks_per_node, term, part.dtype)
+        else:
+            acc = _rank_ordered_sum(num_ranks, term)
+        out.append(acc.astype(part.dtype))
     return out
 
 
-def dispatch(x_parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity):
+def dispatch(x_parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity,
+             ranks_per_node=None):
     routing, handle = make_dispatch_handle(topk_idx, num_experts=num_experts,
-                                           axis_name=axis_name, capacity=capacity)
+                                           axis_name=axis_name, capacity=capacity,
+                                           ranks_per_node=ranks_per_node)
     *recv_parts, recv_idx, recv_w = dispatch_rows(
         list(x_parts) + [routing.idx, topk_weights], handle)
     recv_idx, recv_w, handle = localize(recv_idx, recv_w, handle)

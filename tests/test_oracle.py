@@ -178,6 +178,67 @@ def test_dispatch_weights_grad_hand():
     np.testing.assert_array_equal(dw[1], [[111, 112], [0, 22], [121, 0]])
 
 
+# ---------------------------------------------------------------- internode
+
+def test_combine_node_tree_hand():
+    # One token of rank 0 reaches all 4 ranks (one expert each): rows 1, 2^-8, 2^-8, 0.
+    # Plain: 1 + 2^-8 + 2^-8 = 1 + 2^-7 (a bf16). Nodes of 2: node 0's partial
+    # 1 + 2^-8 rounds (tie, to even) to 1 in bf16; + 2^-8 = 1 + 2^-8 -> 1.
+    idx = [np.array([[0, 1, 2, 3]], np.int32)] + [np.full((1, 4), -1, np.int32)] * 3
+    vals = [1.0, 2.0 ** -8, 2.0 ** -8, 0.0]
+    ys = [np.full((4, H), v, np.float32).astype(BF16) for v in vals]
+    assert oracle.combine(ys, idx, 4)[0][0, 0] == BF16(1 + 2.0 ** -7)
+    assert oracle.combine(ys, idx, 4, ranks_per_node=2)[0][0, 0] == BF16(1.0)
+    for g in (1, 4):  # one row per node, or one node: the plain order
+        assert oracle.combine(ys, idx, 4, ranks_per_node=g)[0][0, 0] == BF16(1 + 2.0 ** -7)
+    # float32: the partials are not rounded, only the order changes
+    ys32 = [y.astype(np.float32) for y in ys]
+    assert oracle.combine(ys32, idx, 4, ranks_per_node=2)[0][0, 0] == np.float32(1 + 2.0 ** -7)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        oracle.combine(ys, idx, 4, ranks_per_node=3)
+
+
+def test_dispatch_weights_grad_node_tree_equals_plain():
+    ct = [np.array([[100 * r + 10 * row + k + 1 for k in range(K)] for row in range(6)],
+                   np.float32) for r in range(R)]
+    for capacity in (None, 3):
+        plain = oracle.dispatch_weights_grad(ct, IDX, E, capacity)
+        tree = oracle.dispatch_weights_grad(ct, IDX, E, capacity, ranks_per_node=1)
+        for p, t in zip(plain, tree):
+            np.testing.assert_array_equal(p, t)
+
+
+def test_internode_traffic_hand():
+    # R = 4 ranks in 2 nodes of 2, E = 8 (expert e on rank e // 2). Rank 0 (node 0):
+    # t0 -> ranks 0, 2; t1 -> ranks 2, 3; t2 -> rank 1; t3 (9 invalid) -> rank 3;
+    # t4 -> rank 2 (two of its experts). Rank 2 (node 1) sends the same rows
+    # reversed; rank 3's ids % 4 live on node 0 only (its t0 names expert 0 twice).
+    idx0 = np.array([[0, 4], [4, 6], [-1, 2], [9, 7], [4, 5]], np.int32)
+    idx = [idx0, np.full((5, 2), -1, np.int32), idx0[::-1].copy(), idx0 % 4]
+    got = oracle.internode_traffic(idx, 8, 2)
+    want = [([0, 4], [0, 5]), ([0, 0], [0, 0]), ([2, 0], [2, 0]), ([5, 0], [7, 0])]
+    for t, (node_rows, rank_rows) in zip(got, want):
+        np.testing.assert_array_equal(t["node_rows"], node_rows)
+        np.testing.assert_array_equal(t["rank_rows"], rank_rows)
+
+
+def test_internode_traffic_properties():
+    xs, idxs, ws = oracle.make_inputs(3, 8, 20, 16, 32, 4, none_prob=0.1, invalid_prob=0.1,
+                                      duplicate_prob=0.2)
+    send_rows = [e["send_rows"] for e in oracle.dispatch(xs, idxs, ws, 32)]
+    for g in (1, 2, 4):
+        got = oracle.internode_traffic(idxs, 32, g)
+        for s, t in enumerate(got):
+            other = np.arange(8) // g != s // g
+            sent = send_rows[s] >= 0  # default capacity: nothing dropped
+            assert t["rank_rows"].sum() == np.count_nonzero(sent[:, other])
+            assert np.all(t["node_rows"] <= t["rank_rows"])
+            assert t["node_rows"].sum() == sum(
+                np.count_nonzero(np.any(sent[:, (np.arange(8) // g) == n], axis=1))
+                for n in range(8 // g) if n != s // g)
+    assert all(t["node_rows"].sum() == 0 for t in oracle.internode_traffic(idxs, 32, 8))
+
+
 # ---------------------------------------------------------------- FP8
 
 def test_fp8_quantize_hand():

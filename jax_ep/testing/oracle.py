@@ -23,6 +23,10 @@ Conventions the oracle fixes (the contract leaves them to the implementer):
   multiply-add); GPU kernels that fuse may differ in the last bit.
 * ``num_recv_tokens_per_expert`` counts k entries: a token that lists the
   same expert twice counts twice there (it is still sent once).
+* Internode (``ranks_per_node=G``, design §2.16): ranks ``n * G .. n * G + G - 1``
+  form node ``n``; normal-mode combine sums within each node in rank order
+  (float32 from 0.0), rounds each node's partial to the output dtype, then
+  sums the partials in node order (float32 from 0.0) and casts.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "dispatch",
     "combine",
     "dispatch_weights_grad",
+    "internode_traffic",
     "fp8_quantize",
     "fp8_dequantize",
     "low_latency_dispatch",
@@ -312,7 +317,18 @@ def dispatch(xs, topk_idxs, topk_weights, num_experts: int, capacity=None):
     return out
 
 
-def combine(ys, topk_idxs, num_experts: int, capacity=None):
+def _node_size(num_ranks: int, ranks_per_node):
+    """G when the ranks form N = R / G > 1 nodes, else None (plain rank order)."""
+    if ranks_per_node is None:
+        return None
+    g = int(ranks_per_node)
+    if g <= 0 or num_ranks % g:
+        raise ValueError(f"ranks_per_node ({ranks_per_node}) must be a positive divisor "
+                         f"of the number of ranks ({num_ranks})")
+    return None if g == num_ranks else g
+
+
+def combine(ys, topk_idxs, num_experts: int, capacity=None, ranks_per_node=None):
     """Expected normal-mode combine.
 
     ``ys[r]`` is ``[capacity, H]``.  ``out[s][t]`` = the sum over destination
@@ -320,6 +336,12 @@ def combine(ys, topk_idxs, num_experts: int, capacity=None):
     ``ys[r][row of t on r]``, accumulated in float32 from 0.0 and cast to
     ``ys``' dtype.  Tokens sent nowhere (or dropped everywhere) get zeros.
     This is also the transpose of dispatch in ``x``.
+
+    With ``ranks_per_node=G`` (N = R / G > 1 nodes) the sum is a tree: for
+    each node ``n`` in order, the rows of its ranks ``n * G + g`` are summed
+    in rank order in float32 from 0.0 and the node's partial is rounded to
+    ``ys``' dtype; the partials are summed in node order in float32 from 0.0
+    and the result cast.  With one node it is the plain sum above.
     """
     lay = _normal_layout(topk_idxs, num_experts, capacity)
     R, T = lay.ids.R, lay.ids.T
@@ -333,25 +355,48 @@ def combine(ys, topk_idxs, num_experts: int, capacity=None):
             raise ValueError(
                 f"rank {r}: y is {y.shape} {y.dtype}, expected "
                 f"({lay.capacity}, {H}) {dtype}")
-    acc = np.zeros((R, T, H), dtype=np.float32)
-    for r in range(R):   # rank order: the accumulation order of the contract
-        src, tok = lay.recv_src[r], lay.recv_tok[r]
-        # (src, tok) pairs are distinct within one receiver
-        acc[src, tok] = acc[src, tok] + ys[r][:len(src)].astype(np.float32)
-    return [acc[s].astype(dtype) for s in range(R)]
+    G = _node_size(R, ranks_per_node)
+    if G is None:
+        acc = np.zeros((R, T, H), dtype=np.float32)
+        for r in range(R):   # rank order: the accumulation order of the contract
+            src, tok = lay.recv_src[r], lay.recv_tok[r]
+            # (src, tok) pairs are distinct within one receiver
+            acc[src, tok] = acc[src, tok] + ys[r][:len(src)].astype(np.float32)
+        return [acc[s].astype(dtype) for s in range(R)]
+    out = [np.zeros((T, H), dtype=np.float32) for _ in range(R)]
+    with np.errstate(over="ignore"):  # a float16 partial may round to inf, as specified
+        for s in range(R):
+            for t in range(T):
+                for n in range(R // G):
+                    partial = np.zeros(H, dtype=np.float32)
+                    for r in range(n * G, (n + 1) * G):
+                        row = lay.send_rows[s][t, r]
+                        if row >= 0:
+                            partial = partial + ys[r][row].astype(np.float32)
+                    # what crosses the inter-node link: the partial in ys' dtype
+                    out[s][t] = out[s][t] + partial.astype(dtype).astype(np.float32)
+        return [o.astype(dtype) for o in out]
 
 
 def dispatch_weights_grad(ct_recv_ws, topk_idxs, num_experts: int,
-                          capacity=None):
+                          capacity=None, ranks_per_node=None):
     """Transpose of dispatch's map ``topk_weights -> recv_topk_weights``.
 
     ``dw[s][t, k] = ct_recv_ws[r][row of t on r, k]`` where ``r`` owns the
     valid expert ``topk_idx[s][t, k]`` and kept the token; else 0.
     Returns float32 ``[T, K]`` per rank.
+
+    With ``ranks_per_node=G`` (N > 1 nodes) it is the float32 node tree of
+    ``combine``: every rank that kept the token adds its entry (the owner's
+    cotangent, 0.0 elsewhere) within its node in rank order from 0.0, then
+    the node partials (float32, so not rounded) add in node order from 0.0.
     """
     lay = _normal_layout(topk_idxs, num_experts, capacity)
     I = lay.ids
     cts = [np.asarray(c, dtype=np.float32) for c in ct_recv_ws]
+    G = _node_size(I.R, ranks_per_node)
+    if G is not None:
+        return _weights_grad_tree(cts, lay, G)
     out = []
     for s in range(I.R):
         dw = np.zeros((I.T, I.K), dtype=np.float32)
@@ -364,6 +409,63 @@ def dispatch_weights_grad(ct_recv_ws, topk_idxs, num_experts: int,
                 if row >= 0:
                     dw[t, k] = cts[r][row, k]
         out.append(dw)
+    return out
+
+
+def _weights_grad_tree(cts, lay: _NormalLayout, G: int):
+    I = lay.ids
+    out = []
+    for s in range(I.R):
+        dw = np.zeros((I.T, I.K), dtype=np.float32)
+        for t in range(I.T):
+            for k in range(I.K):
+                total = np.float32(0)
+                for n in range(I.R // G):
+                    partial = np.float32(0)
+                    for r in range(n * G, (n + 1) * G):
+                        row = lay.send_rows[s][t, r]
+                        if row < 0:
+                            continue
+                        own = I.owner[s][t, k] == r
+                        partial = np.float32(partial + (cts[r][row, k] if own else 0))
+                    total = np.float32(total + partial)
+                dw[t, k] = total
+        out.append(dw)
+    return out
+
+
+def internode_traffic(topk_idxs, num_experts: int, ranks_per_node: int):
+    """Rows each source rank sends over the inter-node link, per destination node.
+
+    Returns a list (per source rank ``s`` on node ``n_s``) of dicts of int64
+    ``[N]`` arrays, zero at ``n_s`` (what stays in the node never crosses):
+
+    * ``node_rows[n]``: tokens of ``s`` with a valid expert on some rank of
+      node ``n`` -- each crosses once per node and is forwarded inside it;
+    * ``rank_rows[n]``: (token, rank of node ``n``) pairs with a valid expert
+      of the token on that rank -- what a scheme without once-per-node
+      forwarding sends to other nodes' ranks.
+
+    Counts are before capacity drops; multiply by the row bytes for bytes.
+    """
+    I = _prepare_ids(topk_idxs, num_experts)
+    G = int(ranks_per_node)
+    if G <= 0 or I.R % G:
+        raise ValueError(f"ranks_per_node ({ranks_per_node}) must be a positive divisor "
+                         f"of the number of ranks ({I.R})")
+    N = I.R // G
+    out = []
+    for s in range(I.R):
+        node_rows = np.zeros(N, dtype=np.int64)
+        rank_rows = np.zeros(N, dtype=np.int64)
+        for n in range(N):
+            if n == s // G:
+                continue
+            on_rank = np.stack([np.any(I.owner[s] == r, axis=1)
+                                for r in range(n * G, (n + 1) * G)], axis=1)  # [T, G]
+            node_rows[n] = np.count_nonzero(np.any(on_rank, axis=1))
+            rank_rows[n] = np.count_nonzero(on_rank)
+        out.append(dict(node_rows=node_rows, rank_rows=rank_rows))
     return out
 
 
