@@ -31,6 +31,7 @@
 
 #include "ffi/handlers/cuda_handlers.h"
 #include "ffi/handlers/ffi_helpers.h"
+#include "ffi/handlers/payloads.h"
 #include "ffi/kernels/intranode/intranode.h"
 #include "ffi/runtime/intranode_runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -41,94 +42,17 @@ namespace {
 
 using namespace jax_ep::ffi_util;  // Dims, Str, ToElemType, AcquireComm, LaunchStatus, ...
 
-// Bytes per element, or 0 for types whose elements are not whole bytes.
-size_t ElementBytes(ffi::DataType dtype) {
-  switch (dtype) {
-    case ffi::DataType::S1:
-    case ffi::DataType::S2:
-    case ffi::DataType::S4:
-    case ffi::DataType::U1:
-    case ffi::DataType::U2:
-    case ffi::DataType::U4:
-    case ffi::DataType::F4E2M1FN:
-    case ffi::DataType::TOKEN:
-    case ffi::DataType::INVALID:
-      return 0;
-    default:
-      return ffi::ByteWidth(dtype);
-  }
-}
-
-ffi::Error CheckMatrix(const std::string& where, const char* name, ffi::Span<const int64_t> dims,
-                       int64_t rows, int64_t cols) {
-  if (dims.size() != 2 || dims[0] != rows || dims[1] != cols) {
-    return ffi::Error::InvalidArgument(where + name + " must have shape [" + Str(rows) + ", " +
-                                       Str(cols) + "] (EP size " + Str(cols) + "), got " +
-                                       Dims(dims));
-  }
-  return ffi::Error::Success();
-}
-
-// Shared by the dispatch handlers: fills args.parts from the payloads and the
-// receive results (N each), checking their shapes against T and capacity.
+// Fills args.parts from the payloads and the receive results (payloads.h).
 ffi::Error CollectParts(const std::string& where, const ffi::RemainingArgs& payloads,
                         const ffi::RemainingRets& recvs, int64_t num_tokens, int64_t capacity,
                         jax_ep::IntranodeDispatchArgs* args, std::vector<int64_t>* row_bytes) {
-  const size_t n = payloads.size();
-  if (recvs.size() != n) {
-    return ffi::Error::InvalidArgument(where + "got " + Str(static_cast<int64_t>(n)) +
-                                       " payload operands but " +
-                                       Str(static_cast<int64_t>(recvs.size())) +
-                                       " receive results; they must match one to one");
-  }
-  if (n > static_cast<size_t>(jax_ep::kIntranodeMaxParts)) {
-    return ffi::Error::InvalidArgument(where + "at most " + Str(jax_ep::kIntranodeMaxParts) +
-                                       " payload arrays per call, got " +
-                                       Str(static_cast<int64_t>(n)));
-  }
-  args->num_parts = static_cast<int32_t>(n);
-  for (size_t i = 0; i < n; ++i) {
-    const std::string name = "payload " + Str(static_cast<int64_t>(i));
-    auto in = payloads.get<ffi::AnyBuffer>(i);
-    if (!in.has_value()) return ffi::Error::InvalidArgument(where + name + ": " + in.error().message());
-    auto out = recvs.get<ffi::AnyBuffer>(i);
-    if (!out.has_value()) {
-      return ffi::Error::InvalidArgument(where + "result for " + name + ": " + out.error().message());
-    }
-    const ffi::AnyBuffer src = in.value();
-    ffi::AnyBuffer dst = *out.value();
-    const auto src_dims = src.dimensions();
-    const auto dst_dims = dst.dimensions();
-    if (src_dims.size() < 1 || src_dims[0] != num_tokens) {
-      return ffi::Error::InvalidArgument(where + name + " must have shape [T=" + Str(num_tokens) +
-                                         ", ...] like slot, got " + Dims(src_dims));
-    }
-    if (dst.element_type() != src.element_type()) {
-      return ffi::Error::InvalidArgument(where + "the result for " + name +
-                                         " must have the payload's dtype");
-    }
-    bool same_row = dst_dims.size() == src_dims.size() && dst_dims[0] == capacity;
-    int64_t elems = 1;
-    for (size_t d = 1; d < src_dims.size(); ++d) {
-      elems *= src_dims[d];
-      if (same_row && dst_dims[d] != src_dims[d]) same_row = false;
-    }
-    if (!same_row) {
-      return ffi::Error::InvalidArgument(where + "the result for " + name + " must have shape [" +
-                                         "capacity=" + Str(capacity) + ", <payload row shape>], "
-                                         "payload " + Dims(src_dims) + ", result " +
-                                         Dims(dst_dims));
-    }
-    const size_t width = ElementBytes(src.element_type());
-    if (width == 0) {
-      return ffi::Error::InvalidArgument(where + name +
-                                         ": sub-byte and token dtypes are not supported");
-    }
-    jax_ep::IntranodePart& part = args->parts[i];
-    part.src = src.untyped_data();
-    part.dst = dst.untyped_data();
-    part.row_bytes = elems * static_cast<int64_t>(width);
-    row_bytes->push_back(part.row_bytes);
+  std::vector<Payload> found;
+  JAX_EP_RETURN_IF_ERROR(CollectPayloads(where, payloads, recvs, num_tokens, capacity,
+                                         jax_ep::kIntranodeMaxParts, &found));
+  args->num_parts = static_cast<int32_t>(found.size());
+  for (size_t i = 0; i < found.size(); ++i) {
+    args->parts[i] = jax_ep::IntranodePart{found[i].src, found[i].dst, found[i].row_bytes};
+    row_bytes->push_back(found[i].row_bytes);
   }
   return ffi::Error::Success();
 }

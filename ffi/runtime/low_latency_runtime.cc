@@ -280,6 +280,7 @@ LLInfo InfoLocked(const Registry& reg, const std::optional<NvshmemPe>& pe) {
     info.stream_combine = EffectiveStreamCombine(ctx, info.gpu_scope);
     info.system_scope = ctx.options.system_scope;
     info.phase_trace = ctx.options.phase_trace;
+    info.ranks_per_node = ctx.options.ranks_per_node;
     info.layout = ctx.layout;
   }
   return info;
@@ -324,12 +325,15 @@ uint8_t* AllocRegion(const std::string& where, size_t bytes) {
   return static_cast<uint8_t*>(region);
 }
 
-// nvshmem_ptr of the region on every PE (nullptr: reached by puts; my own
-// is always the region) and the PEs sharing this GPU by NVSHMEM's team.
+// nvshmem_ptr of the region on every PE (nullptr: reached by puts, also every
+// PE of another node when ranks_per_node groups them; my own is always the
+// region) and the PEs sharing this GPU by NVSHMEM's team.
 void MapPeers(LLContext* ctx) {
+  const int per_node = ctx->options.ranks_per_node;
   ctx->peers.assign(ctx->num_ranks, nullptr);
   for (int r = 0; r < ctx->num_ranks; ++r) {
-    ctx->peers[r] = static_cast<uint8_t*>(nvshmem_ptr(ctx->region, r));
+    const bool other_node = per_node > 0 && r / per_node != ctx->rank / per_node;
+    ctx->peers[r] = other_node ? nullptr : static_cast<uint8_t*>(nvshmem_ptr(ctx->region, r));
     if (ctx->peers[r] == nullptr) ++ctx->unmapped_peers;
   }
   if (ctx->peers[ctx->rank] == nullptr) ctx->peers[ctx->rank] = ctx->region;

@@ -29,6 +29,10 @@ size_t LLRegionBytes(int num_ranks, int64_t max_tokens, int64_t hidden, int64_t 
 
 // Switches fixed at allocation (nvshmem_ll_alloc's keyword arguments).
 struct LLAllocOptions {
+  // PEs in groups of this many consecutive ranks form nodes: peers of another
+  // node are reached by NVSHMEM puts even where nvshmem_ptr maps them (virtual
+  // nodes on one host). 0: no grouping (every mapped peer by stores).
+  int ranks_per_node = 0;
   bool system_scope = false;     // system-scope flags and fences even with every PE on this GPU
   bool dependent_launch = true;  // launch the kernels with programmatic dependent launch
   bool streamed_combine = true;  // the fused combine streams where it can (else the plain kernel)
@@ -48,6 +52,7 @@ struct LLInfo {
   bool stream_combine = false;  // the fused combine runs streamed (several PEs, GPU scope)
   bool system_scope = false;    // LLAllocOptions::system_scope as given
   std::string phase_trace;      // LLAllocOptions::phase_trace as given
+  int ranks_per_node = 0;       // LLAllocOptions::ranks_per_node as given
   double timeout_s = 0;
   LLLayout layout;
 };
