@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _backend, _checks, _inflight, _reference, cuda
+from . import _backend, _checks, _inflight, _reference, _topology, cuda
 from ._handles import DispatchHandle, LowLatencyHandle
 
 
@@ -34,6 +34,7 @@ class _Config:
     backend: str | None
     use_fp8: bool = False
     zero_padding: bool = True  # low-latency dispatch: zero the rows past recv_count
+    ranks_per_node: int | None = None  # normal mode: G when the EP axis is N > 1 nodes
 
 
 # --------------------------------------------------------------------------
@@ -71,16 +72,30 @@ def get_dispatch_layout(topk_idx, *, num_experts, num_ranks, backend=None):
 # --------------------------------------------------------------------------
 
 
+def _node_backend(backend, op, ranks_per_node):
+    """The backend for an op under a node grouping (N > 1 nodes): the CUDA internode
+    kernels where initialize set them up; else "auto" takes the reference (the
+    intranode kernels would sum in plain rank order) and "cuda" refuses."""
+    if ranks_per_node is None or cuda.internode.ready():
+        return backend
+    if (backend if backend is not None else _backend.default_backend()) == "cuda":
+        raise NotImplementedError(
+            f"jax_ep.{op}: backend='cuda' runs the node tree of initialize(ranks_per_node="
+            f"{ranks_per_node}) only with the internode kernels, which are not set up in this "
+            f"process ({cuda.internode.SETUP_HINT}); use backend='reference' or 'auto'.")
+    return "reference"
+
+
 def _dispatch_rows(cfg):
     """The chosen backend's cached dispatch: ([T, ...] parts, handle) -> [capacity, ...]."""
     return _backend.select("dispatch", cfg.backend, _reference.dispatch_rows,
-                           cuda.intranode.dispatch_rows)
+                           cuda.normal.dispatch_rows)
 
 
 def _combine_rows(cfg):
     """The chosen backend's combine: ([capacity, ...] parts, handle) -> [T, ...]."""
     return _backend.select("combine", cfg.backend, _reference.combine_rows,
-                           cuda.intranode.combine_rows)
+                           cuda.normal.combine_rows)
 
 
 def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None,
@@ -105,6 +120,8 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None
       Rows are ordered by source rank, then source token; rows past
       handle.num_recv_tokens are zero / -1 / 0; rows past capacity are dropped
       (counted in handle.num_dropped_tokens) and contribute zero in combine.
+      Under initialize(ranks_per_node=G) with R / G > 1 nodes the handle
+      records G, and its combine (this op's VJP too) follows the node tree.
     """
     op = "dispatch"
     num_ranks = _checks.axis_size(axis_name, op)
@@ -114,7 +131,9 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None
     idx = _checks.topk_idx(topk_idx, num_tokens, num_experts, op)
     w = _checks.topk_weights(topk_weights, idx.shape, op)
     cap = _checks.capacity(capacity, num_ranks, num_tokens, op)
-    cfg = _Config(num_experts, axis_name, cap, backend)
+    ranks_per_node = _topology.ranks_per_node(num_ranks, op)
+    cfg = _Config(num_experts, axis_name, cap, _node_backend(backend, op, ranks_per_node),
+                  ranks_per_node=ranks_per_node)
     recv_parts, recv_idx, recv_w, handle = _dispatch(tuple(parts), idx, w, cfg)
     recv_x = tuple(recv_parts) if is_fp8 else recv_parts[0]
     return recv_x, recv_idx, recv_w, handle
@@ -123,8 +142,9 @@ def dispatch(x, topk_idx, topk_weights, *, num_experts, axis_name, capacity=None
 def _dispatch_impl(parts, idx, w, cfg):
     kw = dict(num_experts=cfg.num_experts, axis_name=cfg.axis_name, capacity=cfg.size)
     fn = _backend.select("dispatch", cfg.backend,
-                         functools.partial(_reference.dispatch, **kw),
-                         functools.partial(cuda.intranode.dispatch, **kw))
+                         functools.partial(_reference.dispatch, **kw,
+                                           ranks_per_node=cfg.ranks_per_node),
+                         functools.partial(cuda.normal.dispatch, **kw))
     return fn(list(parts), idx, w)
 
 
@@ -160,14 +180,19 @@ def combine(y, handle, *, backend=None):
     Returns:
       [T, H] in y's dtype: out[t] = sum over the ranks r that received t of
       y_r[row of t on r], accumulated in float32 in rank order (unweighted:
-      weight and reduce local experts before combine).
+      weight and reduce local experts before combine). When the handle
+      records several nodes (handle.ranks_per_node), the rows are summed in
+      float32 within each node in rank order, each node's partial is rounded
+      to y's dtype, and the partials are summed in float32 in node order
+      (docs/design.md §2.16).
     """
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"jax_ep.combine: handle must be the DispatchHandle returned by "
                         f"jax_ep.dispatch, got {type(handle).__name__}.")
     _checks.axis_size(handle.axis_name, "combine")
     _checks.combine_y(y, (handle.capacity,), "combine", "capacity rows of the dispatch")
-    cfg = _Config(handle.num_experts, handle.axis_name, handle.capacity, backend)
+    cfg = _Config(handle.num_experts, handle.axis_name, handle.capacity,
+                  _node_backend(backend, "combine", handle.ranks_per_node))
     return _combine(y, handle, cfg)
 
 

@@ -4,6 +4,8 @@
 - `errors`      jax_ep's timeout / disagreement message in JAX's runtime errors
 - `layout`      get_dispatch_layout / route kernels (local, no setup)
 - `intranode`   dispatch / combine over NVLink peer pointers (CUDA IPC)
+- `internode`   dispatch / combine across nodes (NVSHMEM puts + NVLink forwarding)
+- `normal`      picks internode or intranode for dispatch / combine
 - `low_latency` decode dispatch / combine over NVSHMEM
 - `nvshmem`     NVSHMEM bootstrap / teardown
 
@@ -13,13 +15,13 @@ says whether the op can run on this backend now and, if not, what to do.
 
 from __future__ import annotations
 
-from . import errors, extension, intranode, layout, low_latency, nvshmem
+from . import errors, extension, internode, intranode, layout, low_latency, normal, nvshmem
 
 # public op -> the mode module whose backend functions implement it
 MODES = {
     "get_dispatch_layout": layout,
-    "dispatch": intranode,
-    "combine": intranode,
+    "dispatch": normal,
+    "combine": normal,
     "low_latency_dispatch": low_latency,
     "low_latency_combine": low_latency,
 }
@@ -50,5 +52,5 @@ def why_unavailable(op) -> str | None:
     return None
 
 
-__all__ = ["MODES", "errors", "extension", "intranode", "layout", "low_latency", "needs_runtime",
-           "nvshmem", "supported_ops", "why_unavailable"]
+__all__ = ["MODES", "errors", "extension", "internode", "intranode", "layout", "low_latency",
+           "needs_runtime", "normal", "nvshmem", "supported_ops", "why_unavailable"]

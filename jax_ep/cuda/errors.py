@@ -24,8 +24,9 @@ _installed = False
 def recorded_message() -> str | None:
     """The first timeout / disagreement message of this process's kernels, if any."""
     for module, read in ((extension._cuda_module(), "last_error"),
-                         (extension._nvshmem_module(), "ll_last_error")):
-        if module is not None:
+                         (extension._nvshmem_module(), "ll_last_error"),
+                         (extension._nvshmem_module(), "internode_last_error")):
+        if module is not None and hasattr(module, read):
             message = getattr(module, read)()
             if message:
                 return message

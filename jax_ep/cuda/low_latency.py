@@ -77,14 +77,26 @@ def ready() -> bool:
 # --------------------------------------------------------------------------
 
 
+def region_bytes(num_ranks, max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
+                 send_buffer=True) -> int:
+    """Symmetric-heap bytes the region takes, with NVSHMEM's headroom (for a mode that
+    initializes NVSHMEM first and must leave room for this one)."""
+    return int(extension.nvshmem_module().nvshmem_ll_region_bytes(
+        num_ranks, max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
+        bool(send_buffer))) + _HEAP_HEADROOM
+
+
 def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, itemsize,
-          options, timeout_s, num_blocks=0, send_buffer=None):
+          options, timeout_s, num_blocks=0, send_buffer=None, ranks_per_node=None):
     """Bootstrap NVSHMEM and allocate the region (collective). Returns `info()`.
 
     Every step ends in an agreement across the processes (`_agreement.agree`),
     so a failure on one PE raises on all instead of leaving the others in a
-    collective. send_buffer: allocate the staging rows NVSHMEM puts need.
-    Default: when the PEs span several hosts or options.force_put is on.
+    collective. ranks_per_node: the node map (initialize's); peers on another
+    node are reached by NVSHMEM puts, peers on this node by stores. None: the
+    peers NVSHMEM maps are reached by stores. send_buffer: allocate the
+    staging rows NVSHMEM puts need. Default: when the PEs span several hosts
+    or nodes, or options.force_put is on.
     """
     global _groups
     mod = extension.nvshmem_module()
@@ -94,8 +106,9 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
         mesh, "locating the NVSHMEM PEs",
         lambda: nvshmem.locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix),
         timeout_s=timeout_s)
+    grouped = ranks_per_node is not None and ranks_per_node < pes.num_ranks
     if send_buffer is None:
-        send_buffer = options.force_put or not pes.single_host
+        send_buffer = options.force_put or not pes.single_host or grouped
     heap = mod.nvshmem_ll_region_bytes(pes.num_ranks, max_tokens_per_rank, hidden, num_experts,
                                        top_k, itemsize, bool(send_buffer)) + _HEAP_HEADROOM
     _agreement.step(
@@ -110,7 +123,8 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
                              bool(send_buffer), system_scope=options.system_scope,
                              dependent_launch=options.dependent_launch,
                              streamed_combine=options.streamed_combine,
-                             phase_trace=options.phase_trace or "")
+                             phase_trace=options.phase_trace or "",
+                             ranks_per_node=int(ranks_per_node) if grouped else 0)
         _check_coresident(num_blocks)
 
     # The allocation ends in an NVSHMEM barrier; the agreement after it also

@@ -1,6 +1,6 @@
 """NVSHMEM bootstrap and teardown: one PE per process, PE index = EP rank.
 
-Used by the low-latency mode (and, later, the internode mode):
+Used by the low-latency and the internode modes:
 
 1. `locate`: NVSHMEM binds one PE to one GPU, so the EP axis must span the
    whole mesh and each process must own exactly one of its devices. Every PE
@@ -44,26 +44,27 @@ class PeGroup:
     ranks_on_device: int    # PEs sharing this PE's GPU (MPS), for the grid size
 
 
-def locate(mesh, axis_name, *, timeout_s, prefix) -> PeGroup:
-    """This process's PE of the EP axis (checks the one-PE-per-process rule)."""
+def locate(mesh, axis_name, *, timeout_s, prefix, mode="low-latency") -> PeGroup:
+    """This process's PE of the EP axis (checks the one-PE-per-process rule; `mode` names
+    the mode in the messages)."""
     mod = extension.nvshmem_module()
     groups = ep_groups(mesh, axis_name)
     if groups.shape[0] != 1:
-        raise ValueError("jax_ep low-latency mode: NVSHMEM forms one EP group; the EP axis "
+        raise ValueError(f"jax_ep {mode} mode: NVSHMEM forms one EP group; the EP axis "
                          f"{axis_name!r} must span the whole mesh (other axes of size 1).")
     ranks = list(groups[0])
     nranks = len(ranks)
     if nranks > mod.ll_max_ranks():
-        raise ValueError(f"jax_ep low-latency mode: at most {mod.ll_max_ranks()} PEs, the EP "
+        raise ValueError(f"jax_ep {mode} mode: at most {mod.ll_max_ranks()} PEs, the EP "
                          f"axis {axis_name!r} has {nranks}.")
     me = jax.process_index()
     local = [r for r, d in enumerate(ranks) if d.process_index == me]
     if len(local) != 1:
-        raise ValueError("jax_ep low-latency mode: NVSHMEM has one PE per process, so each "
+        raise ValueError(f"jax_ep {mode} mode: NVSHMEM has one PE per process, so each "
                          f"process must own exactly one device of the EP axis; process {me} "
                          f"owns {len(local)}.")
     if len({d.process_index for d in ranks}) != nranks:
-        raise ValueError("jax_ep low-latency mode: every EP rank must be its own process.")
+        raise ValueError(f"jax_ep {mode} mode: every EP rank must be its own process.")
     rank = local[0]
     device = ranks[rank]
     where = f"{socket.gethostname()}|{mod.cuda_pci_bus_id(device.local_hardware_id)}"

@@ -1,5 +1,6 @@
-"""Checks of the CUDA backend that run in each EP rank's process (or in place for
-one rank). Each process regenerates every rank's inputs from a seed and checks
+"""Checks of the CUDA backend's dispatch / combine that run in each EP rank's
+process (or in place for one rank): the intranode kernels, or with
+ranks_per_node the internode ones on virtual nodes. Each process regenerates every rank's inputs from a seed and checks
 its own ranks' outputs against the numpy oracle; no XLA collective runs, since
 processes sharing one GPU cannot use NCCL. Nothing here touches JAX at import.
 """
@@ -13,7 +14,7 @@ from silent_peer import run_without_peer
 T, H, K, E = 64, 256, 4, 32
 
 
-def _env(capacity_rows=None):
+def _env(ranks_per_node=None):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -22,7 +23,7 @@ def _env(capacity_rows=None):
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
     jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=T, hidden=H,
-                      top_k=K, dtype="float32", timeout_s=30)
+                      top_k=K, dtype="float32", timeout_s=30, ranks_per_node=ranks_per_node)
     sharding = NamedSharding(mesh, P("ep"))
     me = jax.process_index()
     mine = [r for r, d in enumerate(mesh.devices.flat) if d.process_index == me]
@@ -60,8 +61,21 @@ def _same_bits(a, b, what):
     np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=what)
 
 
-def dispatch_combine(seed="0"):
-    """Every dtype, overflow, invalid ids, determinism, changing routing, gradients."""
+def _hot_expert(idxs, hot=3, share=0.7, seed=0):
+    """Skewed routing: most tokens name expert `hot` first (duplicates allowed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for idx in idxs:
+        idx = idx.copy()
+        idx[rng.random(idx.shape[0]) < share, 0] = hot
+        out.append(idx)
+    return out
+
+
+def dispatch_combine(seed="0", ranks_per_node="0"):
+    """Every dtype, overflow, invalid ids, duplicates, a hot expert, determinism,
+    changing routing, gradients. ranks_per_node > 0: the internode kernels on
+    virtual nodes of that many ranks (combine sums in the node tree)."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
@@ -70,7 +84,10 @@ def dispatch_combine(seed="0"):
     import jax_ep
     from jax_ep.testing import oracle
 
-    n, mesh, put, local, mine = _env()
+    G = int(ranks_per_node) or None
+    n, mesh, put, local, mine = _env(G)
+    internode = jax_ep.runtime_info()["internode"] is not None
+    assert internode == (G is not None and G < n), (G, n, jax_ep.runtime_info())
     spec = P("ep")
     checked = []
 
@@ -104,7 +121,7 @@ def dispatch_combine(seed="0"):
             rx = e["recv_x"]
             y = oracle.fp8_dequantize(*rx) if isinstance(rx, tuple) else rx.astype(np.float32)
             ys.append((y * 0.5).astype(ml_dtypes.bfloat16 if isinstance(rx, tuple) else rx.dtype))
-        exp_comb = oracle.combine(ys, idxs, E, capacity)
+        exp_comb = oracle.combine(ys, idxs, E, capacity, ranks_per_node=G)
         rx, ri, rw, counts, per_exp, comb = got
         for r in mine:
             pick = lambda o: tuple(p[r] for p in o) if isinstance(o, tuple) else o[r]
@@ -132,6 +149,8 @@ def dispatch_combine(seed="0"):
                                       invalid_prob=0.1, none_prob=0.1, duplicate_prob=0.2)
     check(xs, idxs, ws, None, "invalid ids")
     check(xs, idxs, ws, max(1, (n * T) // 3), "overflow")
+    check(xs, _hot_expert(idxs, seed=s), ws, None, "hot expert")
+    check(xs, _hot_expert(idxs, seed=s), ws, max(1, T // 2), "hot expert, overflow")
     for call in range(3):  # same shapes, new routing: no stale state between calls
         xs, idxs, ws = oracle.make_inputs(s + 10 + call, n, T, H, E, K, dtype=ml_dtypes.bfloat16,
                                           none_prob=0.3 * call)
@@ -159,11 +178,11 @@ def dispatch_combine(seed="0"):
     zeros = lambda shape: put([np.zeros(shape, np.float32)] * n)
     x_g, idx_g, w_g = put(xs), put(idxs), put(ws)
     dx, dw = grads(x_g, idx_g, w_g, (put(ct_x), put(ct_w), zeros((T, H))))
-    exp_dx = oracle.combine(ct_x, idxs, E, cap)
-    exp_dw = oracle.dispatch_weights_grad(ct_w, idxs, E, cap)
+    exp_dx = oracle.combine(ct_x, idxs, E, cap, ranks_per_node=G)
+    exp_dw = oracle.dispatch_weights_grad(ct_w, idxs, E, cap, ranks_per_node=G)
     dx2, _ = grads(x_g, idx_g, w_g, (zeros((cap, H)), zeros((cap, K)), put(ct_out)))
     exp_dx2 = oracle.combine([e["recv_x"] for e in oracle.dispatch(ct_out, idxs, ws, E, cap)],
-                             idxs, E, cap)
+                             idxs, E, cap, ranks_per_node=G)
     dx, dw, dx2 = local(dx), local(dw), local(dx2)
     for r in mine:
         _same(dx[r], exp_dx[r], f"grad x rank {r}")
@@ -171,12 +190,13 @@ def dispatch_combine(seed="0"):
         _same(dx2[r], exp_dx2[r], f"grad through combine rank {r}")
     checked.append("gradients")
     jax_ep.shutdown()
-    return {"ranks": n, "checked": checked}
+    return {"ranks": n, "checked": checked, "internode": internode}
 
 
-def one_rank_never_calls(skipper="1", wait_s="20"):
+def one_rank_never_calls(skipper="1", wait_s="20", ranks_per_node="0"):
     """Every rank but `skipper` calls dispatch; they must fail with the timeout
-    message (naming the rank and what it waited for) instead of hanging."""
+    message (naming the rank and what it waited for) instead of hanging.
+    ranks_per_node > 0: the internode kernels (the skipper on another node)."""
     import jax
     from jax.sharding import PartitionSpec as P
 
@@ -186,8 +206,9 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
 
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
+    G = int(ranks_per_node) or None
     jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=T, hidden=H,
-                      top_k=K, dtype="float32", timeout_s=3)
+                      top_k=K, dtype="float32", timeout_s=3, ranks_per_node=G)
     xs, idxs, ws = oracle.make_inputs(0, n, T, H, E, K)
     sharding = jax.NamedSharding(mesh, P("ep"))
     put = lambda per: jax.make_array_from_callback(
@@ -199,5 +220,6 @@ def one_rank_never_calls(skipper="1", wait_s="20"):
         return jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep", backend="cuda")[0]
 
     args = put(xs), put(idxs), put(ws)
-    return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s,
-                            extension.cuda_module().last_error)
+    last_error = (extension.nvshmem_module().internode_last_error if G
+                  else extension.cuda_module().last_error)
+    return run_without_peer(f.lower(*args).compile(), args, skipper, wait_s, last_error)

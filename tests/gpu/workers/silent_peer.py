@@ -31,12 +31,13 @@ def run_without_peer(compiled, args, skipper, wait_s, last_error):
     return {"raised": raised is not None, "message": message, "seconds": time.time() - start}
 
 
-def silent_peer_output(target, gpu_dir):
-    """Launch `target` on 2 processes of the GPU; the first one's output and run time."""
+def silent_peer_output(target, gpu_dir, args=()):
+    """Launch `target(*args)` on 2 processes of the GPU; the first one's output and run time."""
     from jax_ep.testing import LaunchError, launch
 
     try:
-        results = launch(target, 2, platform="gpu", timeout=120, env={"PYTHONPATH": gpu_dir})
+        results = launch(target, 2, platform="gpu", timeout=120, env={"PYTHONPATH": gpu_dir},
+                         args=tuple(args))
     except LaunchError as err:  # the trapped kernel may take the process down
         results = err.results
     return results[0].output, results[0].elapsed
