@@ -50,13 +50,15 @@ def _routing(seed, n, tokens):
     return [p[1] for p in per], [p[2] for p in per]
 
 
-def _inputs(n, mesh, tokens, seed):
-    """x bf16, topk_idx, topk_weights: global arrays sharded over 'ep'."""
+def _inputs(n, mesh, tokens, seed, routing=_routing):
+    """x bf16, topk_idx, topk_weights: global arrays sharded over 'ep'.
+
+    routing(seed, n, tokens) -> (per-rank topk_idx list, per-rank weights list)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    idxs, ws = _routing(seed, n, tokens)
+    idxs, ws = routing(seed, n, tokens)
     put = putter(mesh)
     rng = np.random.default_rng(seed)
     if jax.process_count() == 1:
@@ -69,10 +71,10 @@ def _inputs(n, mesh, tokens, seed):
 
 
 def measure(backend, n, mesh, tokens, iters, seed=0, profile=False, warm_calls=None,
-            kernel_time=False):
+            kernel_time=False, routing=_routing):
     """{op: (seconds, deepep_bytes, hbm_bytes, gpu_seconds)} for the ranks of this
     process; gpu_seconds (kernel time per call from a profile) only with
-    kernel_time, else None."""
+    kernel_time, else None. routing: as in `_inputs` (default: uniform top-K)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -80,7 +82,7 @@ def measure(backend, n, mesh, tokens, iters, seed=0, profile=False, warm_calls=N
     import jax_ep
 
     spec = P("ep")
-    x, idx, w = _inputs(n, mesh, tokens, seed)
+    x, idx, w = _inputs(n, mesh, tokens, seed, routing)
 
     def fp8(v):
         b = v.astype(jnp.float32).reshape(v.shape[0], H // 128, 128)
@@ -204,11 +206,13 @@ def measure_ragged(n, mesh, tokens, iters, seed=0):
     return time_per_call(f, x, idx, iters=iters)
 
 
-def _init(mesh, tokens):
+def _init(mesh, tokens, backend="auto", ranks_per_node=None):
+    """initialize for DeepEP's shapes; ranks_per_node=G selects the internode
+    kernels (N = R / G virtual nodes), None leaves initialize's default."""
     import jax_ep
 
-    jax_ep.initialize(mesh, axis_name="ep", backend="auto", max_tokens_per_rank=tokens,
-                      hidden=H, top_k=K, dtype="bfloat16")
+    jax_ep.initialize(mesh, axis_name="ep", backend=backend, max_tokens_per_rank=tokens,
+                      hidden=H, top_k=K, dtype="bfloat16", ranks_per_node=ranks_per_node)
 
 
 def _vs(base_sec, sec):
