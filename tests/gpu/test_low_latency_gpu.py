@@ -91,6 +91,19 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
         assert res.result["ranks"] == ranks, res.result
 
 
+@pytest.mark.parametrize("ranks, ranks_per_node", [(4, 2), (8, 4)], ids=["2x2", "2x4"])
+def test_public_low_latency_api_on_virtual_nodes(mps, ranks, ranks_per_node):
+    """The node map of initialize(ranks_per_node=): PEs of the other node by puts
+    (through the send buffer), PEs of this node by stores, in one op."""
+    results = run_multiprocess("low_latency_workers:public_api", ranks, platform="gpu",
+                               timeout=500, env={"PYTHONPATH": WORKERS_DIR},
+                               args=("0", "small", str(ranks_per_node)))
+    for res in results:
+        assert res.ok, res.describe()
+        assert "gradients" in res.result["checked"], res.result
+        assert res.result["unmapped"] == ranks - ranks_per_node, res.result
+
+
 # Shapes beyond the small one, each reaching code the small shape does not
 # (SHAPES in workers/low_latency_workers.py):
 #  decode:       hidden 7168, top-8, 128 tokens: several warps share a row (send,

@@ -342,10 +342,11 @@ def one_rank_skips_the_combine(skipper="1", wait_s="20"):
                             extension.nvshmem_module().ll_last_error)
 
 
-def public_api(seed="0", shape="small"):
+def public_api(seed="0", shape="small", ranks_per_node="0"):
     """jax_ep.low_latency_dispatch / low_latency_combine on backend='cuda' (set up by
     jax_ep.initialize(low_latency=True)): outputs, FP8 and the VJPs (small shape
-    only) vs the oracle, at one of SHAPES."""
+    only) vs the oracle, at one of SHAPES. ranks_per_node > 0: virtual nodes, the
+    PEs of other nodes reached by NVSHMEM puts."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
@@ -357,8 +358,11 @@ def public_api(seed="0", shape="small"):
     T, H, K, E, M = SHAPES[shape]
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("ep",))
+    G = int(ranks_per_node) or None
     jax_ep.initialize(mesh, axis_name="ep", backend="cuda", max_tokens_per_rank=M, hidden=H,
-                      top_k=K, dtype="float32", num_experts=E, low_latency=True, timeout_s=30)
+                      top_k=K, dtype="float32", num_experts=E, low_latency=True, timeout_s=30,
+                      ranks_per_node=G)
+    unmapped = jax_ep.runtime_info()["low_latency"]["unmapped_peers"]
     spec = P("ep")
     sharding = NamedSharding(mesh, spec)
     me = jax.process_index()
@@ -433,7 +437,7 @@ def public_api(seed="0", shape="small"):
     checked = ["dispatch", "padding", "combine", "split", "fp8"]
     if shape != "small":
         jax_ep.shutdown()
-        return {"ranks": n, "checked": checked, "shape": [T, H, K, E, M]}
+        return {"ranks": n, "checked": checked, "shape": [T, H, K, E, M], "unmapped": unmapped}
 
     # VJPs, float32.
     xs32 = [np.asarray(x, np.float32) for x in xs]
@@ -463,4 +467,5 @@ def public_api(seed="0", shape="small"):
     np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
                                rtol=1e-4, atol=1e-4, err_msg="dw")
     jax_ep.shutdown()
-    return {"ranks": n, "checked": checked + ["gradients"], "shape": [T, H, K, E, M]}
+    return {"ranks": n, "checked": checked + ["gradients"], "shape": [T, H, K, E, M],
+            "unmapped": unmapped}
