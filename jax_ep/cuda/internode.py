@@ -32,7 +32,7 @@ from jax import lax
 from .. import _agreement, _kvstore
 from .._mesh import check_call_mesh, ep_groups, group_ids
 from .._routing import Routing, handle_from_counts, localize, valid_ids
-from . import errors, extension, layout, nvshmem
+from . import errors, extension, grid, layout, nvshmem
 
 DISPATCH = "jax_ep_internode_dispatch"
 DISPATCH_CACHED = "jax_ep_internode_dispatch_cached"
@@ -178,17 +178,9 @@ def setup(mesh, axis_name, *, ranks_per_node, max_tokens_per_rank, hidden, top_k
 
 
 def _check_coresident(num_blocks):
-    """The forward and receive kernels spin on other ranks' kernels: the grids of every
-    rank sharing the GPU must be resident together."""
-    state = dict(extension.nvshmem_module().internode_info())
-    sharing, blocks, room = (state["ranks_on_device"], state["num_blocks"],
-                             state["max_coresident_blocks"])
-    if sharing * blocks > room:
-        raise ValueError(
-            f"jax_ep.initialize: num_blocks={num_blocks} gives {blocks} internode blocks per "
-            f"kernel for each of the {sharing} ranks on this GPU, but it holds at most {room} "
-            f"blocks of the internode kernels at once; pass num_blocks <= {room // sharing} "
-            f"(or 0 for automatic).")
+    """The forward and receive kernels spin on other ranks' kernels."""
+    grid.check_coresident(dict(extension.nvshmem_module().internode_info()), num_blocks,
+                          kernels="internode")
 
 
 def teardown(mesh=None, *, timeout_s=60.0):

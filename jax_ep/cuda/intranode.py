@@ -32,7 +32,7 @@ from jax import lax
 from .. import _agreement, _kvstore
 from .._mesh import check_call_mesh, ep_coordinates, ep_groups, group_ids
 from .._routing import Routing, handle_from_counts, localize, valid_ids
-from . import errors, extension, layout
+from . import errors, extension, grid, layout
 
 DISPATCH = "jax_ep_intranode_dispatch"
 DISPATCH_CACHED = "jax_ep_intranode_dispatch_cached"
@@ -168,19 +168,11 @@ def setup(mesh, axis_name, *, data_bytes, num_blocks, timeout_s):
 
 
 def _check_coresident(ordinals, num_blocks):
-    """The receive kernels spin: the grids of every rank sharing a GPU must fit on it
-    together, or a rank's blocks wait for a peer whose kernel cannot start."""
+    """The receive kernels spin: a rank's blocks wait for a peer whose kernel must run."""
     mod = extension.cuda_module()
     for o in ordinals:
-        info = mod.comm_info(o)
-        sharing, blocks, room = (info["ranks_on_device"], info["num_blocks"],
-                                 info["max_coresident_blocks"])
-        if sharing * blocks > room:
-            raise ValueError(
-                f"jax_ep.initialize: num_blocks={num_blocks} gives {blocks} blocks per kernel "
-                f"for each of the {sharing} ranks on CUDA device {o}, but the device holds at "
-                f"most {room} blocks of the intranode receive kernels at once; pass "
-                f"num_blocks <= {room // sharing} (or 0 for automatic).")
+        grid.check_coresident(mod.comm_info(o), num_blocks, kernels="intranode receive",
+                              where=f"CUDA device {o}")
 
 
 def _exchange_peers(mesh, scope, coords, num_ranks, local, timeout_s):

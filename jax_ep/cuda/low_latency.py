@@ -34,7 +34,7 @@ from .. import _agreement, _kvstore
 from .._handles import LowLatencyHandle
 from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
-from . import errors, extension, nvshmem
+from . import errors, extension, grid, nvshmem
 
 DISPATCH = "jax_ep_ll_dispatch"
 DISPATCH_SEND = "jax_ep_ll_dispatch_send"
@@ -136,17 +136,8 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
 
 
 def _check_coresident(num_blocks):
-    """A fused low-latency kernel waits for its own blocks and for every peer's: the
-    grids of every PE sharing the GPU must be resident together."""
-    state = info()
-    sharing, blocks, room = (state["ranks_on_device"], state["num_blocks"],
-                             state["max_coresident_blocks"])
-    if sharing * blocks > room:
-        raise ValueError(
-            f"jax_ep.initialize(low_latency=True): num_blocks={num_blocks} gives {blocks} "
-            f"blocks per kernel for each of the {sharing} PEs on this GPU, but it holds at most "
-            f"{room} blocks of the low-latency kernels at once and every one of them must be "
-            f"resident; pass num_blocks <= {room // sharing} (or 0 for automatic).")
+    """A fused low-latency kernel waits for its own blocks and for every peer's."""
+    grid.check_coresident(info(), num_blocks, kernels="low-latency")
 
 
 def teardown(mesh=None, *, timeout_s=60.0):

@@ -3,14 +3,13 @@
 handlers (ffi/handlers/internode.cc) bind them; and the sizes Python computes
 for the region equal the kernels' formula. Needs the NVSHMEM build, not a GPU."""
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_ep._handles import DispatchHandle
+from lowering import custom_call, lower_for_cuda
+
 from jax_ep.cuda import extension, internode
 
 pytestmark = pytest.mark.skipif(not extension.nvshmem_available() or not internode.compiled(),
@@ -21,18 +20,7 @@ N = R // G
 
 
 def _lower(body, *shapes):
-    mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
-    sharded = NamedSharding(mesh, P("ep"))
-    args = [jax.ShapeDtypeStruct((R * s[0],) + tuple(s[1:]), d, sharding=sharded)
-            for s, d in shapes]
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
-    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def _call(text, target):
-    calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
-    assert len(calls) == 1, text
-    return calls[0]
+    return lower_for_cuda(body, R, *shapes)
 
 
 def test_dispatch_operands_and_results():
@@ -43,7 +31,7 @@ def test_dispatch_operands_and_results():
         return recv[0]
     text = _lower(body, ((T, R), jnp.int32), ((T, N), jnp.int32), ((1, R), jnp.int32),
                   ((1, N), jnp.int32), ((T, H), jnp.bfloat16))
-    call = _call(text, "jax_ep_internode_dispatch")
+    call = custom_call(text, "jax_ep_internode_dispatch")
     assert (f"(tensor<i32>, tensor<{T}x{R}xi32>, tensor<{T}x{N}xi32>, tensor<{R}xi32>, "
             f"tensor<{N}xi32>, tensor<{T}x{H}xbf16>)") in call
     assert (f"-> (tensor<{R}x{R}xi32>, tensor<{N}x{T}x{G}xi32>, tensor<{N}xi32>, "
@@ -68,10 +56,10 @@ def test_cached_dispatch_and_combine_operands():
     text = _lower(body, ((T, R), jnp.int32), ((T, N), jnp.int32), ((1, R, R), jnp.int32),
                   ((1, N, T, G), jnp.int32), ((1, N), jnp.int32), ((T, H), jnp.float32),
                   ((CAP, H), jnp.bfloat16))
-    cached = _call(text, "jax_ep_internode_dispatch_cached")
+    cached = custom_call(text, "jax_ep_internode_dispatch_cached")
     assert (f"(tensor<i32>, tensor<{T}x{R}xi32>, tensor<{T}x{N}xi32>, tensor<{R}x{R}xi32>, "
             f"tensor<{N}xi32>, tensor<{T}x{H}xf32>) -> tensor<{CAP}x{H}xf32>") in cached
-    combine = _call(text, "jax_ep_internode_combine")
+    combine = custom_call(text, "jax_ep_internode_combine")
     assert (f"(tensor<i32>, tensor<{CAP}x{H}xbf16>, tensor<{T}x{N}xi32>, tensor<{R}x{R}xi32>, "
             f"tensor<{N}x{T}x{G}xi32>, tensor<{N}xi32>) -> tensor<{T}x{H}xbf16>") in combine
 

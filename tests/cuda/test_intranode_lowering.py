@@ -2,12 +2,12 @@
 (the EP axis index first, which the kernels check against initialize's rank),
 attributes and result types. Needs the CUDA ops compiled in, not a GPU."""
 
-import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_ep.cuda import extension, intranode
+from lowering import custom_call, lower_for_cuda
+
+from jax_ep.cuda import intranode
 
 pytestmark = pytest.mark.skipif(not intranode.compiled(),
                                 reason="jax_ep built without the CUDA intranode ops")
@@ -16,18 +16,7 @@ R, T, H, CAP = 4, 8, 256, 20
 
 
 def _lower(body, *shapes):
-    mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
-    sharded = NamedSharding(mesh, P("ep"))
-    args = [jax.ShapeDtypeStruct((R * s[0],) + tuple(s[1:]), d, sharding=sharded)
-            for s, d in shapes]
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
-    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def _call(text, target):
-    calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
-    assert len(calls) == 1, text
-    return calls[0]
+    return lower_for_cuda(body, R, *shapes)
 
 
 def test_dispatch_takes_the_axis_index_first():
@@ -36,7 +25,7 @@ def test_dispatch_takes_the_axis_index_first():
                                                capacity=CAP)
         return recv
     text = _lower(body, ((T, R), jnp.int32), ((1, R), jnp.int32), ((T, H), jnp.bfloat16))
-    call = _call(text, "jax_ep_intranode_dispatch")
+    call = custom_call(text, "jax_ep_intranode_dispatch")
     assert f"(tensor<i32>, tensor<{T}x{R}xi32>, tensor<{R}xi32>, tensor<{T}x{H}xbf16>)" in call
     assert f"-> (tensor<{R}x{R}xi32>, tensor<{CAP}x{H}xbf16>)" in call
     assert f"capacity = {CAP} : i64" in call
@@ -50,8 +39,8 @@ def test_cached_dispatch_and_combine_take_the_axis_index_first():
         return recv, out
     text = _lower(body, ((T, R), jnp.int32), ((1, R, R), jnp.int32), ((T, H), jnp.float32),
                   ((CAP, H), jnp.bfloat16))
-    cached = _call(text, "jax_ep_intranode_dispatch_cached")
+    cached = custom_call(text, "jax_ep_intranode_dispatch_cached")
     assert f"(tensor<i32>, tensor<{T}x{R}xi32>, tensor<{R}x{R}xi32>, tensor<{T}x{H}xf32>)" in cached
-    combine = _call(text, "jax_ep_intranode_combine")
+    combine = custom_call(text, "jax_ep_intranode_combine")
     assert (f"(tensor<i32>, tensor<{CAP}x{H}xbf16>, tensor<{T}x{R}xi32>, tensor<{R}x{R}xi32>)"
             f" -> tensor<{T}x{H}xbf16>") in combine

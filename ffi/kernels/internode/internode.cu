@@ -70,6 +70,7 @@
 #include "ffi/kernels/common/device_copy.cuh"
 #include "ffi/kernels/common/device_sync.cuh"
 #include "ffi/kernels/common/elem_types.cuh"
+#include "ffi/kernels/common/signature.cuh"
 
 namespace jax_ep {
 namespace {
@@ -249,29 +250,31 @@ __device__ __forceinline__ void ForElem(ElemType t, Fn&& fn) {
   }
 }
 
+// begin[s] = the first row of source s in my receive order (exclusive prefix
+// of the count matrix's column, each count clamped to [0, T]); begin[R] = all.
+__device__ __forceinline__ void SourceBegins(const int32_t* rank_counts, const Geometry& geo,
+                                             int64_t T, int64_t* begin) {
+  int64_t acc = 0;
+  for (int s = 0; s < geo.R; ++s) {
+    begin[s] = acc;
+    acc += min(static_cast<int64_t>(max(rank_counts[s * geo.R + geo.me], 0)), T);
+  }
+  begin[geo.R] = acc;
+}
+
+// The source of receive row i < begin[R]: the last s with begin[s] <= i.
+__device__ __forceinline__ int SourceOfRow(const int64_t* begin, int R, int64_t i) {
+  int s = 0;
+  while (s + 1 < R && begin[s + 1] <= i) ++s;
+  return s;
+}
+
 // ------------------------------------------------------------ notify
 
 struct Signature {
   uint64_t words[kSignatureWords];
   const int32_t* axis_index;
 };
-
-__device__ __noinline__ void CheckSignature(const InternodeComm& c, uint64_t e, int s,
-                                            const uint64_t* mine, int32_t op) {
-  uint64_t theirs[kSignatureWords];
-  const volatile uint64_t* sig = RecordSignature(Record(c.base, c.layout, e, s), c.layout);
-  for (int i = 0; i < kSignatureWords; ++i) theirs[i] = sig[i];
-  if (theirs[kInternodeSignatureAxisIndex] != static_cast<uint64_t>(s)) {
-    RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitInternodeRankOrder, s, c.timeout_ns, e,
-                         theirs[kInternodeSignatureAxisIndex], mine, theirs);
-  }
-  for (int i = 0; i < kSignatureWords; ++i) {
-    if (i != kInternodeSignatureAxisIndex && theirs[i] != mine[i]) {
-      RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitInternodeSignature, s, c.timeout_ns,
-                           e, 0, mine, theirs);
-    }
-  }
-}
 
 // e = ++epoch; my record (counts when `sent`, and the signature) to every
 // rank with put-with-signal; wait for theirs; the count matrix and each
@@ -306,7 +309,10 @@ __global__ void __launch_bounds__(kThreads)
                               BarrierFlag(c.base, l, geo.me), e, NVSHMEM_SIGNAL_SET, tid);
     nvshmem_quiet();  // the outbox is rewritten by the next op
     WaitFlag(c, BarrierFlag(c.base, l, tid), e, op, kWaitInternodeBarrier, tid);
-    CheckSignature(c, e, tid, mine, op);
+    CheckPeerSignature(RecordSignature(Record(c.base, l, e, tid), l), tid, mine,
+                       kInternodeSignatureAxisIndex,
+                       SignatureSite{c.timeout_record, c.rank, op, kWaitInternodeRankOrder,
+                                     kWaitInternodeSignature, c.timeout_ns, e});
   }
   __syncthreads();
   if (rank_counts != nullptr) {
@@ -498,14 +504,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint64_t e = CurrentEpoch(c);
   LoadParts(a, s_parts);
-  if (tid == 0) {
-    int64_t acc = 0;
-    for (int s = 0; s < geo.R; ++s) {
-      s_begin[s] = acc;
-      acc += min(static_cast<int64_t>(max(a.rank_counts[s * geo.R + geo.me], 0)), a.num_tokens);
-    }
-    s_begin[geo.R] = acc;
-  }
+  if (tid == 0) SourceBegins(a.rank_counts, geo, a.num_tokens, s_begin);
   const int B = gridDim.x;
   for (int i = tid; i < geo.R * B; i += blockDim.x) {
     const int s = i / B;
@@ -521,8 +520,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       continue;
     }
-    int s = 0;
-    while (s + 1 < geo.R && s_begin[s + 1] <= i) ++s;
+    const int s = SourceOfRow(s_begin, geo.R, i);
     const uint8_t* msg = AreaRow(c.base, l.area_c_offset, l, s, i - s_begin[s], a.msg_bytes);
     for (int p = 0; p < a.num_parts; ++p) {
       uint8_t* dst = s_parts[p].dst;
@@ -556,20 +554,12 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(InternodeComm c, C
   const InternodeLayout& l = c.layout;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint64_t e = CurrentEpoch(c);
-  if (tid == 0) {
-    int64_t acc = 0;
-    for (int s = 0; s < geo.R; ++s) {
-      s_begin[s] = acc;
-      acc += min(static_cast<int64_t>(max(a.rank_counts[s * geo.R + geo.me], 0)), a.num_tokens);
-    }
-    s_begin[geo.R] = acc;
-  }
+  if (tid == 0) SourceBegins(a.rank_counts, geo, a.num_tokens, s_begin);
   __syncthreads();
   const int64_t num_recv = min(s_begin[geo.R], a.capacity);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < num_recv; i += stride) {
-    int s = 0;
-    while (s + 1 < geo.R && s_begin[s + 1] <= i) ++s;
+    const int s = SourceOfRow(s_begin, geo.R, i);
     const int n_s = s / geo.G, g_s = s - n_s * geo.G;
     uint8_t* dst = AreaRow(c.node_peers[g_s], l.area_c_offset, l, geo.g_me * geo.N + n_s,
                            i - s_begin[s], a.stride);

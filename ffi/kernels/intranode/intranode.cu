@@ -71,6 +71,7 @@
 #include "ffi/kernels/common/device_copy.cuh"
 #include "ffi/kernels/common/device_sync.cuh"
 #include "ffi/kernels/common/elem_types.cuh"
+#include "ffi/kernels/common/signature.cuh"
 
 namespace jax_ep {
 namespace {
@@ -160,27 +161,6 @@ struct OpSignature {
   const int32_t* axis_index;
 };
 
-// Sender s's signature of op e (in my signal area) against mine: another op,
-// other shapes, or a rank whose call put it elsewhere on the EP axis than
-// initialize did stops every rank here, before any row moves. Out of line:
-// the common path stays small.
-__device__ __noinline__ void CheckSignature(const IntranodeComm& c, uint64_t e, int s,
-                                            const uint64_t* mine, int32_t op) {
-  uint64_t theirs[kSignatureWords];
-  const volatile uint64_t* slot = SignatureSlot(c.local_base, e, s);
-  for (int i = 0; i < kSignatureWords; ++i) theirs[i] = slot[i];
-  if (theirs[kSignatureAxisIndex] != static_cast<uint64_t>(s)) {
-    RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitRankOrder, s, c.timeout_ns, e,
-                         theirs[kSignatureAxisIndex], mine, theirs);
-  }
-  for (int i = 0; i < kSignatureWords; ++i) {
-    if (i != kSignatureAxisIndex && theirs[i] != mine[i]) {
-      RecordTimeoutAndTrap(c.timeout_record, c.rank, op, kWaitSignature, s, c.timeout_ns, e, 0,
-                           mine, theirs);
-    }
-  }
-}
-
 // sent != nullptr: count exchange (dispatch), else a plain barrier. Every
 // rank also leaves its op signature with every peer and checks theirs.
 __global__ void __launch_bounds__(kThreads)
@@ -213,7 +193,9 @@ __global__ void __launch_bounds__(kThreads)
     StoreReleaseSys(BarrierFlags(c.peer_bases[tid]) + me, e);
     WaitAtLeast(c, BarrierFlags(c.local_base) + tid, e, op,
                 sent != nullptr ? kWaitCounts : kWaitBarrier, tid);
-    CheckSignature(c, e, tid, mine, op);
+    CheckPeerSignature(SignatureSlot(c.local_base, e, tid), tid, mine, kSignatureAxisIndex,
+                       SignatureSite{c.timeout_record, c.rank, op, kWaitRankOrder,
+                                     kWaitSignature, c.timeout_ns, e});
   }
   __syncthreads();
   if (sent != nullptr) {
