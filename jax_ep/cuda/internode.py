@@ -106,8 +106,8 @@ def region_bytes(num_ranks, ranks_per_node, max_tokens_per_rank, hidden, *, top_
 
 
 def node_size(mesh, axis_name, ranks_per_node, *, timeout_s) -> int:
-    """G: `ranks_per_node` when given, else the ranks of one host (every host the
-    same count, a host's ranks consecutive on the EP axis). G == R: one node."""
+    """G: `ranks_per_node` when given, else the ranks of one host (`nodes_of_hosts`).
+    G == R: one node."""
     groups = ep_groups(mesh, axis_name)
     num_ranks = groups.shape[1]
     if ranks_per_node is not None:
@@ -119,15 +119,21 @@ def node_size(mesh, axis_name, ranks_per_node, *, timeout_s) -> int:
     _kvstore.kv_set_bytes(f"{scope}/{jax.process_index()}", socket.gethostname().encode())
     host = {p: _kvstore.kv_get_bytes(f"{scope}/{p}", timeout=timeout_s).decode()
             for p in processes}
-    hosts = [host[d.process_index] for d in groups[0]]
+    return nodes_of_hosts([host[d.process_index] for d in groups[0]], axis_name)
+
+
+def nodes_of_hosts(hosts, axis_name) -> int:
+    """G from the host of each rank (in rank order): the ranks of a host must be
+    consecutive and every host must hold the same number."""
+    num_ranks = len(hosts)
     firsts = [r for r in range(num_ranks) if r == 0 or hosts[r] != hosts[r - 1]]
     size = firsts[1] if len(firsts) > 1 else num_ranks
     runs = [b - a for a, b in zip(firsts, firsts[1:] + [num_ranks])]
     if len(set(hosts)) != len(firsts) or any(n != size for n in runs):
         raise ValueError(
-            f"jax_ep.initialize: the EP axis {axis_name!r} spans hosts {hosts} (in rank order); "
-            f"the internode mode needs the ranks of each host consecutive and the same number "
-            f"on every host. Reorder the mesh's devices or pass ranks_per_node=.")
+            f"jax_ep.initialize: the EP axis {axis_name!r} spans hosts {list(hosts)} (in rank "
+            f"order); the internode mode needs the ranks of each host consecutive and the same "
+            f"number on every host. Reorder the mesh's devices or pass ranks_per_node=.")
     return size
 
 

@@ -1,7 +1,8 @@
-"""The internode custom calls lower for CUDA on a CPU-only machine: operands
-(the EP axis index first), attributes and result types, in the order the
-handlers (ffi/handlers/internode.cc) bind them; and the sizes Python computes
-for the region equal the kernels' formula. Needs the NVSHMEM build, not a GPU."""
+"""The host side of the internode mode on a CPU-only machine: the custom calls
+lower for CUDA with the operands (the EP axis index first), attributes and
+result types the handlers (ffi/handlers/internode.cc) bind; the sizes Python
+computes for the region equal the kernels' formula; the node map found from
+the hosts. Needs the NVSHMEM build, not a GPU."""
 
 
 import jax.numpy as jnp
@@ -79,3 +80,17 @@ def test_region_grows_with_the_maxima():
     # areas a, b ([N][M] rows each) and c ([R][M]) dominate
     M, stride = 128, internode._max_message(4, 1024, 2, 8)
     assert small >= (2 * 2 + 8) * M * stride
+
+
+@pytest.mark.parametrize("hosts, size", [(["a"] * 8, 8), (["a"] * 4 + ["b"] * 4, 4),
+                                         (["a", "a", "b", "b", "c", "c"], 2),
+                                         (["a", "b", "c", "d"], 1)])
+def test_nodes_of_hosts(hosts, size):
+    assert internode.nodes_of_hosts(hosts, "ep") == size
+
+
+@pytest.mark.parametrize("hosts", [["a", "b", "a", "b"], ["a", "a", "a", "b"],
+                                   ["a", "a", "b", "b", "b", "b"]])
+def test_hosts_that_do_not_form_equal_consecutive_nodes_are_refused(hosts):
+    with pytest.raises(ValueError, match="consecutive and the same number"):
+        internode.nodes_of_hosts(hosts, "ep")
