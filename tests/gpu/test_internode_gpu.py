@@ -34,6 +34,7 @@ def test_virtual_nodes(mps, ranks, ranks_per_node):
     for res in results:
         assert res.ok, res.describe()
         assert res.result["internode"] and "gradients" in res.result["checked"], res.result
+        assert "remat" in res.result["checked"], res.result
 
 
 def test_node_peer_that_never_calls_times_out_with_a_message(mps):

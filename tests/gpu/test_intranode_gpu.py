@@ -54,6 +54,7 @@ def test_ranks_as_processes(mps, ranks):
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks and "gradients" in res.result["checked"]
+        assert "remat" in res.result["checked"], res.result
 
 
 multi_gpu = pytest.mark.skipif(gpu_count() < 2, reason="needs a host with several GPUs")

@@ -89,6 +89,7 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
     for res in results:
         assert res.ok, res.describe()
         assert res.result["ranks"] == ranks, res.result
+        assert "remat" in res.result["checked"], res.result
 
 
 @pytest.mark.parametrize("ranks, ranks_per_node", [(4, 2), (8, 4)], ids=["2x2", "2x4"])
@@ -100,7 +101,7 @@ def test_public_low_latency_api_on_virtual_nodes(mps, ranks, ranks_per_node):
                                args=("0", "small", str(ranks_per_node)))
     for res in results:
         assert res.ok, res.describe()
-        assert "gradients" in res.result["checked"], res.result
+        assert "gradients" in res.result["checked"] and "remat" in res.result["checked"]
         assert res.result["unmapped"] == ranks - ranks_per_node, res.result
 
 

@@ -458,8 +458,15 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
         _, vjp = jax.vjp(lambda x, y, w: both(x, y, idx, w), x, y, w)
         return vjp(cts)
 
-    dx, dy, dw = (mine(a) for a in grads(put(xs32), put(y32), put(idxs), put(ws),
-                                         (put(ct_recv), put(ct_out))))
+    @jax.jit
+    def remat_grads(x, y, idx, w, cts):  # the forward ops run again in the backward pass
+        _, vjp = jax.vjp(lambda x, y, w: jax.checkpoint(both)(x, y, idx, w), x, y, w)
+        return vjp(cts)
+
+    args = (put(xs32), put(y32), put(idxs), put(ws), (put(ct_recv), put(ct_out)))
+    dx, dy, dw = (mine(a) for a in grads(*args))
+    for name, a, b in zip("x y w".split(), (dx, dy, dw), remat_grads(*args)):
+        np.testing.assert_array_equal(a, mine(b), err_msg=f"remat grad {name}")
     np.testing.assert_allclose(dx, oracle.low_latency_dispatch_grad_x(ct_recv, idxs, E, M)[me],
                                rtol=1e-5, atol=1e-5, err_msg="dx")
     np.testing.assert_allclose(dy, oracle.low_latency_combine_grad_y(ct_out, idxs, ws, E, M)[me],
@@ -467,5 +474,5 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
     np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
                                rtol=1e-4, atol=1e-4, err_msg="dw")
     jax_ep.shutdown()
-    return {"ranks": n, "checked": checked + ["gradients"], "shape": [T, H, K, E, M],
+    return {"ranks": n, "checked": checked + ["gradients", "remat"], "shape": [T, H, K, E, M],
             "unmapped": unmapped}
