@@ -1,7 +1,9 @@
 """A reference MoE feed-forward layer built on the public API.
 
 router top-k -> `jax_ep.dispatch` -> local experts (rows sorted by local expert,
-`jax.lax.ragged_dot`, weighted sum over k) -> `jax_ep.combine`.
+`jax.lax.ragged_dot`, weighted sum over k) -> `jax_ep.combine`; for decoding,
+`padded_experts` runs the experts on the low-latency layout
+(`jax_ep.low_latency_dispatch` -> batched matmul -> `jax_ep.low_latency_combine`).
 
 Call `moe_ffn` inside `jax.shard_map` with tokens sharded over the EP axis and
 the expert weights sharded over it on their leading (expert) dimension.
@@ -9,26 +11,43 @@ the expert weights sharded over it on their leading (expert) dimension.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from ._ops import combine, dispatch
 
 
-def route(x, router_w, top_k):
-    """Softmax router: (topk_idx int32 [T, K], topk_weights f32 [T, K], probs [T, E])."""
+def route(x, router_w, top_k, *, renormalize=True):
+    """Softmax router: (topk_idx int32 [T, K], topk_weights f32 [T, K], probs [T, E]).
+
+    renormalize: divide the top-k probabilities by their sum (they add up to
+    1); False keeps the raw softmax probabilities (Switch / GShard style).
+    """
     logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
     weights, idx = jax.lax.top_k(probs, top_k)
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return idx.astype(jnp.int32), weights, probs
 
 
-def local_experts(recv_x, recv_idx, recv_w, w_in, w_out):
+def _expert_ffn(matmul, x, w_in, w_out, w_gate):
+    """gelu(x @ w_in) @ w_out, or with w_gate the SwiGLU; matmul(x, w) is the
+    per-expert product of the caller's layout."""
+    h = matmul(x, w_in)
+    h = jax.nn.gelu(h) if w_gate is None else jax.nn.silu(matmul(x, w_gate)) * h
+    return matmul(h.astype(w_out.dtype), w_out)
+
+
+def local_experts(recv_x, recv_idx, recv_w, w_in, w_out, w_gate=None):
     """Run the L local experts on the received rows and reduce over k.
 
     recv_x [N, H], recv_idx [N, K] local ids (-1 = none), recv_w [N, K];
-    w_in [L, H, F], w_out [L, F, H]. Returns [N, H]: sum_k w * expert_k(row).
+    w_in [L, H, F], w_out [L, F, H]. Each expert is gelu(x @ w_in) @ w_out, or
+    with w_gate [L, H, F] the SwiGLU (silu(x @ w_gate) * (x @ w_in)) @ w_out.
+    Returns [N, H]: sum_k w * expert_k(row).
     """
     n, k = recv_idx.shape
     num_local = w_in.shape[0]
@@ -36,11 +55,26 @@ def local_experts(recv_x, recv_idx, recv_w, w_in, w_out):
     order = jnp.argsort(expert, stable=True)
     rows = jnp.take(recv_x, order // k, axis=0)
     group_sizes = jnp.bincount(expert, length=num_local + 1)[:num_local].astype(jnp.int32)
-    h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, group_sizes))
-    out = jax.lax.ragged_dot(h.astype(w_out.dtype), w_out, group_sizes)  # padding rows -> 0
+    matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
+    out = _expert_ffn(matmul, rows, w_in, w_out, w_gate)  # padding rows -> 0
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     per_k = unsorted.reshape(n, k, -1).astype(jnp.float32)
     return jnp.einsum("nk,nkh->nh", recv_w, per_k).astype(recv_x.dtype)
+
+
+def padded_experts(recv_x, recv_count, w_in, w_out, w_gate=None):
+    """Run the L local experts on the low-latency layout: one batched matmul.
+
+    recv_x [L, S, H] (S = R * M slots per local expert, as
+    `jax_ep.low_latency_dispatch` returns them), recv_count int32 [L]; weights
+    as in `local_experts`. Rows past recv_count[l] are masked to zero before
+    the matmul, so they may hold anything (zero_padding=False) and come out
+    zero. Returns [L, S, H] in recv_x's dtype, ready for low_latency_combine.
+    """
+    valid = jnp.arange(recv_x.shape[1])[None, :] < recv_count[:, None]
+    x = jnp.where(valid[..., None], recv_x, jnp.zeros((), recv_x.dtype))
+    out = _expert_ffn(functools.partial(jnp.einsum, "lsi,lio->lso"), x, w_in, w_out, w_gate)
+    return out.astype(recv_x.dtype)
 
 
 def moe_ffn(x, router_w, w_in, w_out, *, top_k, num_experts, axis_name, capacity=None):
