@@ -15,15 +15,18 @@ Registration is idempotent and thread-safe.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import importlib.util
+import os
 import threading
 import warnings
 from types import ModuleType
 from typing import Any
 
 import jax
+import jaxlib
 from jax.sharding import PartitionSpec
 
 from jax_ep._version import __version__
@@ -56,8 +59,56 @@ def _cuda_module() -> ModuleType | None:
 
 @functools.cache
 def _nvshmem_module() -> ModuleType | None:
-    return _load("_jax_ep_nvshmem", "the low-latency CUDA ops are off "
-                 "(pip install 'nvidia-nvshmem-cu13>=3.4.5,<4').")
+    module = _load("_jax_ep_nvshmem", "the low-latency CUDA ops are off "
+                   "(pip install 'nvidia-nvshmem-cu13>=3.4.5,<4').")
+    if module is None:
+        return None
+    built = tuple(module.nvshmem_version())
+    running = _nvshmem_host_version(_nvshmem_host_path())
+    if running is not None and running[:2] < built[:2]:
+        warnings.warn(f"jax_ep: the NVSHMEM host library in use ({_nvshmem_host_path()}, "
+                      f"{'.'.join(map(str, running))}) is older than the {'.'.join(map(str, built))} "
+                      f"jax_ep was built against, which NVSHMEM refuses; the NVSHMEM ops "
+                      f"(low-latency, internode) are off. Install nvidia-nvshmem-cu13>="
+                      f"{built[0]}.{built[1]}.", RuntimeWarning, stacklevel=3)
+        return None
+    return module
+
+
+_NVSHMEM_HOST = "libnvshmem_host.so.3"
+
+
+def _nvshmem_host_path() -> str | None:
+    """The libnvshmem_host.so.3 of this process: the one already mapped (loaded with
+    _jax_ep_nvshmem, wherever the loader found it), else the nvidia-nvshmem-cu13
+    wheel's; None if there is neither."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path) == _NVSHMEM_HOST:
+                    return path
+    except OSError:
+        pass
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(root, "nvshmem", "lib", _NVSHMEM_HOST)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _nvshmem_host_version(path: str | None) -> tuple[int, int, int] | None:
+    """(major, minor, patch) that library reports (no nvshmem_init needed)."""
+    if path is None:
+        return None
+    try:
+        get = ctypes.CDLL(path).nvshmemx_vendor_get_version_info
+    except (OSError, AttributeError):
+        return None
+    parts = [ctypes.c_int() for _ in range(3)]
+    get(*map(ctypes.byref, parts))
+    return tuple(p.value for p in parts)
 
 
 def cuda_available() -> bool:
@@ -134,7 +185,11 @@ def build_info() -> dict[str, Any]:
     None), ``cuda_archs`` (list of str, e.g. ``["90a"]``), ``ffi_targets``
     (list of CUDA FFI target names), plus the compile-time facts of
     ``_jax_ep_cpu`` (``compiler``, ``build_type``, ``ffi_api_version`` of the
-    XLA FFI headers, ``cuda_built``, ``nvshmem_built``).
+    XLA FFI headers, ``cuda_built``, ``nvshmem_built``); and what runs:
+    ``jax_version`` / ``jaxlib_version``, ``nvshmem_runtime_version``
+    ((major, minor, patch) of the libnvshmem_host.so.3 in use, or None; it
+    must not be older in its minor version than ``nvshmem_version``) and
+    ``nvshmem_runtime_path``.
     """
     info: dict[str, Any] = dict(cpu_module().build_info())
     cuda = _cuda_module()
@@ -146,6 +201,10 @@ def build_info() -> dict[str, Any]:
         nvshmem_version=tuple(nvshmem.nvshmem_version()) if nvshmem is not None else None,
         cuda_archs=list(cuda.cuda_archs()) if cuda is not None else [],
         ffi_targets=sorted(_capsules()),
+        jax_version=jax.__version__,
+        jaxlib_version=jaxlib.__version__,
+        nvshmem_runtime_version=_nvshmem_host_version(_nvshmem_host_path()),
+        nvshmem_runtime_path=_nvshmem_host_path(),
     )
     return info
 

@@ -86,3 +86,22 @@ def test_import_registers_nothing():
         "    assert 'jax_ep_get_dispatch_layout' in f._registered_targets\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_build_info_reports_the_versions_in_use():
+    import jax
+    import jaxlib
+
+    info = extension.build_info()
+    assert info["jax_version"] == jax.__version__ and info["jaxlib_version"] == jaxlib.__version__
+    if info["nvshmem"]:
+        assert len(info["nvshmem_runtime_version"]) == 3, info
+        assert info["nvshmem_runtime_version"][:2] >= info["nvshmem_version"][:2], info
+
+
+def test_an_nvshmem_host_library_older_than_the_build_is_refused(monkeypatch):
+    if extension._load("_jax_ep_nvshmem", "") is None:
+        pytest.skip("no NVSHMEM module in this build")
+    monkeypatch.setattr(extension, "_nvshmem_host_version", lambda path: (3, 0, 0))
+    with pytest.warns(RuntimeWarning, match="older than the .* jax_ep was built against"):
+        assert extension._nvshmem_module.__wrapped__() is None
