@@ -23,6 +23,7 @@ the NVLink leg inside the destination node, and the time a network-bound
 model gives: inter-node bytes at 50 GB/s per GPU (a 400 Gb/s NIC).
 
     python benchmarks/bench_internode.py --ranks 8 --ranks-per-node 4 [--iters 20] [--tokens 4096]
+    python benchmarks/bench_internode.py --ranks 8 --ranks-per-node 4 --gpu-per-rank  # 8 GPUs
     python benchmarks/bench_internode.py --dry-run --ranks 16 --ranks-per-node 8   # bytes only, CPU
 
 What one GPU can and cannot show: with virtual nodes the inter-node legs are
@@ -162,7 +163,7 @@ def traffic_bytes(topk_idxs, num_experts, ranks_per_node, hidden=H, top_k=K):
     return out
 
 
-def worker(iters="20", tokens=str(T), ranks_per_node="4", seed="0"):
+def worker(iters="20", tokens=str(T), ranks_per_node="4", seed="0", num_blocks="0"):
     """One process: seconds per call {mode: {op: s}}, intranode then internode."""
     import jax
 
@@ -173,7 +174,7 @@ def worker(iters="20", tokens=str(T), ranks_per_node="4", seed="0"):
     route = functools.partial(routing, ranks_per_node=G)
     out = {}
     for mode, g in (("intranode", None), ("internode", G)):
-        _init(mesh, tokens, backend="cuda", ranks_per_node=g)
+        _init(mesh, tokens, backend="cuda", ranks_per_node=g, num_blocks=int(num_blocks))
         info = jax_ep.runtime_info()
         other = "internode" if g is None else "intranode"
         if info[mode] is None or info[other] is not None:
@@ -219,6 +220,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--tokens", type=int, default=T)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-per-rank", action="store_true",
+                   help="process i on GPU i (NVLink inside a node, NVSHMEM puts across)")
+    p.add_argument("--num-blocks", type=int, default=0, help="the SM knob (0 = automatic)")
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU: print the byte columns from the routing only")
     args = p.parse_args(argv)
@@ -236,14 +240,20 @@ def main(argv=None):
     from jax_ep.testing import launch, mps_daemon
 
     here = os.path.dirname(os.path.abspath(__file__))
-    with mps_daemon():
-        results = launch("bench_internode:worker", R, platform="gpu", timeout=560,
-                         env={"PYTHONPATH": here},
-                         args=(str(args.iters), str(args.tokens), str(G), str(args.seed)))
+    worker_args = (str(args.iters), str(args.tokens), str(G), str(args.seed),
+                   str(args.num_blocks))
+    if args.gpu_per_rank:
+        results = launch("bench_internode:worker", R, platform="gpu-per-process", timeout=560,
+                         env={"PYTHONPATH": here}, args=worker_args)
+    else:
+        with mps_daemon():
+            results = launch("bench_internode:worker", R, platform="gpu", timeout=560,
+                             env={"PYTHONPATH": here}, args=worker_args)
     times = {mode: {op: max(r.result[mode][op] for r in results) for op in OPS}
              for mode in ("intranode", "internode")}
-    print(f"{R} processes on one GPU (MPS), {args.tokens} tokens per rank, "
-          f"{R // G} virtual nodes of {G}")
+    where = "a GPU each" if args.gpu_per_rank else "one GPU (MPS)"
+    print(f"{R} processes on {where}, {args.tokens} tokens per rank, "
+          f"{R // G} virtual nodes of {G}, num_blocks={args.num_blocks or 'auto'}")
     print_table(R, G, nbytes, times)
     return 0
 

@@ -17,6 +17,7 @@ Other ops and modes print "n/a" in that column.
     python benchmarks/bench_intranode.py                   # one rank, this GPU
     python benchmarks/bench_intranode.py --ranks 8         # 8 processes on one GPU (MPS)
     python benchmarks/bench_intranode.py --all-local-gpus  # one process, every local GPU
+    python benchmarks/bench_intranode.py --ranks 8 --gpu-per-rank --num-blocks 24  # a process per GPU
 """
 
 from __future__ import annotations
@@ -206,13 +207,15 @@ def measure_ragged(n, mesh, tokens, iters, seed=0):
     return time_per_call(f, x, idx, iters=iters)
 
 
-def _init(mesh, tokens, backend="auto", ranks_per_node=None):
+def _init(mesh, tokens, backend="auto", ranks_per_node=None, num_blocks=0):
     """initialize for DeepEP's shapes; ranks_per_node=G selects the internode
-    kernels (N = R / G virtual nodes), None leaves initialize's default."""
+    kernels (N = R / G virtual nodes), None leaves initialize's default;
+    num_blocks: the SM knob (0 = automatic)."""
     import jax_ep
 
     jax_ep.initialize(mesh, axis_name="ep", backend=backend, max_tokens_per_rank=tokens,
-                      hidden=H, top_k=K, dtype="bfloat16", ranks_per_node=ranks_per_node)
+                      hidden=H, top_k=K, dtype="bfloat16", ranks_per_node=ranks_per_node,
+                      num_blocks=num_blocks)
 
 
 def _vs(base_sec, sec):
@@ -237,7 +240,7 @@ HEADER = ("| mode           | op            |  R | time (µs) | GPU µs | DeepEP
           " | ragged_all_to_all µs / speedup |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def run_local(devices, mode, iters, tokens, profile=False):
+def run_local(devices, mode, iters, tokens, profile=False, num_blocks=0):
     import jax_ep
 
     mesh = mesh_of(devices)
@@ -247,7 +250,7 @@ def run_local(devices, mode, iters, tokens, profile=False):
     ragged = {}
     if len(devices) > 1:
         ragged["dispatch_bf16"] = measure_ragged(len(devices), mesh, tokens, iters)
-    _init(mesh, tokens)
+    _init(mesh, tokens, num_blocks=num_blocks)
     cuda = measure("cuda", len(devices), mesh, tokens, iters, profile=profile,
                    kernel_time=True)
     jax_ep.shutdown()
@@ -258,12 +261,13 @@ def run_local(devices, mode, iters, tokens, profile=False):
                    copy_bw, ragged.get(op)))
 
 
-def worker(iters="50", tokens=str(T)):
-    """One process of the N-processes-on-one-GPU mode: returns its timings."""
+def worker(iters="50", tokens=str(T), num_blocks="0"):
+    """One process of the N-processes mode (one GPU under MPS, or a GPU each):
+    returns its timings."""
     import jax
 
     mesh = mesh_of(jax.devices())
-    _init(mesh, int(tokens))
+    _init(mesh, int(tokens), num_blocks=int(num_blocks))
     # A fixed warm-up count: every process must make the same number of calls.
     res = measure("cuda", jax.device_count(), mesh, int(tokens), int(iters), warm_calls=100)
     import jax_ep
@@ -271,7 +275,7 @@ def worker(iters="50", tokens=str(T)):
     return {"ops": {k: list(v) for k, v in res.items()}}
 
 
-def run_processes(n, iters, tokens):
+def run_processes(n, iters, tokens, gpu_per_rank=False, num_blocks=0):
     from jax_ep.testing import launch, mps_daemon
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -282,21 +286,32 @@ def run_processes(n, iters, tokens):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--copy-only"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     copy_bw = float(out.split()[-1])
-    with mps_daemon():
-        results = launch("bench_intranode:worker", n, platform="gpu", timeout=560,
-                         env={"PYTHONPATH": here}, args=(str(iters), str(tokens)))
-    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    args = (str(iters), str(tokens), str(num_blocks))
+    if gpu_per_rank:
+        results = launch("bench_intranode:worker", n, platform="gpu-per-process", timeout=560,
+                         env={"PYTHONPATH": here}, args=args)
+    else:
+        with mps_daemon():
+            results = launch("bench_intranode:worker", n, platform="gpu", timeout=560,
+                             env={"PYTHONPATH": here}, args=args)
+    mode = f"{n} procs/{n if gpu_per_rank else 1} GPU"
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write, one GPU); "
+          f"num_blocks={num_blocks or 'auto'}")
     print(HEADER)
     for op in results[0].result["ops"]:
         sec = max(r.result["ops"][op][0] for r in results)  # the slowest rank bounds the op
         nbytes = sum(r.result["ops"][op][1] for r in results)
         hbm = sum(r.result["ops"][op][2] for r in results)
-        print(_row(f"{n} procs/1 GPU", op, n, sec, nbytes, hbm, None, (None, None), copy_bw))
+        print(_row(mode, op, n, sec, nbytes, hbm, None, (None, None), copy_bw))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    p.add_argument("--gpu-per-rank", action="store_true",
+                   help="with --ranks: process i on GPU i (peers over NVLink) instead of MPS")
+    p.add_argument("--num-blocks", type=int, default=0,
+                   help="the SM knob: thread blocks per kernel (0 = automatic)")
     p.add_argument("--all-local-gpus", action="store_true")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--tokens", type=int, default=T)
@@ -311,10 +326,12 @@ def main(argv=None):
     import jax
 
     if args.ranks > 1:
-        return run_processes(args.ranks, args.iters, args.tokens)
+        return run_processes(args.ranks, args.iters, args.tokens, args.gpu_per_rank,
+                             args.num_blocks)
 
     devices = jax.local_devices() if args.all_local_gpus else jax.local_devices()[:1]
-    run_local(devices, f"{len(devices)} GPU(s)", args.iters, args.tokens, args.profile)
+    run_local(devices, f"{len(devices)} GPU(s)", args.iters, args.tokens, args.profile,
+              args.num_blocks)
 
 
 if __name__ == "__main__":

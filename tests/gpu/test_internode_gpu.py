@@ -15,7 +15,7 @@ import pytest
 from jax_ep.cuda import extension, internode
 from jax_ep.testing import external_launch, run_multiprocess
 
-from gpu_env import WORKERS_DIR, gpu_present
+from gpu_env import WORKERS_DIR, gpu_count, gpu_present
 from silent_peer import silent_peer_output
 
 pytestmark = [
@@ -35,6 +35,20 @@ def test_virtual_nodes(mps, ranks, ranks_per_node):
         assert res.ok, res.describe()
         assert res.result["internode"] and "gradients" in res.result["checked"], res.result
         assert "remat" in res.result["checked"], res.result
+
+
+@pytest.mark.skipif(gpu_count() < 2 or gpu_count() % 2,
+                    reason="needs a host with an even number (>= 2) of GPUs")
+def test_two_virtual_nodes_across_gpus():
+    """A process per GPU, the GPUs split into two nodes: NVLink stores inside a
+    node, NVSHMEM puts across (the layout of a real two-node job)."""
+    n = gpu_count()
+    results = run_multiprocess("intranode_workers:dispatch_combine", n,
+                               platform="gpu-per-process", timeout=500,
+                               env={"PYTHONPATH": WORKERS_DIR}, args=("0", str(n // 2)))
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["internode"] and "remat" in res.result["checked"], res.result
 
 
 def test_node_peer_that_never_calls_times_out_with_a_message(mps):
