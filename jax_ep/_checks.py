@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _ragged
+
 MAX_TOPK = 32
 FP8_BLOCK = 128
 DENSE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -162,3 +164,33 @@ def combine_y(y, expected_shape, op, what):
     if y.dtype not in [np.dtype(d) for d in DENSE_DTYPES]:
         raise TypeError(f"jax_ep.{op}: y has dtype {y.dtype}; supported: {_dtype_names(DENSE_DTYPES)}.")
     _hidden(y.shape[-1], y.dtype.itemsize, op, "y")
+
+
+_LAYOUT_ROWS = {
+    "padded": "local experts x R * max_tokens_per_rank slots",
+    "ragged": "N = R * max_tokens_per_rank * min(top_k, local experts) rows, grouped by "
+              "local expert",
+}
+
+
+def low_latency_layout(layout, op):
+    if not isinstance(layout, str) or layout not in _ragged.LAYOUTS:
+        raise ValueError(f"jax_ep.{op}: layout must be 'padded' (recv_x [L, R * M, H], "
+                         f"DeepEP's) or 'ragged' (recv_x [N, H], rows grouped by local expert "
+                         f"for jax.lax.ragged_dot), got {layout!r}.")
+    return layout
+
+
+def low_latency_y(y, handle, op):
+    """y of a low-latency combine: in the layout of the handle's dispatch."""
+    shapes = {name: _ragged.leading_shape(name, handle) for name in _ragged.LAYOUTS}
+    want = shapes[handle.layout]
+    if y.ndim != len(want) + 1 or tuple(y.shape[:-1]) != want:
+        other = "ragged" if handle.layout == "padded" else "padded"
+        text = lambda name: f"{list(shapes[name]) + ['hidden']} ({_LAYOUT_ROWS[name]})"
+        raise ValueError(
+            f"jax_ep.{op}: y has shape {y.shape}, but the handle comes from a dispatch with "
+            f"layout={handle.layout!r}, which takes y as {text(handle.layout)}; "
+            f"layout={other!r} would take {text(other)}. Pass y in the layout the dispatch "
+            f"returned recv_x in.")
+    combine_y(y, want, op, _LAYOUT_ROWS[handle.layout])

@@ -99,6 +99,14 @@ class LowLatencyHandle:
         backend leaves it -1, so a low-latency handle is combined by the
         backend that made it).
       recv_src: [L, R * M] source of each receive row, s * M + t, or -1.
+
+    The internal rows are those of the padded layout whatever `layout` is; a
+    ragged row is the padded row (l, p) moved to start[l] + p, with start the
+    exclusive prefix sum of recv_count (`_ragged`).
+
+    Static: `layout` is the receive layout of the dispatch, "padded"
+    ([L, R * M, H]) or "ragged" ([N, H], rows grouped by local expert), which
+    low_latency_combine's y must follow (docs/design.md §2.6).
     """
 
     recv_count: jax.Array
@@ -110,10 +118,28 @@ class LowLatencyHandle:
     num_experts: int = dataclasses.field(metadata=dict(static=True))
     max_tokens_per_rank: int = dataclasses.field(metadata=dict(static=True))
     axis_name: object = dataclasses.field(metadata=dict(static=True))
+    layout: str = dataclasses.field(default="padded", metadata=dict(static=True))
 
     @property
     def num_ranks(self) -> int:
         return self.recv_row.shape[0]
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+    @property
+    def rows_per_expert(self) -> int:
+        """R * M: the padded layout's rows per local expert."""
+        return self.num_ranks * self.max_tokens_per_rank
+
+    @property
+    def ragged_rows(self) -> int:
+        """N = R * M * min(K, L): the ragged layout's static row count. No rank
+        receives more: a source token sends one row per distinct expert it names
+        on that rank, at most min(K, L) (K ids, L experts there), and each of
+        the R sources has at most M tokens."""
+        return self.rows_per_expert * min(self.slot.shape[1], self.num_local_experts)
 
 
 @jax.tree_util.register_dataclass

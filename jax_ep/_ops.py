@@ -35,6 +35,7 @@ class _Config:
     use_fp8: bool = False
     zero_padding: bool = True  # low-latency dispatch: zero the rows past recv_count
     ranks_per_node: int | None = None  # normal mode: G when the EP axis is N > 1 nodes
+    layout: str = "padded"  # low-latency dispatch: "padded" or "ragged" receive rows
 
 
 # --------------------------------------------------------------------------
@@ -218,7 +219,7 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8=False, zero_padding=True, backend=None):
+                         use_fp8=False, zero_padding=True, layout="padded", backend=None):
     """Decode-style dispatch into static per-expert slots (inside shard_map).
 
     Args:
@@ -234,18 +235,33 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
         False when nothing reads those rows: no reductions over all of recv_x,
         and no gradients through weights applied to them (0 * NaN = NaN).
         The reference backend always zeroes.
+      layout: "padded" (default, DeepEP's) or "ragged" (below); the handle
+        records it and low_latency_combine takes y in it.
 
     Returns:
-      recv_x [L, R * M, H] (or the pair (e4m3 [L, R*M, H], scales
-      [L, R*M, H // 128])), recv_count int32[L], handle (LowLatencyHandle).
-      For local expert l, rows [0, recv_count[l]) are the tokens routed to it,
-      ordered by (source rank, source token); a token naming an expert twice
-      occupies one row. Other rows are zero (see zero_padding).
+      recv_x, recv_count int32[L], handle (LowLatencyHandle).
+
+      layout="padded": recv_x [L, R * M, H] (or the pair (e4m3 [L, R*M, H],
+      scales [L, R*M, H // 128])). For local expert l, rows [0, recv_count[l])
+      are the tokens routed to it, ordered by (source rank, source token); a
+      token naming an expert twice occupies one row. Other rows are zero (see
+      zero_padding).
+
+      layout="ragged": recv_x [N, H] (or the pair ([N, H], [N, H // 128])),
+      N = R * M * min(K, L): exactly the valid rows of the padded layout,
+      concatenated in local expert order, so recv_count doubles as the
+      group_sizes of jax.lax.ragged_dot(recv_x, w [L, H, F], recv_count).
+      N never overflows: a source token sends one row per distinct expert it
+      names on this rank, at most min(K, L) (K ids, L experts here), and each
+      of the R sources has at most M tokens. Rows past sum(recv_count) are
+      zero (unspecified with zero_padding=False).
     """
     num_experts, idx, m = _checks.low_latency_dispatch_args(
         x, topk_idx, num_experts, axis_name, max_tokens_per_rank, use_fp8,
         "low_latency_dispatch")
-    cfg = _Config(num_experts, axis_name, m, backend, bool(use_fp8), bool(zero_padding))
+    layout = _checks.low_latency_layout(layout, "low_latency_dispatch")
+    cfg = _Config(num_experts, axis_name, m, backend, bool(use_fp8), bool(zero_padding),
+                  layout=layout)
     _count_in_flight("low_latency_dispatch", backend)
     recv_parts, recv_count, handle = _ll_dispatch(x, idx, cfg)
     recv_x = tuple(recv_parts) if use_fp8 else recv_parts[0]
@@ -270,7 +286,7 @@ def _ll_dispatch_impl(x, idx, cfg):
     dispatch = functools.partial(
         _ll(cfg, "low_latency_dispatch"), num_experts=cfg.num_experts,
         axis_name=cfg.axis_name, max_tokens_per_rank=cfg.size, use_fp8=cfg.use_fp8,
-        zero_padding=cfg.zero_padding)
+        zero_padding=cfg.zero_padding, layout=cfg.layout)
     recv, count, handle = dispatch(x, idx)
     return tuple(recv), count, handle
 
@@ -308,8 +324,10 @@ def low_latency_combine(y, topk_idx, topk_weights, handle, *, backend=None):
     """Weighted return of expert outputs from their slots (inside shard_map).
 
     Args:
-      y: [L, R * M, H] bfloat16 / float16 / float32 expert outputs, rows as
-        returned by low_latency_dispatch.
+      y: bfloat16 / float16 / float32 expert outputs in the layout of the
+        dispatch (handle.layout), rows as it returned them: [L, R * M, H]
+        padded, [N, H] ragged (rows past recv_count, or past sum(recv_count),
+        are not read).
       topk_idx, topk_weights: this rank's [T, K] routing, as passed to dispatch.
       handle: the LowLatencyHandle from that dispatch.
 
@@ -321,10 +339,8 @@ def low_latency_combine(y, topk_idx, topk_weights, handle, *, backend=None):
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"jax_ep.{op}: handle must be the LowLatencyHandle returned by "
                         f"jax_ep.low_latency_dispatch, got {type(handle).__name__}.")
-    num_ranks = _checks.axis_size(handle.axis_name, op)
-    local = handle.num_experts // num_ranks
-    _checks.combine_y(y, (local, num_ranks * handle.max_tokens_per_rank), op,
-                      "local experts x R * max_tokens_per_rank slots")
+    _checks.axis_size(handle.axis_name, op)
+    _checks.low_latency_y(y, handle, op)
     idx = _checks.topk_idx(topk_idx, handle.slot.shape[0], handle.num_experts, op)
     if idx.shape != handle.slot.shape:
         raise ValueError(f"jax_ep.{op}: topk_idx has shape {idx.shape} but the dispatch "

@@ -5,6 +5,8 @@ Put independent compute between the two: on the CUDA backend they are two
 custom calls linked only by the pending token, so XLA can schedule work in
 between while the rows travel. The fused ops and the split forms give the same
 results. Two ops may be in flight at once (the buffers are double-buffered).
+The dispatch's layout ("padded" or "ragged") travels in the pending op and
+then in the handle, so the combine's send takes y in that layout.
 
 The split forms are for inference: they are not differentiable (a gradient
 through them raises); train with the fused ops. On the reference backend the
@@ -34,11 +36,12 @@ def _not_differentiable(op):
 
 
 def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                              use_fp8=False, zero_padding=True, backend=None):
+                              use_fp8=False, zero_padding=True, layout="padded", backend=None):
     """First half of `low_latency_dispatch` (same arguments); returns a pending op."""
     op = "low_latency_dispatch_send"
     num_experts, idx, m = _checks.low_latency_dispatch_args(
         x, topk_idx, num_experts, axis_name, max_tokens_per_rank, use_fp8, op)
+    layout = _checks.low_latency_layout(layout, op)
     x = _not_differentiable(op)(x)
     kw = dict(num_experts=num_experts, axis_name=axis_name, max_tokens_per_rank=m,
               use_fp8=bool(use_fp8))
@@ -47,10 +50,12 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
         _inflight.issue(op, pending_key=arrays[0])
         meta = tuple(sorted(kw.items())) + (("hidden", x.shape[1]),
                                             ("x_dtype", np.dtype(x.dtype).name),
-                                            ("zero_padding", bool(zero_padding)))
+                                            ("zero_padding", bool(zero_padding)),
+                                            ("layout", layout))
         return LowLatencyPending(arrays=tuple(arrays), kind="dispatch", backend="cuda",
                                  meta=meta)
-    recv_x, count, handle = _ops.low_latency_dispatch(x, idx, backend="reference", **kw)
+    recv_x, count, handle = _ops.low_latency_dispatch(x, idx, backend="reference",
+                                                      layout=layout, **kw)
     return LowLatencyPending(arrays=(recv_x, count, handle), kind="dispatch",
                              backend="reference", meta=())
 
@@ -68,14 +73,14 @@ def low_latency_dispatch_recv(pending):
 
 
 def low_latency_combine_send(y, handle, *, backend=None):
-    """First half of `low_latency_combine`: send the expert outputs `y` back."""
+    """First half of `low_latency_combine`: send the expert outputs `y` (in the
+    handle's layout) back."""
     op = "low_latency_combine_send"
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError(f"jax_ep.{op}: handle must be the LowLatencyHandle returned by "
                         f"jax_ep.low_latency_dispatch, got {type(handle).__name__}.")
-    num_ranks = _checks.axis_size(handle.axis_name, op)
-    _checks.combine_y(y, (handle.num_experts // num_ranks, num_ranks * handle.max_tokens_per_rank),
-                      op, "local experts x R * max_tokens_per_rank slots")
+    _checks.axis_size(handle.axis_name, op)
+    _checks.low_latency_y(y, handle, op)
     y = _not_differentiable(op)(y)
     if _backend.resolve(backend, "low_latency_combine") == "cuda":
         token = cuda.low_latency.low_latency_combine_send(y, handle)

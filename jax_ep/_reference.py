@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from . import _ragged
 from ._handles import LowLatencyHandle
 from ._routing import (bincount, exclusive_cumsum, handle_from_counts, localize, route,
                        token_in_rank, valid_ids)
@@ -174,8 +175,10 @@ def fp8_quantize(x):
     return q.reshape(x.shape), scale
 
 
-def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_rank):
-    """Rows of every (token, expert) pair, from an exchange of per-expert counts."""
+def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
+                            layout="padded"):
+    """Rows of every (token, expert) pair, from an exchange of per-expert counts
+    (padded rows whatever the layout; `_ragged` converts)."""
     num_ranks = lax.axis_size(axis_name)
     me = lax.axis_index(axis_name)
     local_experts = num_experts // num_ranks
@@ -218,6 +221,7 @@ def make_low_latency_handle(topk_idx, *, num_experts, axis_name, max_tokens_per_
         num_experts=num_experts,
         max_tokens_per_rank=max_tokens_per_rank,
         axis_name=axis_name,
+        layout=layout,
     )
 
 
@@ -229,17 +233,30 @@ def first_occurrence(rows):
     return (rows >= 0) & ~jnp.any(same & earlier, axis=-1)
 
 
+def _ragged_order(handle):
+    """[L * R * M] values per padded row -> the same per output row of the
+    handle's layout (fill for the ragged tail)."""
+    if handle.layout == "padded":
+        return lambda per_row, fill: per_row
+    index = _ragged.padded_row_of_ragged(handle.recv_count, handle.ragged_rows,
+                                         handle.rows_per_expert)
+    return lambda per_row, fill: jnp.take(per_row, index, axis=0, mode="fill",
+                                          fill_value=fill)
+
+
 def low_latency_dispatch_rows(parts, handle, row_weights=None):
-    """[T, ...] per token -> [L, R * M, ...] per local expert slot.
+    """[T, ...] per token -> the receive rows in the handle's layout: [L, R * M, ...]
+    per local expert slot, or [N, ...] ragged (tail zero).
 
     With `row_weights` [T, K], each received row is scaled by the sum of the
     weights of the k that name its expert (the transpose of a weighted combine).
     """
     num_ranks, num_tokens, _ = handle.recv_row.shape
-    local_experts = handle.num_experts // num_ranks
     m = handle.max_tokens_per_rank
-    rows = local_experts * num_ranks * m
-    src = handle.recv_src.reshape(-1)
+    rows = handle.num_local_experts * handle.rows_per_expert
+    reorder = _ragged_order(handle)
+    lead = _ragged.leading_shape(handle.layout, handle)
+    src = reorder(handle.recv_src.reshape(-1), -1)
     # Index into the all-gathered [R * T] tokens; R * T marks an empty row.
     flat_src = jnp.where(src >= 0, (src // m) * num_tokens + src % m, num_ranks * num_tokens)
 
@@ -251,6 +268,7 @@ def low_latency_dispatch_rows(parts, handle, row_weights=None):
         target = jnp.where(first_occurrence(handle.recv_row), handle.recv_row, rows)
         row_scale = jnp.zeros((rows,), jnp.float32).at[target].set(
             w_sum, mode="drop", unique_indices=True)
+        row_scale = reorder(row_scale, 0)
 
     out = []
     for part in parts:
@@ -258,18 +276,23 @@ def low_latency_dispatch_rows(parts, handle, row_weights=None):
         gathered = gathered.reshape((num_ranks * num_tokens,) + part.shape[1:])
         got = jnp.take(gathered, flat_src, axis=0, mode="fill", fill_value=0)
         if row_scale is not None:
-            scale = row_scale.reshape((rows,) + (1,) * (part.ndim - 1))
+            scale = row_scale.reshape(row_scale.shape + (1,) * (part.ndim - 1))
             got = (got.astype(jnp.float32) * scale).astype(part.dtype)
-        out.append(got.reshape((local_experts, num_ranks * handle.max_tokens_per_rank)
-                               + part.shape[1:]))
+        out.append(got.reshape(lead + part.shape[1:]))
     return out
 
 
 def low_latency_gather_rows(y, handle):
-    """[L, R * M, H] expert outputs -> [T, K, H]: each (t, k)'s row, 0 if invalid."""
-    num_ranks, num_tokens, k = handle.recv_row.shape
-    flat = y.reshape((-1,) + y.shape[2:])
-    back = jnp.take(flat, jnp.where(handle.recv_row >= 0, handle.recv_row, flat.shape[0]),
+    """Expert outputs in the handle's layout ([L, R * M, H] or [N, H]) -> [T, K, H]:
+    each (t, k)'s row, 0 if invalid."""
+    if handle.layout == "ragged":
+        flat = y
+        recv_row = _ragged.ragged_of_flat(handle.recv_row, handle.recv_count,
+                                          handle.rows_per_expert)
+    else:
+        flat = y.reshape((-1,) + y.shape[2:])
+        recv_row = handle.recv_row
+    back = jnp.take(flat, jnp.where(recv_row >= 0, recv_row, flat.shape[0]),
                     axis=0, mode="fill", fill_value=0)  # [R src, T, K, H]
     mine = lax.all_to_all(back, handle.axis_name, 0, 0, tiled=True)  # [R owner, T, K, H]
     owner = jnp.maximum(handle.owner, 0)[None, :, :, None]
@@ -278,17 +301,17 @@ def low_latency_gather_rows(y, handle):
 
 
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8, zero_padding=True):
+                         use_fp8, zero_padding=True, layout="padded"):
     del zero_padding  # rows past the count are always zero here
     handle = make_low_latency_handle(topk_idx, num_experts=num_experts, axis_name=axis_name,
-                                     max_tokens_per_rank=max_tokens_per_rank)
+                                     max_tokens_per_rank=max_tokens_per_rank, layout=layout)
     parts = list(fp8_quantize(x)) if use_fp8 else [x]
     recv = low_latency_dispatch_rows(parts, handle)
     return recv, handle.recv_count, handle
 
 
 def low_latency_combine(y, topk_weights, handle):
-    """sum_k w[t, k] * y[row of (t, k)], float32, in k order."""
+    """sum_k w[t, k] * y[row of (t, k)], float32, in k order (y in the handle's layout)."""
     rows = low_latency_gather_rows(y, handle).astype(jnp.float32)
     w = topk_weights.astype(jnp.float32)
     acc = w[:, 0, None] * rows[:, 0]

@@ -2,8 +2,9 @@
 
 router top-k -> `jax_ep.dispatch` -> local experts (rows sorted by local expert,
 `jax.lax.ragged_dot`, weighted sum over k) -> `jax_ep.combine`; for decoding,
-`padded_experts` runs the experts on the low-latency layout
-(`jax_ep.low_latency_dispatch` -> batched matmul -> `jax_ep.low_latency_combine`).
+the experts on a low-latency layout: `padded_experts` (batched matmul over
+`[L, R*M, H]`) or `ragged_experts` (`jax.lax.ragged_dot` over
+`low_latency_dispatch(layout="ragged")`'s rows, computing only the real ones).
 
 Call `moe_ffn` inside `jax.shard_map` with tokens sharded over the EP axis and
 the expert weights sharded over it on their leading (expert) dimension.
@@ -75,6 +76,24 @@ def padded_experts(recv_x, recv_count, w_in, w_out, w_gate=None):
     x = jnp.where(valid[..., None], recv_x, jnp.zeros((), recv_x.dtype))
     out = _expert_ffn(functools.partial(jnp.einsum, "lsi,lio->lso"), x, w_in, w_out, w_gate)
     return out.astype(recv_x.dtype)
+
+
+def ragged_experts(recv_x, group_sizes, w_gate, w_up, w_down):
+    """SwiGLU experts on the ragged low-latency layout, through `jax.lax.ragged_dot`.
+
+    recv_x [N, H] rows grouped by local expert, group_sizes int32 [L] (the
+    recv_x and recv_count of `jax_ep.low_latency_dispatch(..., layout="ragged")`);
+    w_gate, w_up [L, H, F] and w_down [L, F, H], this EP rank's experts.
+    Row i of expert l becomes (silu(x @ w_gate[l]) * (x @ w_up[l])) @ w_down[l].
+    Rows past sum(group_sizes) are masked to zero first, so they may hold
+    anything (zero_padding=False), and come out zero. Returns [N, H] in
+    recv_x's dtype, ready for low_latency_combine.
+    """
+    valid = jnp.arange(recv_x.shape[0]) < jnp.sum(group_sizes)
+    x = jnp.where(valid[:, None], recv_x, jnp.zeros((), recv_x.dtype))
+    matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
+    out = _expert_ffn(matmul, x, w_up, w_down, w_gate)
+    return jnp.where(valid[:, None], out, jnp.zeros((), out.dtype)).astype(recv_x.dtype)
 
 
 def moe_ffn(x, router_w, w_in, w_out, *, top_k, num_experts, axis_name, capacity=None):

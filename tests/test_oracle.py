@@ -386,6 +386,56 @@ def test_ll_combine_grad_w_hand():
     assert dw[0].dtype == np.float32
 
 
+def test_ll_ragged_dispatch_hand():
+    # N = R * M * min(K, L) = 2 * 3 * 2; each rank's experts back to back, then zeros.
+    x = _x()
+    out = oracle.low_latency_dispatch(x, IDX, E, M, layout="ragged")
+    assert oracle.low_latency_ragged_rows(R, M, K, E) == 12
+    z = np.zeros(H, np.float32)
+    want = [[x[0][0], x[0][1], x[1][2], x[0][1], x[1][1]] + [z] * 7,
+            [x[1][0], x[0][0], x[1][2]] + [z] * 9]
+    for r in range(R):
+        np.testing.assert_array_equal(out[r]["recv_x"], np.stack(want[r]))
+        np.testing.assert_array_equal(out[r]["slots"], SLOTS[r])
+    q, s = oracle.low_latency_dispatch(x, IDX, E, M, use_fp8=True, layout="ragged")[1]["recv_x"]
+    assert q.shape == (12, H) and s.shape == (12, 1)
+    q_src, s_src = oracle.fp8_quantize(x[0][0])
+    np.testing.assert_array_equal(q[1].view(np.uint8), q_src.view(np.uint8))
+    assert not s[3:].any()
+
+
+def _ragged_of(padded, counts):
+    return np.concatenate([padded[l, :c] for l, c in enumerate(counts)]
+                          + [np.zeros((12 - sum(counts), H), padded.dtype)])
+
+
+def test_ll_ragged_maps_are_the_padded_ones_on_the_valid_rows():
+    """combine and the three transposes read and write the same rows in both layouts."""
+    counts = [[3, 2], [1, 2]]
+    valid = [np.arange(R * M)[None, :] < np.array(c)[:, None] for c in counts]
+    ys = [np.where(v[..., None], y, 0) for y, v in zip(_ll_ys(60), valid)]
+    ragged = [_ragged_of(y, c) for y, c in zip(ys, counts)]
+    g = [_rows(T, 61), _rows(T, 62)]
+    for r, (a, b) in enumerate(zip(oracle.low_latency_combine(ys, IDX, W, E, M),
+                                   oracle.low_latency_combine(ragged, IDX, W, E, M,
+                                                              layout="ragged"))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(oracle.low_latency_dispatch_grad_x(ys, IDX, E, M),
+                    oracle.low_latency_dispatch_grad_x(ragged, IDX, E, M, layout="ragged")):
+        np.testing.assert_array_equal(a, b)
+    for a, b, c in zip(oracle.low_latency_combine_grad_y(g, IDX, W, E, M),
+                       oracle.low_latency_combine_grad_y(g, IDX, W, E, M, layout="ragged"),
+                       counts):
+        np.testing.assert_array_equal(_ragged_of(a, c), b)
+    for a, b in zip(oracle.low_latency_combine_grad_w(g, ys, IDX, E, M),
+                    oracle.low_latency_combine_grad_w(g, ragged, IDX, E, M, layout="ragged")):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="ragged layout"):
+        oracle.low_latency_combine(ys, IDX, W, E, M, layout="ragged")
+    with pytest.raises(ValueError, match="layout must be"):
+        oracle.low_latency_dispatch(_x(), IDX, E, M, layout="dense")
+
+
 # ---------------------------------------------------------------- properties
 
 def _dot(a, b):

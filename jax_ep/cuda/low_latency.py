@@ -21,6 +21,11 @@ The backend functions have the signatures of their `_reference` twins. The
 handle carries owner, the flattened slot and recv_src; recv_row stays -1
 (only the reference backend's combine reads it), so a low-latency handle is
 combined by the backend that made it.
+
+The kernels read and write the padded layout only. For layout="ragged" the
+backend functions gather around them (`_ragged`): the dispatch's valid rows
+into [N, H] (the kernel then skips zeroing the padded rows), and y back into
+[L, R*M, H] before a combine or gather.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _agreement, _kvstore
+from .. import _agreement, _kvstore, _ragged
 from .._handles import LowLatencyHandle
 from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
@@ -344,7 +349,7 @@ def _kernel_slot(handle):
 
 
 def _make_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_name,
-                 max_tokens_per_rank):
+                 max_tokens_per_rank, layout="padded"):
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
     rows = num_ranks * max_tokens_per_rank
@@ -358,22 +363,31 @@ def _make_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_n
         num_experts=num_experts,
         max_tokens_per_rank=max_tokens_per_rank,
         axis_name=axis_name,
+        layout=layout,
     )
 
 
+def _received(recv, handle, use_fp8, zero_padding):
+    """The dispatch kernel's padded output as the parts of recv_x in the handle's layout."""
+    parts = list(recv) if use_fp8 else [recv]
+    # A later change has the kernels write rows at their ragged offsets, dropping this gather.
+    return [_ragged.as_layout(part, handle, zero_tail=zero_padding) for part in parts]
+
+
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
-                         use_fp8, zero_padding=True):
+                         use_fp8, zero_padding=True, layout="padded"):
     num_ranks = lax.axis_size(axis_name)
     _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks,
                 axis_name)
     idx, num_invalid = valid_ids(topk_idx, num_experts)
     recv, count, recv_src, slot = dispatch_call(
         x, idx, axis_index=_axis_index(axis_name), num_experts=num_experts,
-        max_tokens_per_rank=max_tokens_per_rank,
-        use_fp8=use_fp8, zero_fill=zero_padding, num_ranks=num_ranks)
+        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8,
+        zero_fill=zero_padding and layout == "padded", num_ranks=num_ranks)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
-                          axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
-    return (list(recv) if use_fp8 else [recv]), count, handle
+                          axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank,
+                          layout=layout)
+    return _received(recv, handle, use_fp8, zero_padding), count, handle
 
 
 def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
@@ -390,20 +404,21 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
 
 
 def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_experts,
-                              axis_name, max_tokens_per_rank, use_fp8, zero_padding=True):
+                              axis_name, max_tokens_per_rank, use_fp8, zero_padding=True,
+                              layout="padded"):
     num_ranks = lax.axis_size(axis_name)
     recv, count, recv_src, slot = dispatch_recv_call(
         token, idx, axis_index=_axis_index(axis_name), hidden=hidden, x_dtype=x_dtype,
-        num_experts=num_experts,
-        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, zero_fill=zero_padding,
-        num_ranks=num_ranks)
+        num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8,
+        zero_fill=zero_padding and layout == "padded", num_ranks=num_ranks)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
-                          axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank)
-    return (list(recv) if use_fp8 else [recv]), count, handle
+                          axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank,
+                          layout=layout)
+    return _received(recv, handle, use_fp8, zero_padding), count, handle
 
 
 def low_latency_combine_send(y, handle):
-    return combine_send_call(y, handle.recv_src, handle.recv_count,
+    return combine_send_call(_ragged.as_padded(y, handle), handle.recv_src, handle.recv_count,
                              axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
@@ -415,20 +430,22 @@ def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
 
 
 def low_latency_combine(y, topk_weights, handle):
-    return combine_call(y, _global_ids(handle), topk_weights, handle.recv_src,
-                        handle.recv_count, _kernel_slot(handle),
+    return combine_call(_ragged.as_padded(y, handle), _global_ids(handle), topk_weights,
+                        handle.recv_src, handle.recv_count, _kernel_slot(handle),
                         axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_gather_rows(y, handle):
-    return gather_call(y, _global_ids(handle), handle.recv_src, handle.recv_count,
-                       _kernel_slot(handle), axis_index=_axis_index(handle.axis_name),
-                       num_ranks=handle.num_ranks)
+    return gather_call(_ragged.as_padded(y, handle), _global_ids(handle), handle.recv_src,
+                       handle.recv_count, _kernel_slot(handle),
+                       axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_dispatch_rows(parts, handle, row_weights=None):
-    return [dispatch_cached_call(
+    # Ragged: the gather zeroes the tail, so the kernel need not zero its padding.
+    return [_ragged.as_layout(dispatch_cached_call(
         part, _global_ids(handle), _kernel_slot(handle), handle.recv_count, row_weights,
         axis_index=_axis_index(handle.axis_name), num_experts=handle.num_experts,
         max_tokens_per_rank=handle.max_tokens_per_rank,
-        num_ranks=handle.num_ranks) for part in parts]
+        zero_fill=handle.layout == "padded", num_ranks=handle.num_ranks), handle)
+        for part in parts]

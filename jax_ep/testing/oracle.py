@@ -53,6 +53,7 @@ __all__ = [
     "low_latency_dispatch_grad_x",
     "low_latency_combine_grad_y",
     "low_latency_combine_grad_w",
+    "low_latency_ragged_rows",
     "count_invalid",
     "make_rank_inputs",
     "make_inputs",
@@ -517,11 +518,45 @@ def fp8_dequantize(q, scales):
 class _LLLayout:
     ids: _Ids
     M: int
+    layout: str         # "padded" or "ragged"
     rows: dict          # global expert e -> (src int64[n], tok int64[n])
     slots: list         # per source rank: int32 [T, K]
+    first: dict         # global expert e -> its first row in its owner's ragged layout
+
+    @property
+    def N(self) -> int:
+        return low_latency_ragged_rows(self.ids.R, self.M, self.ids.K, self.ids.E)
+
+    def lead(self):
+        """Leading shape of one rank's receive rows in this layout."""
+        if self.layout == "ragged":
+            return (self.N,)
+        return (self.ids.L, self.ids.R * self.M)
+
+    def at(self, e, row):
+        """Index of row ``row`` of global expert ``e`` in its owner's array."""
+        if self.layout == "ragged":
+            return (self.first[e] + row,)
+        return (e % self.ids.L, row)
 
 
-def _ll_layout(topk_idxs, num_experts: int, max_tokens_per_rank: int) -> _LLLayout:
+def low_latency_ragged_rows(num_ranks: int, max_tokens_per_rank: int, top_k: int,
+                            num_experts: int) -> int:
+    """``N = R * M * min(K, L)``, the rows of the ragged layout: a token of any
+    of the R sources (at most M each) names at most min(K, L) distinct experts
+    of one rank."""
+    L = _num_local_experts(num_experts, num_ranks)
+    return num_ranks * int(max_tokens_per_rank) * min(int(top_k), L)
+
+
+def _check_layout(layout):
+    if layout not in ("padded", "ragged"):
+        raise ValueError(f"layout must be 'padded' or 'ragged', got {layout!r}")
+
+
+def _ll_layout(topk_idxs, num_experts: int, max_tokens_per_rank: int,
+               layout: str = "padded") -> _LLLayout:
+    _check_layout(layout)
     I = _prepare_ids(topk_idxs, num_experts)
     M = int(max_tokens_per_rank)
     if I.T > M:
@@ -541,11 +576,19 @@ def _ll_layout(topk_idxs, num_experts: int, max_tokens_per_rank: int) -> _LLLayo
             srcs.append(np.full(t.shape, s, dtype=np.int64))
             toks.append(t.astype(np.int64))
         rows[e] = (np.concatenate(srcs), np.concatenate(toks))
-    return _LLLayout(I, M, rows, slots)
+    # Ragged: each rank's experts one after the other, in local expert order.
+    first = {}
+    for r in range(I.R):
+        nxt = 0
+        for l in range(I.L):
+            first[r * I.L + l] = nxt
+            nxt += len(rows[r * I.L + l][0])
+    return _LLLayout(I, M, layout, rows, slots, first)
 
 
 def low_latency_dispatch(xs, topk_idxs, num_experts: int,
-                         max_tokens_per_rank: int, use_fp8: bool = False):
+                         max_tokens_per_rank: int, use_fp8: bool = False,
+                         layout: str = "padded"):
     """Expected low-latency dispatch of every rank.
 
     For receiver ``r`` and local expert ``l`` (global ``e = r * L + l``) the
@@ -560,8 +603,13 @@ def low_latency_dispatch(xs, topk_idxs, num_experts: int,
     ``num_invalid_experts`` (this rank's invalid ids); ``slots`` int32
     ``[T, K]`` (this rank as a sender: the row of ``(t, topk_idx[t, k])``
     among that expert's ``R * M`` rows on its owner, -1 if not valid).
+
+    ``layout="ragged"``: ``recv_x`` is ``[N, H]`` (pair ``([N, H], [N, H //
+    128])``), ``N = low_latency_ragged_rows(...)``: local expert 0's rows,
+    then expert 1's, ..., then zeros.  ``slots`` are the same (a row's place
+    within its expert).
     """
-    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank, layout)
     I, M = lay.ids, lay.M
     R, L = I.R, I.L
     if len(xs) != R:
@@ -574,22 +622,27 @@ def low_latency_dispatch(xs, topk_idxs, num_experts: int,
     if use_fp8:
         q_all, s_all = fp8_quantize(x_all)
     out = []
+    lead = lay.lead()
     for r in range(R):
         count = np.zeros(L, dtype=np.int32)
         if use_fp8:
-            q = np.zeros((L, R * M, H), dtype=FP8_DTYPE)
-            sc = np.zeros((L, R * M, H // FP8_BLOCK), dtype=np.float32)
+            q = np.zeros(lead + (H,), dtype=FP8_DTYPE)
+            sc = np.zeros(lead + (H // FP8_BLOCK,), dtype=np.float32)
         else:
-            recv = np.zeros((L, R * M, H), dtype=x_all.dtype)
+            recv = np.zeros(lead + (H,), dtype=x_all.dtype)
         for l in range(L):
-            src, tok = lay.rows[r * L + l]
-            n = len(src)
-            count[l] = n
-            if use_fp8:
-                q[l, :n] = q_all[src, tok]
-                sc[l, :n] = s_all[src, tok]
-            else:
-                recv[l, :n] = x_all[src, tok]
+            e = r * L + l
+            src, tok = lay.rows[e]
+            count[l] = len(src)
+            for row, (s, t) in enumerate(zip(src, tok)):
+                at = lay.at(e, row)
+                if use_fp8:
+                    q[at] = q_all[s, t]
+                    sc[at] = s_all[s, t]
+                else:
+                    recv[at] = x_all[s, t]
+        if layout == "ragged" and int(count.sum()) > lay.N:
+            raise AssertionError(f"rank {r} receives {int(count.sum())} rows > N = {lay.N}")
         out.append(dict(
             recv_x=(q, sc) if use_fp8 else recv,
             recv_count=count,
@@ -599,111 +652,118 @@ def low_latency_dispatch(xs, topk_idxs, num_experts: int,
     return out
 
 
-def _stack_ll(arrs, L: int, R: int, M: int, what: str):
+def _stack_ll(arrs, lay: _LLLayout, what: str):
+    """Per-rank receive rows in ``lay.layout`` -> ([R, *lead, H], dtype)."""
     arrs = [np.asarray(a) for a in arrs]
-    if len(arrs) != R:
+    if len(arrs) != lay.ids.R:
         raise ValueError(f"{what} needs one entry per rank")
     dtype = arrs[0].dtype
+    lead = lay.lead()
     for r, a in enumerate(arrs):
-        if a.ndim != 3 or a.shape[:2] != (L, R * M) or a.dtype != dtype:
-            raise ValueError(f"rank {r}: {what} is {a.shape} {a.dtype}, "
-                             f"expected [{L}, {R * M}, H] {dtype}")
+        if a.ndim != len(lead) + 1 or a.shape[:-1] != lead or a.dtype != dtype:
+            raise ValueError(f"rank {r}: {what} is {a.shape} {a.dtype}, expected "
+                             f"{list(lead) + ['H']} {dtype} ({lay.layout} layout)")
     return np.stack(arrs), dtype
 
 
+def _ll_row(arr_all, lay: _LLLayout, e: int, row: int):
+    """Row ``row`` of global expert ``e`` from the stacked per-rank arrays."""
+    return arr_all[(e // lay.ids.L,) + lay.at(e, row)]
+
+
 def low_latency_combine(ys, topk_idxs, topk_weights, num_experts: int,
-                        max_tokens_per_rank: int):
+                        max_tokens_per_rank: int, layout: str = "padded"):
     """Expected low-latency combine.
 
-    ``ys[r]`` is ``[L, R * M, H]``.  ``out[s][t]`` = sum over k = 0..K-1 in
-    order, for valid ids only, of ``float32(w[s][t, k]) *
-    float32(ys[owner][local expert, slot of (t, k)])``, accumulated in float32
-    from 0.0 and cast to ``ys``' dtype.  A duplicated expert contributes once
-    per k entry.
+    ``ys[r]`` is ``[L, R * M, H]`` (``[N, H]`` with ``layout="ragged"``).
+    ``out[s][t]`` = sum over k = 0..K-1 in order, for valid ids only, of
+    ``float32(w[s][t, k]) * float32(ys[owner][row of (t, k)])``, accumulated
+    in float32 from 0.0 and cast to ``ys``' dtype.  A duplicated expert
+    contributes once per k entry.
     """
-    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
-    I, M = lay.ids, lay.M
-    y_all, dtype = _stack_ll(ys, I.L, I.R, M, "ys")
-    H = y_all.shape[3]
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank, layout)
+    I = lay.ids
+    y_all, dtype = _stack_ll(ys, lay, "ys")
+    H = y_all.shape[-1]
     out = []
     for s in range(I.R):
         w = np.asarray(topk_weights[s], dtype=np.float32)
         acc = np.zeros((I.T, H), dtype=np.float32)
-        for k in range(I.K):
-            t = np.nonzero(I.valid[s][:, k])[0]
-            e = I.ids[s][t, k]
-            vals = y_all[e // I.L, e % I.L, lay.slots[s][t, k]].astype(np.float32)
-            acc[t] = acc[t] + w[t, k][:, None] * vals
+        for t in range(I.T):
+            for k in range(I.K):
+                if I.valid[s][t, k]:
+                    y = _ll_row(y_all, lay, I.ids[s][t, k], lay.slots[s][t, k])
+                    acc[t] = acc[t] + w[t, k] * y.astype(np.float32)
         out.append(acc.astype(dtype))
     return out
 
 
 def low_latency_dispatch_grad_x(cts, topk_idxs, num_experts: int,
-                                max_tokens_per_rank: int):
+                                max_tokens_per_rank: int, layout: str = "padded"):
     """Transpose of low-latency dispatch in ``x``.
 
-    ``cts[r]`` is ``[L, R * M, H]``.  ``dx[s][t]`` = sum over the *distinct*
-    valid experts of token ``t``, in k order of first occurrence, of
-    ``cts[owner][l, slot]``; float32 accumulation from 0.0, cast to the
-    cotangent dtype.
+    ``cts[r]`` is ``[L, R * M, H]`` (``[N, H]`` ragged).  ``dx[s][t]`` = sum
+    over the *distinct* valid experts of token ``t``, in k order of first
+    occurrence, of ``cts[owner][row of (t, that expert)]``; float32
+    accumulation from 0.0, cast to the cotangent dtype.  Rows no token uses
+    (the padding, the ragged tail) do not enter.
     """
-    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
-    I, M = lay.ids, lay.M
-    c_all, dtype = _stack_ll(cts, I.L, I.R, M, "cts")
-    H = c_all.shape[3]
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank, layout)
+    I = lay.ids
+    c_all, dtype = _stack_ll(cts, lay, "cts")
+    H = c_all.shape[-1]
     out = []
     for s in range(I.R):
         ids = I.ids[s]
         acc = np.zeros((I.T, H), dtype=np.float32)
-        for k in range(I.K):
-            first = I.valid[s][:, k].copy()
-            for j in range(k):
-                first &= ids[:, j] != ids[:, k]
-            t = np.nonzero(first)[0]
-            e = ids[t, k]
-            vals = c_all[e // I.L, e % I.L, lay.slots[s][t, k]].astype(np.float32)
-            acc[t] = acc[t] + vals
+        for t in range(I.T):
+            for k in range(I.K):
+                if I.valid[s][t, k] and ids[t, k] not in ids[t, :k]:
+                    c = _ll_row(c_all, lay, ids[t, k], lay.slots[s][t, k])
+                    acc[t] = acc[t] + c.astype(np.float32)
         out.append(acc.astype(dtype))
     return out
 
 
 def low_latency_combine_grad_y(ct_outs, topk_idxs, topk_weights,
-                               num_experts: int, max_tokens_per_rank: int):
+                               num_experts: int, max_tokens_per_rank: int,
+                               layout: str = "padded"):
     """Transpose of low-latency combine in ``y``.
 
-    ``dy[r][l, slot of (s, t)] = (sum over k with topk_idx[s][t, k] == e of
+    ``dy[r][row of (s, t) for e] = (sum over k with topk_idx[s][t, k] == e of
     w[s][t, k], float32 in k order from 0.0) * ct_out[s][t]``, rounded to
-    the cotangent dtype; zero in rows no token uses.  Shape ``[L, R*M, H]``.
+    the cotangent dtype; zero in rows no token uses.  Shape ``[L, R*M, H]``,
+    or ``[N, H]`` with ``layout="ragged"``.
     """
-    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
-    I, M = lay.ids, lay.M
-    R, L = I.R, I.L
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank, layout)
+    I = lay.ids
     cts = [np.asarray(c) for c in ct_outs]
     dtype = cts[0].dtype
     H = cts[0].shape[-1]
     ws = [np.asarray(w, dtype=np.float32) for w in topk_weights]
-    out = [np.zeros((L, R * M, H), dtype=np.float32) for _ in range(R)]
+    out = [np.zeros(lay.lead() + (H,), dtype=np.float32) for _ in range(I.R)]
     for e, (src, tok) in lay.rows.items():
-        r, l = divmod(e, L)
+        r = e // I.L
         for row, (s, t) in enumerate(zip(src, tok)):
             wsum = np.float32(0)
             for k in range(I.K):
                 if I.ids[s][t, k] == e:
                     wsum = np.float32(wsum + ws[s][t, k])
-            out[r][l, row] = wsum * cts[s][t].astype(np.float32)
+            out[r][lay.at(e, row)] = wsum * cts[s][t].astype(np.float32)
     return [o.astype(dtype) for o in out]
 
 
 def low_latency_combine_grad_w(ct_outs, ys, topk_idxs, num_experts: int,
-                               max_tokens_per_rank: int):
+                               max_tokens_per_rank: int, layout: str = "padded"):
     """Transpose of low-latency combine in ``topk_weights``.
 
-    ``dw[s][t, k] = dot(ct_out[s][t], ys[owner][l, slot of (t, k)])`` in
-    float32; 0 for non-valid ids.  Returns float32 ``[T, K]`` per rank.
+    ``dw[s][t, k] = dot(ct_out[s][t], ys[owner][row of (t, k)])`` in
+    float32 (``ys`` in ``layout``); 0 for non-valid ids.  Returns float32
+    ``[T, K]`` per rank.
     """
-    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank)
-    I, M = lay.ids, lay.M
-    y_all, _ = _stack_ll(ys, I.L, I.R, M, "ys")
+    lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank, layout)
+    I = lay.ids
+    y_all, _ = _stack_ll(ys, lay, "ys")
     out = []
     for s in range(I.R):
         ct = np.asarray(ct_outs[s]).astype(np.float32)
@@ -711,8 +771,7 @@ def low_latency_combine_grad_w(ct_outs, ys, topk_idxs, num_experts: int,
         for t in range(I.T):
             for k in range(I.K):
                 if I.valid[s][t, k]:
-                    e = I.ids[s][t, k]
-                    y = y_all[e // I.L, e % I.L, lay.slots[s][t, k]]
+                    y = _ll_row(y_all, lay, I.ids[s][t, k], lay.slots[s][t, k])
                     dw[t, k] = np.dot(ct[t], y.astype(np.float32))
         out.append(dw)
     return out

@@ -1,17 +1,20 @@
 """The low-latency (NVSHMEM) custom calls lower for CUDA on a CPU-only machine.
 
 Checks the target names, attributes and operand / result types that the
-jax_ep.cuda.low_latency wrappers emit, and the pure-Python helpers of the extension
-(region layout, info before init). Needs the NVSHMEM module compiled in, not
-a GPU.
+jax_ep.cuda.low_latency wrappers emit, the public ops' ragged layout around
+them (with the mode faked as set up), and the pure-Python helpers of the
+extension (region layout, info before init). Needs the NVSHMEM module
+compiled in, not a GPU.
 """
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+import jax_ep
 from jax_ep.cuda import extension
 from jax_ep.cuda import low_latency as ll
+from lowering import custom_call, lower_for_cuda
 
 pytestmark = pytest.mark.skipif(
     not extension.nvshmem_available(),
@@ -131,3 +134,87 @@ def test_region_layout_and_info_without_init():
     assert one["set_bytes"] >= 8 * 128 * 4 + 8 * 128 * stride > 8 * 128 * stride
     assert mod.ll_last_error() is None
     mod.nvshmem_finalize()  # no-op without init
+
+
+# ---------------------------------------------------------------- ragged layout
+
+N = R * M * min(K, L)
+
+
+@pytest.fixture
+def cuda_low_latency(monkeypatch):
+    """The CUDA low-latency mode as if initialize had set it up (only traced here)."""
+    layout = dict(num_ranks=R, max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E)
+    monkeypatch.setattr(ll, "info", lambda: dict(allocated=True, num_ranks=R, layout=layout))
+
+
+def _all_calls(text, target):
+    return [line for line in text.splitlines() if f"custom_call @{target}(" in line]
+
+
+KW = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, layout="ragged", backend="cuda")
+ROUTING = (((T, K), jnp.int32), ((T, K), jnp.float32))
+
+
+def test_ragged_dispatch_and_combine_wrap_the_padded_kernels(cuda_low_latency):
+    def body(x, idx, w):
+        rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, **KW)
+        assert rx.shape == (N, H) and h.layout == "ragged"
+        return jax_ep.low_latency_combine(rx, idx, w, h, backend="cuda")
+
+    text = lower_for_cuda(body, R, ((T, H), jnp.bfloat16), *ROUTING)
+    padded = f"tensor<{L}x{R * M}x{H}xbf16>"
+    dispatch = custom_call(text, "jax_ep_ll_dispatch")
+    assert f"-> ({padded}, " in dispatch
+    assert "zero_fill = false" in dispatch  # the gather into [N, H] zeroes the tail
+    assert f"tensor<{N}x{H}xbf16>" in text
+    combine = custom_call(text, "jax_ep_ll_combine")
+    assert f"(tensor<i32>, {padded}, " in combine
+
+
+def test_ragged_fp8_dispatch_gathers_both_parts(cuda_low_latency):
+    def body(x, idx, w):
+        (q, s), _, _ = jax_ep.low_latency_dispatch(x, idx, use_fp8=True, **KW)
+        assert q.shape == (N, H) and s.shape == (N, H // 128)
+        return q, s
+
+    text = lower_for_cuda(body, R, ((T, H), jnp.bfloat16), *ROUTING)
+    assert "zero_fill = false" in custom_call(text, "jax_ep_ll_dispatch")
+    assert f"tensor<{N}x{H}xf8E4M3FN>" in text and f"tensor<{N}x{H // 128}xf32>" in text
+
+
+def test_ragged_split_forms(cuda_low_latency):
+    def body(x, idx, w):
+        rx, _, h = jax_ep.low_latency_dispatch_recv(jax_ep.low_latency_dispatch_send(x, idx, **KW))
+        assert rx.shape == (N, H) and h.layout == "ragged"
+        back = jax_ep.low_latency_combine_send(rx, h, backend="cuda")
+        return jax_ep.low_latency_combine_recv(back, idx, w)
+
+    text = lower_for_cuda(body, R, ((T, H), jnp.float16), *ROUTING)
+    assert "zero_fill = false" in custom_call(text, "jax_ep_ll_dispatch_recv")
+    send = custom_call(text, "jax_ep_ll_combine_send")
+    assert f"(tensor<i32>, tensor<{L}x{R * M}x{H}xf16>, " in send
+
+
+def test_ragged_gradients_lower(cuda_low_latency):
+    """The VJPs on the ragged layout: the gather and the cached dispatch (no
+    zero fill: the gather back to [N, H] zeroes the tail), and a combine."""
+    mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
+    spec = jax.sharding.PartitionSpec("ep")
+
+    def body(x, idx, w):
+        rx, _, h = jax_ep.low_latency_dispatch(x, idx, **KW)
+        return jax_ep.low_latency_combine(jnp.sin(rx), idx, w, h, backend="cuda")
+
+    smapped = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
+    loss = lambda x, idx, w: jnp.sum(smapped(x, idx, w))
+    sharded = jax.NamedSharding(mesh, spec)
+    args = [jax.ShapeDtypeStruct((R * T,) + s, d, sharding=sharded)
+            for s, d in (((H,), jnp.float32), ((K,), jnp.int32), ((K,), jnp.float32))]
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    padded = f"tensor<{L}x{R * M}x{H}xf32>"
+    assert f"(tensor<i32>, {padded}, " in custom_call(text, "jax_ep_ll_gather")
+    cached = custom_call(text, "jax_ep_ll_dispatch_cached")
+    assert "zero_fill = false" in cached and f"-> {padded}" in cached
+    assert len(_all_calls(text, "jax_ep_ll_combine")) == 2  # forward, and dispatch's VJP

@@ -92,6 +92,18 @@ def test_public_low_latency_api_on_cuda(mps, ranks):
         assert "remat" in res.result["checked"], res.result
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 8])
+def test_public_low_latency_api_ragged_layout_on_cuda(mps, ranks):
+    """layout="ragged": the padded kernels' rows gathered into [N, H] (and y back
+    before the combine), every check of the padded run, gradients included."""
+    results = run_multiprocess("low_latency_workers:public_api", ranks, platform="gpu", timeout=500,
+                               env={"PYTHONPATH": WORKERS_DIR}, args=("0", "small", "0", "ragged"))
+    for res in results:
+        assert res.ok, res.describe()
+        assert res.result["ranks"] == ranks and res.result["layout"] == "ragged", res.result
+        assert {"fp8", "split", "gradients", "remat"} <= set(res.result["checked"]), res.result
+
+
 @pytest.mark.parametrize("ranks, ranks_per_node", [(4, 2), (8, 4)], ids=["2x2", "2x4"])
 def test_public_low_latency_api_on_virtual_nodes(mps, ranks, ranks_per_node):
     """The node map of initialize(ranks_per_node=): PEs of the other node by puts

@@ -57,7 +57,10 @@ def ops_against_oracle(seed="0"):
     def low_latency(x, idx, w):
         rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
                                                  max_tokens_per_rank=M)
-        return rx, cnt, jax_ep.low_latency_combine(rx, idx, w, h)
+        grx, _, gh = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
+                                                 max_tokens_per_rank=M, layout="ragged")
+        return (rx, cnt, jax_ep.low_latency_combine(rx, idx, w, h), grx,
+                jax_ep.low_latency_combine(grx, idx, w, gh))
 
     def loss(x, w, idx):
         return jnp.sum(normal(x, idx, w)[4] ** 2)
@@ -81,12 +84,15 @@ def ops_against_oracle(seed="0"):
     for r in range(n):
         np.testing.assert_allclose(dx[r], exp_dx[r], rtol=1e-6)
 
-    lrx, cnt, lout = (_gather(a, n) for a in low_latency(*args))
+    lrx, cnt, lout, grx, gout = (_gather(a, n) for a in low_latency(*args))
     lexp = oracle.low_latency_dispatch(xs, idxs, E, M)
     lexp_out = oracle.low_latency_combine([e["recv_x"] for e in lexp], idxs, ws, E, M)
+    gexp = oracle.low_latency_dispatch(xs, idxs, E, M, layout="ragged")
     for r in range(n):
         np.testing.assert_array_equal(lrx[r], lexp[r]["recv_x"])
         np.testing.assert_array_equal(cnt[r], lexp[r]["recv_count"])
+        np.testing.assert_array_equal(grx[r], gexp[r]["recv_x"])
         # float32 weighted sums: XLA may contract w * y + acc into an FMA.
         np.testing.assert_allclose(lout[r], lexp_out[r], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(gout[r], lexp_out[r], rtol=1e-6, atol=1e-6)
     return {"ranks": n, "processes": jax.process_count()}

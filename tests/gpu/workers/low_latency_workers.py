@@ -342,11 +342,12 @@ def one_rank_skips_the_combine(skipper="1", wait_s="20"):
                             extension.nvshmem_module().ll_last_error)
 
 
-def public_api(seed="0", shape="small", ranks_per_node="0"):
+def public_api(seed="0", shape="small", ranks_per_node="0", layout="padded"):
     """jax_ep.low_latency_dispatch / low_latency_combine on backend='cuda' (set up by
     jax_ep.initialize(low_latency=True)): outputs, FP8 and the VJPs (small shape
     only) vs the oracle, at one of SHAPES. ranks_per_node > 0: virtual nodes, the
-    PEs of other nodes reached by NVSHMEM puts."""
+    PEs of other nodes reached by NVSHMEM puts. layout: the dispatch's receive
+    layout ("padded" [L, R*M, H] or "ragged" [N, H]) every check runs on."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
@@ -372,6 +373,17 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
         return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
 
     mine = lambda a: np.asarray(a.addressable_shards[0].data)
+    L = E // n
+    lead = (n * M * min(K, L),) if layout == "ragged" else (L, n * M)
+    kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, layout=layout,
+              backend="cuda")
+
+    def valid_rows(count):
+        """The rows of recv_x holding data, given this rank's recv_count."""
+        if layout == "ragged":
+            return np.arange(lead[0]) < int(np.sum(count))
+        return np.arange(n * M)[None, :] < np.asarray(count)[:, None]
+
     s = int(seed)
     xs, idxs, ws = oracle.make_inputs(s, n, T, H, E, K, dtype=ml_dtypes.bfloat16,
                                       none_prob=0.1, invalid_prob=0.05, duplicate_prob=0.2)
@@ -379,25 +391,23 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
     @jax.jit
     @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
     def fwd(x, idx, w):
-        rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
-                                                 max_tokens_per_rank=M, backend="cuda")
+        rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, **kw)
         y = (rx.astype(jnp.float32) * 2.0 - 1.0).astype(rx.dtype)
         return rx[None], cnt[None], jax_ep.low_latency_combine(y, idx, w, h, backend="cuda")
 
     rx, cnt, out = (mine(a) for a in fwd(put(xs), put(idxs), put(ws)))
-    exp = oracle.low_latency_dispatch(xs, idxs, E, M)
+    exp = oracle.low_latency_dispatch(xs, idxs, E, M, layout=layout)
     ys = [(e["recv_x"].astype(np.float32) * 2 - 1).astype(ml_dtypes.bfloat16) for e in exp]
-    exp_out = oracle.low_latency_combine(ys, idxs, ws, E, M)
-    valid = np.arange(n * M)[None, :] < exp[me]["recv_count"][:, None]
+    exp_out = oracle.low_latency_combine(ys, idxs, ws, E, M, layout=layout)
+    assert rx[0].shape == lead + (H,), (rx.shape, lead)
+    valid = valid_rows(exp[me]["recv_count"])
     _same(rx[0][valid], exp[me]["recv_x"][valid], "recv_x")
     assert not np.any(rx[0][~valid].astype(np.float32)), "rows past recv_count must be zero"
 
     @jax.jit
     @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
     def unpadded(x, idx):
-        rx, cnt, _ = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
-                                                 max_tokens_per_rank=M, zero_padding=False,
-                                                 backend="cuda")
+        rx, cnt, _ = jax_ep.low_latency_dispatch(x, idx, zero_padding=False, **kw)
         return rx[None], cnt[None]
 
     urx, ucnt = (mine(a) for a in unpadded(put(xs), put(idxs)))
@@ -410,16 +420,13 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
     @jax.jit
     @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
     def fp8(x, idx):
-        (q, sc), _, _ = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
-                                                    max_tokens_per_rank=M, use_fp8=True,
-                                                    backend="cuda")
+        (q, sc), _, _ = jax_ep.low_latency_dispatch(x, idx, use_fp8=True, **kw)
         return q[None], sc[None]
 
     @jax.jit
     @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
     def split(x, idx, w):
-        pending = jax_ep.low_latency_dispatch_send(x, idx, num_experts=E, axis_name="ep",
-                                                   max_tokens_per_rank=M, backend="cuda")
+        pending = jax_ep.low_latency_dispatch_send(x, idx, **kw)
         rx, cnt, h = jax_ep.low_latency_dispatch_recv(pending)
         y = (rx.astype(jnp.float32) * 2.0 - 1.0).astype(rx.dtype)
         back = jax_ep.low_latency_combine_send(y, h, backend="cuda")
@@ -431,26 +438,26 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
     _same(sout, out, "split combine == fused")
 
     q, sc = (mine(a)[0] for a in fp8(put(xs), put(idxs)))
-    eq, es = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=True)[me]["recv_x"]
+    eq, es = oracle.low_latency_dispatch(xs, idxs, E, M, use_fp8=True,
+                                         layout=layout)[me]["recv_x"]
     _same(sc[valid], es[valid], "fp8 scales")
     _same(q[valid], eq[valid], "fp8 values")
     checked = ["dispatch", "padding", "combine", "split", "fp8"]
     if shape != "small":
         jax_ep.shutdown()
-        return {"ranks": n, "checked": checked, "shape": [T, H, K, E, M], "unmapped": unmapped}
+        return {"ranks": n, "checked": checked, "shape": [T, H, K, E, M], "unmapped": unmapped,
+                "layout": layout}
 
     # VJPs, float32.
     xs32 = [np.asarray(x, np.float32) for x in xs]
     rng = np.random.default_rng(s)
-    L = E // n
-    ct_recv = [rng.standard_normal((L, n * M, H)).astype(np.float32) for _ in range(n)]
-    y32 = [rng.standard_normal((L, n * M, H)).astype(np.float32) for _ in range(n)]
+    ct_recv = [rng.standard_normal(lead + (H,)).astype(np.float32) for _ in range(n)]
+    y32 = [rng.standard_normal(lead + (H,)).astype(np.float32) for _ in range(n)]
     ct_out = [rng.standard_normal((T, H)).astype(np.float32) for _ in range(n)]
 
     @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
     def both(x, y, idx, w):
-        rx, _, h = jax_ep.low_latency_dispatch(x, idx, num_experts=E, axis_name="ep",
-                                               max_tokens_per_rank=M, backend="cuda")
+        rx, _, h = jax_ep.low_latency_dispatch(x, idx, **kw)
         return rx, jax_ep.low_latency_combine(y, idx, w, h, backend="cuda")
 
     @jax.jit
@@ -467,12 +474,15 @@ def public_api(seed="0", shape="small", ranks_per_node="0"):
     dx, dy, dw = (mine(a) for a in grads(*args))
     for name, a, b in zip("x y w".split(), (dx, dy, dw), remat_grads(*args)):
         np.testing.assert_array_equal(a, mine(b), err_msg=f"remat grad {name}")
-    np.testing.assert_allclose(dx, oracle.low_latency_dispatch_grad_x(ct_recv, idxs, E, M)[me],
-                               rtol=1e-5, atol=1e-5, err_msg="dx")
-    np.testing.assert_allclose(dy, oracle.low_latency_combine_grad_y(ct_out, idxs, ws, E, M)[me],
-                               rtol=1e-5, atol=1e-5, err_msg="dy")
-    np.testing.assert_allclose(dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M)[me],
-                               rtol=1e-4, atol=1e-4, err_msg="dw")
+    np.testing.assert_allclose(
+        dx, oracle.low_latency_dispatch_grad_x(ct_recv, idxs, E, M, layout=layout)[me],
+        rtol=1e-5, atol=1e-5, err_msg="dx")
+    np.testing.assert_allclose(
+        dy, oracle.low_latency_combine_grad_y(ct_out, idxs, ws, E, M, layout=layout)[me],
+        rtol=1e-5, atol=1e-5, err_msg="dy")
+    np.testing.assert_allclose(
+        dw, oracle.low_latency_combine_grad_w(ct_out, y32, idxs, E, M, layout=layout)[me],
+        rtol=1e-4, atol=1e-4, err_msg="dw")
     jax_ep.shutdown()
     return {"ranks": n, "checked": checked + ["gradients", "remat"], "shape": [T, H, K, E, M],
-            "unmapped": unmapped}
+            "unmapped": unmapped, "layout": layout}
