@@ -117,3 +117,17 @@ def print_kernels(title, fn, *args, calls=20, top=12):
     print(f"{title}: {busy * 1e6:.1f} µs of kernels per call, {len(rows)} kinds")
     for name, sec, n in rows[:top]:
         print(f"    {sec * 1e6:8.1f} µs  x{n:4.1f}  {name[:90]}")
+
+
+def launch_ranks(target, n, args, *, gpu_per_rank=False):
+    """`target` in n processes: process i on GPU i, or all sharing GPU 0 under MPS."""
+    import os
+
+    from jax_ep.testing import launch, mps_daemon
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    kw = dict(timeout=560, env={"PYTHONPATH": here}, args=tuple(str(a) for a in args))
+    if gpu_per_rank:
+        return launch(target, n, platform="gpu-per-process", **kw)
+    with mps_daemon():
+        return launch(target, n, platform="gpu", **kw)

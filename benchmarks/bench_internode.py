@@ -42,7 +42,7 @@ import sys
 
 import numpy as np
 
-from _timing import mesh_of
+from _timing import launch_ranks, mesh_of
 from bench_intranode import E, H, K, T, _init, measure
 
 GROUPS = 4        # DeepSeek-V3: each token's experts lie in at most 4 groups (here: nodes)
@@ -237,18 +237,9 @@ def main(argv=None):
         print_table(R, G, nbytes)
         return 0
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from jax_ep.testing import launch, mps_daemon
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    worker_args = (str(args.iters), str(args.tokens), str(G), str(args.seed),
-                   str(args.num_blocks))
-    if args.gpu_per_rank:
-        results = launch("bench_internode:worker", R, platform="gpu-per-process", timeout=560,
-                         env={"PYTHONPATH": here}, args=worker_args)
-    else:
-        with mps_daemon():
-            results = launch("bench_internode:worker", R, platform="gpu", timeout=560,
-                             env={"PYTHONPATH": here}, args=worker_args)
+    results = launch_ranks("bench_internode:worker", R,
+                           (args.iters, args.tokens, G, args.seed, args.num_blocks),
+                           gpu_per_rank=args.gpu_per_rank)
     times = {mode: {op: max(r.result[mode][op] for r in results) for op in OPS}
              for mode in ("intranode", "internode")}
     where = "a GPU each" if args.gpu_per_rank else "one GPU (MPS)"

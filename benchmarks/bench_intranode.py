@@ -28,8 +28,8 @@ import sys
 
 import numpy as np
 
-from _timing import (device_kernels, drop, lift, mesh_of, print_kernels, putter,
-                     time_per_call)
+from _timing import (device_kernels, drop, launch_ranks, lift, mesh_of, print_kernels,
+                     putter, time_per_call)
 
 H, K, E, T = 7168, 8, 256, 4096
 
@@ -276,9 +276,6 @@ def worker(iters="50", tokens=str(T), num_blocks="0"):
 
 
 def run_processes(n, iters, tokens, gpu_per_rank=False, num_blocks=0):
-    from jax_ep.testing import launch, mps_daemon
-
-    here = os.path.dirname(os.path.abspath(__file__))
     # Measured alone on the GPU, in a child process: this one must hold no CUDA
     # context while the MPS clients run.
     import subprocess
@@ -286,14 +283,8 @@ def run_processes(n, iters, tokens, gpu_per_rank=False, num_blocks=0):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--copy-only"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     copy_bw = float(out.split()[-1])
-    args = (str(iters), str(tokens), str(num_blocks))
-    if gpu_per_rank:
-        results = launch("bench_intranode:worker", n, platform="gpu-per-process", timeout=560,
-                         env={"PYTHONPATH": here}, args=args)
-    else:
-        with mps_daemon():
-            results = launch("bench_intranode:worker", n, platform="gpu", timeout=560,
-                             env={"PYTHONPATH": here}, args=args)
+    results = launch_ranks("bench_intranode:worker", n, (iters, tokens, num_blocks),
+                           gpu_per_rank=gpu_per_rank)
     mode = f"{n} procs/{n if gpu_per_rank else 1} GPU"
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write, one GPU); "
           f"num_blocks={num_blocks or 'auto'}")

@@ -146,23 +146,17 @@ def setup(mesh, axis_name, *, ranks_per_node, max_tokens_per_rank, hidden, top_k
     global _setup
     mod = extension.nvshmem_module()
     errors.install()
-    prefix = _kvstore.new_scope("nvshmem")
-    pes = _agreement.step(
-        mesh, "locating the NVSHMEM PEs",
-        lambda: nvshmem.locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix,
-                               mode="internode"),
-        timeout_s=timeout_s)
-    if pes.num_ranks > mod.internode_max_ranks():
+    num_ranks = int(mesh.shape[axis_name])
+    if num_ranks > mod.internode_max_ranks():
         raise ValueError(f"jax_ep internode mode: at most {mod.internode_max_ranks()} ranks, "
-                         f"the EP axis {axis_name!r} has {pes.num_ranks}.")
+                         f"the EP axis {axis_name!r} has {num_ranks}.")
     msg = _max_message(ranks_per_node, hidden, itemsize, top_k)
     row = _combine_row(hidden, itemsize, top_k)
-    heap = (mod.internode_region_bytes(pes.num_ranks, ranks_per_node, max_tokens_per_rank,
-                                       msg, row) + _HEAP_HEADROOM + int(extra_heap_bytes))
-    _agreement.step(
-        mesh, "initializing NVSHMEM",
-        lambda: nvshmem.init(pes, heap_bytes=heap, timeout_s=timeout_s, prefix=prefix),
-        timeout_s=timeout_s)
+    pes = nvshmem.bootstrap(
+        mesh, axis_name,
+        lambda pes: mod.internode_region_bytes(pes.num_ranks, ranks_per_node,
+                                               max_tokens_per_rank, msg, row)
+        + _HEAP_HEADROOM + int(extra_heap_bytes), timeout_s=timeout_s, mode="internode")
     allocated = []
 
     def allocate():

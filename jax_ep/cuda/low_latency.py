@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _agreement, _kvstore, _ragged
+from .. import _agreement, _ragged
 from .._handles import LowLatencyHandle
 from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
@@ -106,20 +106,21 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
     global _groups
     mod = extension.nvshmem_module()
     errors.install()
-    prefix = _kvstore.new_scope("nvshmem")
-    pes = _agreement.step(
-        mesh, "locating the NVSHMEM PEs",
-        lambda: nvshmem.locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix),
-        timeout_s=timeout_s)
-    grouped = ranks_per_node is not None and ranks_per_node < pes.num_ranks
-    if send_buffer is None:
-        send_buffer = options.force_put or not pes.single_host or grouped
-    heap = mod.nvshmem_ll_region_bytes(pes.num_ranks, max_tokens_per_rank, hidden, num_experts,
-                                       top_k, itemsize, bool(send_buffer)) + _HEAP_HEADROOM
-    _agreement.step(
-        mesh, "initializing NVSHMEM",
-        lambda: nvshmem.init(pes, heap_bytes=heap, timeout_s=timeout_s, prefix=prefix),
-        timeout_s=timeout_s)
+
+    def grouped(pes):
+        return ranks_per_node is not None and ranks_per_node < pes.num_ranks
+
+    def staging(pes):
+        if send_buffer is not None:
+            return bool(send_buffer)
+        return options.force_put or not pes.single_host or grouped(pes)
+
+    pes = nvshmem.bootstrap(
+        mesh, axis_name,
+        lambda pes: mod.nvshmem_ll_region_bytes(pes.num_ranks, max_tokens_per_rank, hidden,
+                                                num_experts, top_k, itemsize, staging(pes))
+        + _HEAP_HEADROOM, timeout_s=timeout_s, mode="low-latency")
+    send_buffer = staging(pes)
 
     def allocate():
         mod.nvshmem_ll_set_options(float(timeout_s), int(num_blocks), int(options.force_put),
@@ -129,7 +130,7 @@ def setup(mesh, axis_name, *, max_tokens_per_rank, hidden, num_experts, top_k, i
                              dependent_launch=options.dependent_launch,
                              streamed_combine=options.streamed_combine,
                              phase_trace=options.phase_trace or "",
-                             ranks_per_node=int(ranks_per_node) if grouped else 0)
+                             ranks_per_node=int(ranks_per_node) if grouped(pes) else 0)
         _check_coresident(num_blocks)
 
     # The allocation ends in an NVSHMEM barrier; the agreement after it also

@@ -29,7 +29,7 @@ import socket
 
 import jax
 
-from .. import _kvstore
+from .. import _agreement, _kvstore
 from .._mesh import ep_groups
 from . import extension
 
@@ -103,6 +103,21 @@ def init(pes: PeGroup, *, heap_bytes, timeout_s, prefix) -> None:
     mod.nvshmem_init(uid, pes.rank, pes.num_ranks, pes.device.local_hardware_id,
                      pes.single_host, int(heap_bytes))
     _current = layout + (int(heap_bytes),)
+
+
+def bootstrap(mesh, axis_name, heap_bytes, *, timeout_s, mode) -> PeGroup:
+    """`locate` then `init` (collective), each step agreed across the processes.
+    heap_bytes: a function of the PeGroup giving the symmetric heap to ask for."""
+    prefix = _kvstore.new_scope("nvshmem")
+    pes = _agreement.step(
+        mesh, "locating the NVSHMEM PEs",
+        lambda: locate(mesh, axis_name, timeout_s=timeout_s, prefix=prefix, mode=mode),
+        timeout_s=timeout_s)
+    heap = heap_bytes(pes)
+    _agreement.step(mesh, "initializing NVSHMEM",
+                    lambda: init(pes, heap_bytes=heap, timeout_s=timeout_s, prefix=prefix),
+                    timeout_s=timeout_s)
+    return pes
 
 
 def free_regions() -> None:
