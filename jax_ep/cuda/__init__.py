@@ -3,6 +3,7 @@
 - `extension`   loads the compiled modules, registers the FFI targets, build_info
 - `errors`      jax_ep's timeout / disagreement message in JAX's runtime errors
 - `grid`        the co-residency check of the spinning kernels' grids
+- `calls`       what the custom-call wrappers share (axis index operand, rows, types)
 - `layout`      get_dispatch_layout / route kernels (local, no setup)
 - `intranode`   dispatch / combine over NVLink peer pointers (CUDA IPC)
 - `internode`   dispatch / combine across nodes (NVSHMEM puts + NVLink forwarding)

@@ -32,7 +32,7 @@ from jax import lax
 from .. import _agreement, _kvstore
 from .._mesh import check_call_mesh, ep_groups, group_ids
 from .._routing import Routing, handle_from_counts, localize, valid_ids
-from . import errors, extension, grid, layout, nvshmem
+from . import calls, errors, extension, grid, layout, nvshmem
 
 DISPATCH = "jax_ep_internode_dispatch"
 DISPATCH_CACHED = "jax_ep_internode_dispatch_cached"
@@ -203,21 +203,8 @@ def teardown(mesh=None, *, timeout_s=60.0):
 # --------------------------------------------------------------------------
 
 
-def _as_rows(a):
-    return a.reshape(a.shape[0], -1) if a.ndim != 2 else a
-
-
 def _typed(like, shape, dtype):
     return extension.result_type(jax.typeof(like), shape, dtype)
-
-
-def _moved(p, capacity):
-    t = jax.typeof(p)
-    return extension.result_type(t, (capacity,) + tuple(t.shape[1:]), t.dtype)
-
-
-def _axis_index(axis_name):
-    return lax.axis_index(axis_name).astype(jnp.int32)
 
 
 def dispatch_call(axis_index, slot, node_slot, sent, node_sent, payloads, *, capacity,
@@ -227,11 +214,11 @@ def dispatch_call(axis_index, slot, node_slot, sent, node_sent, payloads, *, cap
     extension.register_targets()
     num_tokens, num_ranks = jax.typeof(slot).shape
     num_nodes = num_ranks // ranks_per_node
-    flat = [_as_rows(p) for p in payloads]
+    flat = [calls.as_rows(p) for p in payloads]
     types = [_typed(sent, (num_ranks, num_ranks), jnp.int32),
              _typed(sent, (num_nodes, num_tokens, ranks_per_node), jnp.int32),
              _typed(sent, (num_nodes,), jnp.int32)]
-    types += [_moved(p, capacity) for p in flat]
+    types += [calls.moved_type(p, capacity) for p in flat]
     counts, relay_pos, relay_rows, *recv = jax.ffi.ffi_call(DISPATCH, types)(
         axis_index, slot, node_slot, sent, node_sent, *flat, capacity=np.int64(capacity))
     recv = [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
@@ -240,8 +227,8 @@ def dispatch_call(axis_index, slot, node_slot, sent, node_sent, payloads, *, cap
 
 def dispatch_cached_call(axis_index, handle, payloads):
     extension.register_targets()
-    flat = [_as_rows(p) for p in payloads]
-    recv = jax.ffi.ffi_call(DISPATCH_CACHED, [_moved(p, handle.capacity) for p in flat])(
+    flat = [calls.as_rows(p) for p in payloads]
+    recv = jax.ffi.ffi_call(DISPATCH_CACHED, [calls.moved_type(p, handle.capacity) for p in flat])(
         axis_index, handle.token_slot, handle.node_slot, handle.rank_counts, handle.relay_rows,
         *flat, capacity=np.int64(handle.capacity))
     return [r.reshape((handle.capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
@@ -249,7 +236,7 @@ def dispatch_cached_call(axis_index, handle, payloads):
 
 def combine_call(axis_index, y, handle):
     extension.register_targets()
-    flat = _as_rows(y)
+    flat = calls.as_rows(y)
     out_type = _typed(flat, (handle.num_tokens, flat.shape[1]), flat.dtype)
     out = jax.ffi.ffi_call(COMBINE, out_type)(
         axis_index, flat, handle.node_slot, handle.rank_counts, handle.relay_pos,
@@ -260,11 +247,6 @@ def combine_call(axis_index, y, handle):
 # --------------------------------------------------------------------------
 # Trace-time checks and backend functions
 # --------------------------------------------------------------------------
-
-
-def _row_bytes(a) -> int:
-    t = jax.typeof(a)
-    return int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.itemsize
 
 
 def _check(op, axis_name, num_tokens, row_bytes=None, message=None):
@@ -302,9 +284,9 @@ def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity)
     routing = Routing(idx, num_invalid, slot, sent)
     payloads = list(parts) + [routing.idx, topk_weights]
     _check("dispatch", axis_name, idx.shape[0],
-           message=message_bytes(G, [_row_bytes(p) for p in payloads]))
+           message=message_bytes(G, [calls.row_bytes(p) for p in payloads]))
     rank_counts, relay_pos, relay_rows, recv = dispatch_call(
-        _axis_index(axis_name), slot, node_slot, sent, node_sent, payloads, capacity=capacity,
+        calls.axis_index(axis_name), slot, node_slot, sent, node_sent, payloads, capacity=capacity,
         ranks_per_node=G)
     handle = handle_from_counts(routing, rank_counts, num_experts=num_experts,
                                 axis_name=axis_name, capacity=capacity)
@@ -326,19 +308,19 @@ def _check_handle(op, handle):
 def dispatch_rows(parts, handle):
     _check("dispatch", handle.axis_name, handle.num_tokens,
            message=message_bytes(_setup.ranks_per_node if _setup else 1,
-                                 [_row_bytes(p) for p in parts]))
+                                 [calls.row_bytes(p) for p in parts]))
     _check_handle("dispatch", handle)
-    return dispatch_cached_call(_axis_index(handle.axis_name), handle, list(parts))
+    return dispatch_cached_call(calls.axis_index(handle.axis_name), handle, list(parts))
 
 
 def combine_rows(parts, handle):
     out = []
     for part in parts:
-        _check("combine", handle.axis_name, handle.num_tokens, row_bytes=_row_bytes(part))
+        _check("combine", handle.axis_name, handle.num_tokens, row_bytes=calls.row_bytes(part))
         _check_handle("combine", handle)
         if jnp.dtype(part.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                                          jnp.dtype(jnp.float32)):
             raise TypeError(f"jax_ep.combine: the internode kernels combine bfloat16, float16 "
                             f"or float32 rows, got {part.dtype}.")
-        out.append(combine_call(_axis_index(handle.axis_name), part, handle))
+        out.append(combine_call(calls.axis_index(handle.axis_name), part, handle))
     return out

@@ -32,7 +32,7 @@ from jax import lax
 from .. import _agreement, _kvstore
 from .._mesh import check_call_mesh, ep_coordinates, ep_groups, group_ids
 from .._routing import Routing, handle_from_counts, localize, valid_ids
-from . import errors, extension, grid, layout
+from . import calls, errors, extension, grid, layout
 
 DISPATCH = "jax_ep_intranode_dispatch"
 DISPATCH_CACHED = "jax_ep_intranode_dispatch_cached"
@@ -94,11 +94,6 @@ def buffer_size(num_ranks, max_tokens_per_rank, hidden, *, top_k=8, dtype="bfloa
     # combine of y, and the dispatch VJP's combine of the weight gradients
     combine = combine_bytes(num_ranks, max_tokens_per_rank, max(hidden * itemsize, 4 * top_k))
     return int(max(dense, fp8, combine))
-
-
-def _row_bytes(a) -> int:
-    t = jax.typeof(a)
-    return int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.itemsize
 
 
 def check_buffer(op, axis_name, nbytes):
@@ -269,31 +264,15 @@ def info() -> dict | None:
 # --------------------------------------------------------------------------
 
 
-def _as_rows(a):
-    """Payloads travel as 2-D [rows, row] arrays; the shape is restored after."""
-    return a.reshape(a.shape[0], -1) if a.ndim != 2 else a
-
-
-def _moved_type(p, capacity):
-    t = jax.typeof(p)
-    return extension.result_type(t, (capacity,) + tuple(t.shape[1:]), t.dtype)
-
-
-def _axis_index(axis_name):
-    """This call's position on the EP axis: the kernels check it against the rank
-    initialize gave the device (a mesh of another device order stops with a message)."""
-    return lax.axis_index(axis_name).astype(jnp.int32)
-
-
 def dispatch_call(axis_index, slot, sent, payloads, *, capacity):
     """Count exchange + row transfer. axis_index int32 [], slot int32 [T, R], sent
     int32 [R], payloads [T, ...] -> (rank_counts int32 [R, R], *payloads moved to
     [capacity, ...])."""
     extension.register_targets()
     num_ranks = jax.typeof(sent).shape[0]
-    flat = [_as_rows(p) for p in payloads]
+    flat = [calls.as_rows(p) for p in payloads]
     result_types = [extension.result_type(jax.typeof(sent), (num_ranks, num_ranks), jnp.int32)]
-    result_types += [_moved_type(p, capacity) for p in flat]
+    result_types += [calls.moved_type(p, capacity) for p in flat]
     counts, *recv = jax.ffi.ffi_call(DISPATCH, result_types)(
         axis_index, slot, sent, *flat, capacity=np.int64(capacity))
     return [counts] + [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
@@ -302,8 +281,8 @@ def dispatch_call(axis_index, slot, sent, payloads, *, capacity):
 def dispatch_cached_call(axis_index, token_slot, rank_counts, payloads, *, capacity):
     """Row transfer with known counts (the handle's): payloads [T, ...] -> [capacity, ...]."""
     extension.register_targets()
-    flat = [_as_rows(p) for p in payloads]
-    result_types = [_moved_type(p, capacity) for p in flat]
+    flat = [calls.as_rows(p) for p in payloads]
+    result_types = [calls.moved_type(p, capacity) for p in flat]
     recv = jax.ffi.ffi_call(DISPATCH_CACHED, result_types)(
         axis_index, token_slot, rank_counts, *flat, capacity=np.int64(capacity))
     return [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
@@ -313,7 +292,7 @@ def combine_call(axis_index, y, token_slot, rank_counts):
     """Rank-ordered float32 sum of each token's rows: y [capacity, ...] -> [T, ...]."""
     extension.register_targets()
     num_tokens = jax.typeof(token_slot).shape[0]
-    flat = _as_rows(y)
+    flat = calls.as_rows(y)
     out_type = extension.result_type(jax.typeof(flat), (num_tokens, flat.shape[1]), flat.dtype)
     out = jax.ffi.ffi_call(COMBINE, out_type)(axis_index, flat, token_slot, rank_counts)
     return out.reshape((num_tokens,) + tuple(y.shape[1:]))
@@ -331,8 +310,8 @@ def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity)
     routing = Routing(idx, num_invalid, slot, sent)
     payloads = list(parts) + [routing.idx, topk_weights]
     check_buffer("dispatch", axis_name,
-                 dispatch_bytes(capacity, [_row_bytes(p) for p in payloads]))
-    rank_counts, *recv = dispatch_call(_axis_index(axis_name), routing.slot, routing.sent,
+                 dispatch_bytes(capacity, [calls.row_bytes(p) for p in payloads]))
+    rank_counts, *recv = dispatch_call(calls.axis_index(axis_name), routing.slot, routing.sent,
                                        payloads, capacity=capacity)
     handle = handle_from_counts(routing, rank_counts, num_experts=num_experts,
                                 axis_name=axis_name, capacity=capacity)
@@ -343,8 +322,8 @@ def dispatch(parts, topk_idx, topk_weights, *, num_experts, axis_name, capacity)
 
 def dispatch_rows(parts, handle):
     check_buffer("dispatch", handle.axis_name,
-                 dispatch_bytes(handle.capacity, [_row_bytes(p) for p in parts]))
-    return dispatch_cached_call(_axis_index(handle.axis_name), handle.token_slot,
+                 dispatch_bytes(handle.capacity, [calls.row_bytes(p) for p in parts]))
+    return dispatch_cached_call(calls.axis_index(handle.axis_name), handle.token_slot,
                                 handle.rank_counts, list(parts), capacity=handle.capacity)
 
 
@@ -352,7 +331,7 @@ def combine_rows(parts, handle):
     out = []
     for part in parts:
         check_buffer("combine", handle.axis_name,
-                     combine_bytes(handle.num_ranks, handle.num_tokens, _row_bytes(part)))
-        out.append(combine_call(_axis_index(handle.axis_name), part, handle.token_slot,
+                     combine_bytes(handle.num_ranks, handle.num_tokens, calls.row_bytes(part)))
+        out.append(combine_call(calls.axis_index(handle.axis_name), part, handle.token_slot,
                                 handle.rank_counts))
     return out

@@ -39,7 +39,7 @@ from .. import _agreement, _ragged
 from .._handles import LowLatencyHandle
 from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
-from . import errors, extension, grid, nvshmem
+from . import calls, errors, extension, grid, nvshmem
 
 DISPATCH = "jax_ep_ll_dispatch"
 DISPATCH_SEND = "jax_ep_ll_dispatch_send"
@@ -316,11 +316,6 @@ def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, axis_inde
 # --------------------------------------------------------------------------
 
 
-def _axis_index(axis_name):
-    """The call's position on the EP axis; the kernels check it against the PE's rank."""
-    return lax.axis_index(axis_name).astype(jnp.int32)
-
-
 def _check_fits(max_tokens_per_rank, hidden, top_k, num_experts, num_ranks, axis_name):
     if _groups is not None:
         check_call_mesh("low_latency_dispatch", axis_name, _groups)
@@ -382,7 +377,7 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
                 axis_name)
     idx, num_invalid = valid_ids(topk_idx, num_experts)
     recv, count, recv_src, slot = dispatch_call(
-        x, idx, axis_index=_axis_index(axis_name), num_experts=num_experts,
+        x, idx, axis_index=calls.axis_index(axis_name), num_experts=num_experts,
         max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8,
         zero_fill=zero_padding and layout == "padded", num_ranks=num_ranks)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
@@ -398,7 +393,7 @@ def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens
     _check_fits(max_tokens_per_rank, x.shape[1], topk_idx.shape[1], num_experts, num_ranks,
                 axis_name)
     idx, num_invalid = valid_ids(topk_idx, num_experts)
-    token = dispatch_send_call(x, idx, axis_index=_axis_index(axis_name),
+    token = dispatch_send_call(x, idx, axis_index=calls.axis_index(axis_name),
                                num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank,
                                use_fp8=use_fp8)
     return token, idx, num_invalid
@@ -409,7 +404,7 @@ def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_e
                               layout="padded"):
     num_ranks = lax.axis_size(axis_name)
     recv, count, recv_src, slot = dispatch_recv_call(
-        token, idx, axis_index=_axis_index(axis_name), hidden=hidden, x_dtype=x_dtype,
+        token, idx, axis_index=calls.axis_index(axis_name), hidden=hidden, x_dtype=x_dtype,
         num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8,
         zero_fill=zero_padding and layout == "padded", num_ranks=num_ranks)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
@@ -420,12 +415,12 @@ def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_e
 
 def low_latency_combine_send(y, handle):
     return combine_send_call(_ragged.as_padded(y, handle), handle.recv_src, handle.recv_count,
-                             axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
+                             axis_index=calls.axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
     return combine_recv_call(token, _global_ids(handle), topk_weights,
-                             axis_index=_axis_index(handle.axis_name), hidden=hidden,
+                             axis_index=calls.axis_index(handle.axis_name), hidden=hidden,
                              y_dtype=y_dtype, num_experts=handle.num_experts,
                              max_tokens_per_rank=handle.max_tokens_per_rank)
 
@@ -433,20 +428,20 @@ def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
 def low_latency_combine(y, topk_weights, handle):
     return combine_call(_ragged.as_padded(y, handle), _global_ids(handle), topk_weights,
                         handle.recv_src, handle.recv_count, _kernel_slot(handle),
-                        axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
+                        axis_index=calls.axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_gather_rows(y, handle):
     return gather_call(_ragged.as_padded(y, handle), _global_ids(handle), handle.recv_src,
                        handle.recv_count, _kernel_slot(handle),
-                       axis_index=_axis_index(handle.axis_name), num_ranks=handle.num_ranks)
+                       axis_index=calls.axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_dispatch_rows(parts, handle, row_weights=None):
     # Ragged: the gather zeroes the tail, so the kernel need not zero its padding.
     return [_ragged.as_layout(dispatch_cached_call(
         part, _global_ids(handle), _kernel_slot(handle), handle.recv_count, row_weights,
-        axis_index=_axis_index(handle.axis_name), num_experts=handle.num_experts,
+        axis_index=calls.axis_index(handle.axis_name), num_experts=handle.num_experts,
         max_tokens_per_rank=handle.max_tokens_per_rank,
         zero_fill=handle.layout == "padded", num_ranks=handle.num_ranks), handle)
         for part in parts]

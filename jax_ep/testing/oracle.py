@@ -610,7 +610,7 @@ def low_latency_dispatch(xs, topk_idxs, num_experts: int,
     within its expert).
     """
     lay = _ll_layout(topk_idxs, num_experts, max_tokens_per_rank, layout)
-    I, M = lay.ids, lay.M
+    I = lay.ids
     R, L = I.R, I.L
     if len(xs) != R:
         raise ValueError("xs needs one entry per rank")

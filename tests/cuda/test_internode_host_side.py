@@ -11,7 +11,7 @@ import pytest
 from jax_ep._handles import DispatchHandle
 from lowering import custom_call, lower_for_cuda
 
-from jax_ep.cuda import extension, internode
+from jax_ep.cuda import calls, extension, internode
 
 pytestmark = pytest.mark.skipif(not extension.nvshmem_available() or not internode.compiled(),
                                 reason="jax_ep built without the NVSHMEM (internode) kernels")
@@ -27,7 +27,7 @@ def _lower(body, *shapes):
 def test_dispatch_operands_and_results():
     def body(slot, node_slot, sent, node_sent, x):
         counts, pos, rows, recv = internode.dispatch_call(
-            internode._axis_index("ep"), slot, node_slot, sent[0], node_sent[0], [x],
+            calls.axis_index("ep"), slot, node_slot, sent[0], node_sent[0], [x],
             capacity=CAP, ranks_per_node=G)
         return recv[0]
     text = _lower(body, ((T, R), jnp.int32), ((T, N), jnp.int32), ((1, R), jnp.int32),
@@ -51,7 +51,7 @@ def _handle(slot, node_slot, counts, relay_pos, relay_rows):
 def test_cached_dispatch_and_combine_operands():
     def body(slot, node_slot, counts, relay_pos, relay_rows, x, y):
         h = _handle(slot, node_slot, counts[0], relay_pos[0], relay_rows[0])
-        idx = internode._axis_index("ep")
+        idx = calls.axis_index("ep")
         (recv,) = internode.dispatch_cached_call(idx, h, [x])
         return recv, internode.combine_call(idx, y, h)
     text = _lower(body, ((T, R), jnp.int32), ((T, N), jnp.int32), ((1, R, R), jnp.int32),

@@ -7,7 +7,7 @@ import pytest
 
 from lowering import custom_call, lower_for_cuda
 
-from jax_ep.cuda import intranode
+from jax_ep.cuda import calls, intranode
 
 pytestmark = pytest.mark.skipif(not intranode.compiled(),
                                 reason="jax_ep built without the CUDA intranode ops")
@@ -21,7 +21,7 @@ def _lower(body, *shapes):
 
 def test_dispatch_takes_the_axis_index_first():
     def body(slot, sent, x):
-        counts, recv = intranode.dispatch_call(intranode._axis_index("ep"), slot, sent[0], [x],
+        counts, recv = intranode.dispatch_call(calls.axis_index("ep"), slot, sent[0], [x],
                                                capacity=CAP)
         return recv
     text = _lower(body, ((T, R), jnp.int32), ((1, R), jnp.int32), ((T, H), jnp.bfloat16))
@@ -33,7 +33,7 @@ def test_dispatch_takes_the_axis_index_first():
 
 def test_cached_dispatch_and_combine_take_the_axis_index_first():
     def body(slot, counts, x, y):
-        idx = intranode._axis_index("ep")
+        idx = calls.axis_index("ep")
         (recv,) = intranode.dispatch_cached_call(idx, slot, counts[0], [x], capacity=CAP)
         out = intranode.combine_call(idx, y, slot, counts[0])
         return recv, out
