@@ -78,4 +78,15 @@ __device__ __forceinline__ void StridedCopy(const V* __restrict__ src, V* __rest
   }
 }
 
+// Kernel parameters indexed with a run-time index would be copied to local
+// memory: thread p copies entry p of the table (a constant index) into shared
+// memory instead, for the first n entries. The caller syncs the block after.
+template <typename T, int kMax>
+__device__ __forceinline__ void CopyTableToShared(const T (&table)[kMax], int n, T* s_table) {
+#pragma unroll
+  for (int p = 0; p < kMax; ++p) {
+    if (static_cast<int>(threadIdx.x) == p && p < n) s_table[p] = table[p];
+  }
+}
+
 }  // namespace jax_ep

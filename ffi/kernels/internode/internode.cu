@@ -348,10 +348,7 @@ struct DispatchKernelArgs {
 };
 
 __device__ __forceinline__ void LoadParts(const DispatchKernelArgs& a, PartDesc* s_parts) {
-#pragma unroll
-  for (int p = 0; p < kMaxParts; ++p) {
-    if (static_cast<int>(threadIdx.x) == p && p < a.num_parts) s_parts[p] = a.parts[p];
-  }
+  CopyTableToShared(a.parts, a.num_parts, s_parts);
 }
 
 // Block b's tokens: [b * per, min(T, (b + 1) * per)).

@@ -276,13 +276,8 @@ struct DispatchKernelArgs {
   PartDesc parts[kMaxParts];
 };
 
-// Kernel parameters indexed with a run-time index would be copied to local
-// memory; copy the part table to shared memory with constant indices instead.
 __device__ __forceinline__ void LoadParts(const DispatchKernelArgs& a, PartDesc* s_parts) {
-#pragma unroll
-  for (int p = 0; p < kMaxParts; ++p) {
-    if (static_cast<int>(threadIdx.x) == p && p < a.num_parts) s_parts[p] = a.parts[p];
-  }
+  CopyTableToShared(a.parts, a.num_parts, s_parts);
 }
 
 __global__ void __launch_bounds__(kThreads)
