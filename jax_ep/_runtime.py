@@ -16,10 +16,12 @@ import dataclasses
 import numbers
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _agreement, _backend, _topology, cuda
+from .cuda import calls
 from .options import Options
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -154,6 +156,7 @@ def initialize(mesh=None, axis_name=None, *, backend="auto", max_tokens_per_rank
         raise
     _backend.set_default_backend(backend)
     _topology.set_ranks_per_node(ranks_per_node)
+    calls.set_comm_stream(options.comm_stream)
     _state = state
 
 
@@ -305,8 +308,15 @@ def shutdown(*, at_exit=False):
     state, _state = _state, None
     _backend.set_default_backend("auto")
     _topology.set_ranks_per_node(None)
+    calls.set_comm_stream(None)
     if state is not None:
         _teardown(state, at_exit=at_exit)
+        if not at_exit and (state.intranode or state.internode or state.low_latency):
+            # Compiled functions hold the freed buffers' addresses (baked into
+            # XLA's CUDA graphs, which replay without asking jax_ep) and the
+            # options they were traced with: trace them again after the next
+            # initialize.
+            jax.clear_caches()
 
 
 atexit.register(shutdown, at_exit=True)

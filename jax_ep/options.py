@@ -11,6 +11,7 @@ jax_ep that reads them — which `initialize(options=None)` calls.
 | `dependent_launch` | True    | `JAX_EP_LL_NO_PDL=1` -> off |
 | `streamed_combine` | True    | `JAX_EP_LL_NO_STREAM=1` -> off |
 | `phase_trace`      | None    | `JAX_EP_LL_TRACE=<path>`    |
+| `comm_stream`      | None    | (none)                      |
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ class Options:
       phase_trace: path prefix of a per-phase timestamp trace of the
         low-latency kernels, written at `shutdown` to `<path>.pe<rank>` and
         read by benchmarks/ll_phases.py; None turns it off. Diagnostics only.
+      comm_stream: run the communication custom calls (dispatch, combine, their
+        split halves, gather, cached dispatch; every mode) on their own XLA
+        stream, so that they overlap independent compute, e.g. one
+        micro-batch's combine with the next one's expert matmuls. An int
+        n >= 1 is XLA's execution stream n, "collective" the stream XLA runs
+        its own collectives on (ordering jax_ep with them rather than
+        competing for SMs). XLA wraps each call in an async start / done pair
+        (jax.experimental.compute_on). None keeps them on the compute stream.
+        Read when a function is traced; the routing / layout kernels stay on
+        the compute stream.
     """
 
     force_put: bool = False
@@ -54,6 +65,7 @@ class Options:
     dependent_launch: bool = True
     streamed_combine: bool = True
     phase_trace: str | None = None
+    comm_stream: int | str | None = None
 
     def __post_init__(self):
         for field in ("force_put", "system_scope", "dependent_launch", "streamed_combine"):
@@ -65,6 +77,12 @@ class Options:
                                              or not self.phase_trace):
             raise TypeError("jax_ep.Options: phase_trace must be a non-empty path prefix "
                             f"(str) or None, got {self.phase_trace!r}.")
+
+        stream = self.comm_stream
+        if not (stream is None or stream == "collective"
+                or (isinstance(stream, int) and not isinstance(stream, bool) and stream >= 1)):
+            raise ValueError("jax_ep.Options: comm_stream must be None, an XLA stream number "
+                             f">= 1, or \"collective\", got {stream!r}.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Options:

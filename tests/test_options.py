@@ -12,7 +12,7 @@ from jax_ep import Options
 def test_defaults():
     o = Options()
     assert (o.force_put, o.system_scope, o.dependent_launch, o.streamed_combine,
-            o.phase_trace) == (False, False, True, True, None)
+            o.phase_trace, o.comm_stream) == (False, False, True, True, None, None)
 
 
 def test_frozen():
@@ -80,3 +80,25 @@ def test_initialize_without_options_uses_the_environment(monkeypatch):
 def test_initialize_rejects_other_option_types():
     with pytest.raises(TypeError, match="jax_ep.Options"):
         jax_ep.initialize(options={"force_put": True})
+
+
+@pytest.mark.parametrize("good", [None, 1, 7, "collective"])
+def test_comm_stream_takes_a_stream_number_or_collective(good):
+    assert Options(comm_stream=good).comm_stream == good
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "1", "gpu_stream:1", "compute"])
+def test_comm_stream_rejects_anything_else(bad):
+    with pytest.raises(ValueError, match="comm_stream"):
+        Options(comm_stream=bad)
+
+
+def test_initialize_sets_the_comm_stream_and_shutdown_clears_it():
+    from jax_ep.cuda import calls
+
+    try:
+        jax_ep.initialize(options=Options(comm_stream=2))
+        assert calls._comm_stream == 2
+    finally:
+        jax_ep.shutdown()
+    assert calls._comm_stream is None

@@ -12,6 +12,7 @@
 #include "ffi/bindings/capsule.h"
 #include "ffi/handlers/cuda_handlers.h"
 #include "ffi/kernels/intranode/intranode.h"
+#include "ffi/kernels/layout/route.h"
 #include "ffi/runtime/intranode_runtime.h"
 
 namespace nb = nanobind;
@@ -20,15 +21,13 @@ namespace {
 
 // FFI target name -> handler capsule, for jax.ffi.register_ffi_target(...,
 // platform="CUDA"). Add one line per new handler.
-nb::dict Registrations() {
-  return jax_ep::FfiRegistrations({
-      {"jax_ep_get_dispatch_layout", JaxEpGetDispatchLayout},
-      {"jax_ep_route", JaxEpRoute},
-      {"jax_ep_intranode_dispatch", JaxEpIntranodeDispatch},
-      {"jax_ep_intranode_dispatch_cached", JaxEpIntranodeDispatchCached},
-      {"jax_ep_intranode_combine", JaxEpIntranodeCombine},
-  });
-}
+constexpr jax_ep::FfiTarget kTargets[] = {
+    {"jax_ep_get_dispatch_layout", JaxEpGetDispatchLayout},
+    {"jax_ep_route", JaxEpRoute},
+    {"jax_ep_intranode_dispatch", JaxEpIntranodeDispatch},
+    {"jax_ep_intranode_dispatch_cached", JaxEpIntranodeDispatchCached},
+    {"jax_ep_intranode_combine", JaxEpIntranodeCombine},
+};
 
 // ---- Intranode runtime (ffi/runtime/intranode_runtime.h). Called at
 // initialize only; CUDA work runs with the GIL released.
@@ -127,8 +126,13 @@ std::vector<std::string> CudaArchs() {
 
 NB_MODULE(_jax_ep_cuda, m) {
   m.doc() = "jax_ep CUDA FFI handlers (PyCapsules) and build facts.";
-  m.def("registrations", &Registrations,
+  m.def("registrations", [] { return jax_ep::FfiRegistrations(kTargets); },
         "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
+  m.def("handler_traits", [] { return jax_ep::FfiTraits(kTargets); },
+        "Dict of FFI target name -> XLA_FFI_Handler_Traits bits its handler declares "
+        "(1 = command-buffer compatible), or -1 if it refused the query.");
+  m.def("route_scratch_ints", &jax_ep::RouteScratchInts, nb::arg("num_tokens"),
+        nb::arg("num_ranks"), "Length of jax_ep_route's scratch result (int32).");
   m.def("cuda_archs", &CudaArchs, "CUDA architectures the kernels were compiled for.");
 
   // Intranode communicator runtime.

@@ -31,21 +31,19 @@ namespace nb = nanobind;
 namespace {
 
 // FFI target name -> handler capsule. Add one line per new handler.
-nb::dict Registrations() {
-  return jax_ep::FfiRegistrations({
-      {"jax_ep_ll_dispatch", JaxEpLLDispatch},
-      {"jax_ep_ll_dispatch_send", JaxEpLLDispatchSend},
-      {"jax_ep_ll_dispatch_recv", JaxEpLLDispatchRecv},
-      {"jax_ep_ll_combine", JaxEpLLCombine},
-      {"jax_ep_ll_combine_send", JaxEpLLCombineSend},
-      {"jax_ep_ll_combine_recv", JaxEpLLCombineRecv},
-      {"jax_ep_ll_gather", JaxEpLLGather},
-      {"jax_ep_ll_dispatch_cached", JaxEpLLDispatchCached},
-      {"jax_ep_internode_dispatch", JaxEpInternodeDispatch},
-      {"jax_ep_internode_dispatch_cached", JaxEpInternodeDispatchCached},
-      {"jax_ep_internode_combine", JaxEpInternodeCombine},
-  });
-}
+constexpr jax_ep::FfiTarget kTargets[] = {
+    {"jax_ep_ll_dispatch", JaxEpLLDispatch},
+    {"jax_ep_ll_dispatch_send", JaxEpLLDispatchSend},
+    {"jax_ep_ll_dispatch_recv", JaxEpLLDispatchRecv},
+    {"jax_ep_ll_combine", JaxEpLLCombine},
+    {"jax_ep_ll_combine_send", JaxEpLLCombineSend},
+    {"jax_ep_ll_combine_recv", JaxEpLLCombineRecv},
+    {"jax_ep_ll_gather", JaxEpLLGather},
+    {"jax_ep_ll_dispatch_cached", JaxEpLLDispatchCached},
+    {"jax_ep_internode_dispatch", JaxEpInternodeDispatch},
+    {"jax_ep_internode_dispatch_cached", JaxEpInternodeDispatchCached},
+    {"jax_ep_internode_combine", JaxEpInternodeCombine},
+};
 
 nb::dict LayoutDict(const jax_ep::LLLayout& lay) {
   nb::dict d;
@@ -114,8 +112,11 @@ nb::dict InternodeInfoDict(const jax_ep::InternodeInfo& info) {
 
 NB_MODULE(_jax_ep_nvshmem, m) {
   m.doc() = "jax_ep low-latency ops over NVSHMEM: FFI handlers (PyCapsules) and NVSHMEM setup.";
-  m.def("registrations", &Registrations,
+  m.def("registrations", [] { return jax_ep::FfiRegistrations(kTargets); },
         "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
+  m.def("handler_traits", [] { return jax_ep::FfiTraits(kTargets); },
+        "Dict of FFI target name -> XLA_FFI_Handler_Traits bits its handler declares "
+        "(1 = command-buffer compatible), or -1 if it refused the query.");
   m.def(
       "nvshmem_version",
       [] {

@@ -23,6 +23,17 @@
     }                                                                        \
   } while (0)
 
+// The traits of every jax_ep handler (XLA_FFI_DEFINE_HANDLER_SYMBOL's last
+// argument): it may be captured into XLA's CUDA graphs (command buffers). What
+// makes that true, for every handler: its host code only checks shapes and
+// launches on XLA's stream (no allocation, synchronisation, peer mapping or
+// host read of device data), and everything that changes from call to call
+// (op counters, epochs, buffer-set parity, task counters) lives in device
+// memory the kernels advance, because a captured handler's host code runs
+// when XLA records the graph, not on each replay. Checked by
+// tests/cuda/test_graph_safety.py.
+#define JAX_EP_GRAPH_SAFE {::xla::ffi::Traits::kCmdBufferCompatible}
+
 namespace jax_ep::ffi_util {
 
 namespace ffi = xla::ffi;

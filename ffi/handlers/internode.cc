@@ -219,7 +219,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpInternodeDispatch, InternodeDispatch,
                                   .Ret<ffi::BufferR3<ffi::S32>>()  // relay_pos
                                   .Ret<ffi::BufferR1<ffi::S32>>()  // relay_rows
                                   .RemainingRets()                  // receive buffers
-                                  .Attr<int64_t>("capacity"));
+                                  .Attr<int64_t>("capacity"),
+                              JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpInternodeDispatchCached, InternodeDispatchCached,
                               BindStreamAndDevice()
@@ -230,7 +231,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpInternodeDispatchCached, InternodeDispatchCac
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // relay_rows
                                   .RemainingArgs()                  // payloads
                                   .RemainingRets()                  // receive buffers
-                                  .Attr<int64_t>("capacity"));
+                                  .Attr<int64_t>("capacity"),
+                              JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpInternodeCombine, InternodeCombine,
                               BindStreamAndDevice()
@@ -240,4 +242,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpInternodeCombine, InternodeCombine,
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
                                   .Arg<ffi::BufferR3<ffi::S32>>()  // relay_pos
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // relay_rows
-                                  .Ret<ffi::AnyBuffer>());          // out
+                                  .Ret<ffi::AnyBuffer>(),  // out
+                              JAX_EP_GRAPH_SAFE);

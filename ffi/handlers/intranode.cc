@@ -210,7 +210,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatch, IntranodeDispatch,
                                   .RemainingArgs()                  // payloads
                                   .Ret<ffi::BufferR2<ffi::S32>>()  // rank_counts
                                   .RemainingRets()                  // receive buffers
-                                  .Attr<int64_t>("capacity"));
+                                  .Attr<int64_t>("capacity"),
+                              JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCached,
                               BindStreamAndDevice()
@@ -219,7 +220,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeDispatchCached, IntranodeDispatchCac
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
                                   .RemainingArgs()                  // payloads
                                   .RemainingRets()                  // receive buffers
-                                  .Attr<int64_t>("capacity"));
+                                  .Attr<int64_t>("capacity"),
+                              JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeCombine, IntranodeCombine,
                               BindStreamAndDevice()
@@ -227,4 +229,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpIntranodeCombine, IntranodeCombine,
                                   .Arg<ffi::AnyBuffer>()            // y
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // token_slot (post-drop)
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // rank_counts
-                                  .Ret<ffi::AnyBuffer>());          // out
+                                  .Ret<ffi::AnyBuffer>(),  // out
+                              JAX_EP_GRAPH_SAFE);

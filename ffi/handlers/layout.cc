@@ -85,4 +85,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpGetDispatchLayout, GetDispatchLayout,
                                   .Attr<int64_t>("num_ranks")
                                   .Ret<ffi::BufferR1<ffi::S32>>()     // num_tokens_per_rank
                                   .Ret<ffi::BufferR1<ffi::S32>>()     // num_tokens_per_expert
-                                  .Ret<ffi::BufferR2<ffi::PRED>>());  // is_token_in_rank
+                                  .Ret<ffi::BufferR2<ffi::PRED>>(),  // is_token_in_rank
+                              JAX_EP_GRAPH_SAFE);

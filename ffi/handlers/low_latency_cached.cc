@@ -103,4 +103,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
                           .RemainingArgs()                 // scale f32[T, K] (optional)
                           .Ret<ffi::AnyBuffer>()           // out
-                          .Attr<bool>("zero_fill")));
+                          .Attr<bool>("zero_fill")),
+    JAX_EP_GRAPH_SAFE);

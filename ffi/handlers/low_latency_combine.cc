@@ -208,7 +208,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src
                           .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
                           .Arg<ffi::BufferR2<ffi::S32>>()  // slot
-                          .Ret<ffi::AnyBuffer>()));        // out
+                          .Ret<ffi::AnyBuffer>()),  // out
+    JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLCombineSend, LLCombineSend,
@@ -217,7 +218,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::AnyBuffer>()             // y
                           .Arg<ffi::BufferR2<ffi::S32>>()    // recv_src
                           .Arg<ffi::BufferR1<ffi::S32>>()    // recv_count
-                          .Ret<ffi::BufferR1<ffi::S32>>()));  // token
+                          .Ret<ffi::BufferR1<ffi::S32>>()),  // token
+    JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLCombineRecv, LLCombineRecv,
@@ -226,7 +228,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR1<ffi::S32>>()  // token
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights
-                          .Ret<ffi::AnyBuffer>()));        // out
+                          .Ret<ffi::AnyBuffer>()),  // out
+    JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLGather, LLGather,
@@ -237,4 +240,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::BufferR2<ffi::S32>>()  // recv_src
                           .Arg<ffi::BufferR1<ffi::S32>>()  // recv_count
                           .Arg<ffi::BufferR2<ffi::S32>>()  // slot
-                          .Ret<ffi::AnyBuffer>()));        // out [T, K, H]
+                          .Ret<ffi::AnyBuffer>()),  // out [T, K, H]
+    JAX_EP_GRAPH_SAFE);

@@ -240,7 +240,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     WithGeometryAttrs(WithDispatchResults(BindStreamAndDevice()
                                               .Arg<ffi::BufferR0<ffi::S32>>()      // axis_index
                                               .Arg<ffi::AnyBuffer>()               // x
-                                              .Arg<ffi::BufferR2<ffi::S32>>())));  // topk_idx
+                                              .Arg<ffi::BufferR2<ffi::S32>>())),  // topk_idx
+    JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLDispatchSend, LLDispatchSend,
@@ -249,11 +250,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                           .Arg<ffi::AnyBuffer>()           // x
                           .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                           .Ret<ffi::BufferR1<ffi::S32>>()  // token
-                          .Attr<bool>("use_fp8")));
+                          .Attr<bool>("use_fp8")),
+    JAX_EP_GRAPH_SAFE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLDispatchRecv, LLDispatchRecv,
     WithGeometryAttrs(WithDispatchResults(BindStreamAndDevice()
                                               .Arg<ffi::BufferR0<ffi::S32>>()      // axis_index
                                               .Arg<ffi::BufferR1<ffi::S32>>()      // token
-                                              .Arg<ffi::BufferR2<ffi::S32>>())));  // topk_idx
+                                              .Arg<ffi::BufferR2<ffi::S32>>())),  // topk_idx
+    JAX_EP_GRAPH_SAFE);

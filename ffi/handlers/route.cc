@@ -6,8 +6,11 @@
 //   attrs    num_experts (i64), num_ranks (i64)
 //   results  slot      s32[T, R]
 //            sent      s32[R]
+//            scratch   s32[route_scratch_ints(T, R)]  per-chunk counts, discarded by the
+//                      caller (a result, not ScratchAllocator memory: an allocation
+//                      made while XLA records a CUDA graph would not be the one the
+//                      replays use)
 #include <cstdint>
-#include <optional>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -24,9 +27,9 @@ namespace {
 using jax_ep::ffi_util::CudaError;
 using jax_ep::ffi_util::Dims;
 
-ffi::Error Route(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                 ffi::Buffer<ffi::S32, 2> topk_idx, int64_t num_experts, int64_t num_ranks,
-                 ffi::ResultBuffer<ffi::S32, 2> slot, ffi::ResultBuffer<ffi::S32, 1> sent) {
+ffi::Error Route(cudaStream_t stream, ffi::Buffer<ffi::S32, 2> topk_idx, int64_t num_experts,
+                 int64_t num_ranks, ffi::ResultBuffer<ffi::S32, 2> slot,
+                 ffi::ResultBuffer<ffi::S32, 1> sent, ffi::ResultBuffer<ffi::S32, 1> scratch) {
   const std::string where = "jax_ep_route: ";
   if (num_ranks < 1 || num_ranks > jax_ep::kRouteMaxRanks || num_experts < 1 ||
       num_experts % num_ranks != 0) {
@@ -53,14 +56,13 @@ ffi::Error Route(cudaStream_t stream, ffi::ScratchAllocator scratch,
   params.num_experts = num_experts;
   params.num_ranks = num_ranks;
   const int64_t scratch_ints = jax_ep::RouteScratchInts(params.num_tokens, num_ranks);
-  const std::optional<void*> counts = scratch.Allocate(scratch_ints * sizeof(int32_t), 16);
-  if (!counts.has_value()) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      where + "could not allocate " + std::to_string(scratch_ints * 4) +
-                          " bytes of scratch");
+  if (scratch->element_count() != static_cast<size_t>(scratch_ints)) {
+    return ffi::Error::InvalidArgument(where + "scratch must be s32[" +
+                                       std::to_string(scratch_ints) + "], got " +
+                                       Dims(scratch->dimensions()));
   }
   const cudaError_t err =
-      jax_ep::LaunchRoute(params, static_cast<int32_t*>(counts.value()), stream);
+      jax_ep::LaunchRoute(params, scratch->typed_data(), stream);
   if (err != cudaSuccess) return CudaError(where, err);
   return ffi::Error::Success();
 }
@@ -70,9 +72,10 @@ ffi::Error Route(cudaStream_t stream, ffi::ScratchAllocator scratch,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpRoute, Route,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx
                                   .Attr<int64_t>("num_experts")
                                   .Attr<int64_t>("num_ranks")
-                                  .Ret<ffi::BufferR2<ffi::S32>>()   // slot
-                                  .Ret<ffi::BufferR1<ffi::S32>>());  // sent
+                                  .Ret<ffi::BufferR2<ffi::S32>>()  // slot
+                                  .Ret<ffi::BufferR1<ffi::S32>>()  // sent
+                                  .Ret<ffi::BufferR1<ffi::S32>>(),  // scratch
+                              JAX_EP_GRAPH_SAFE);

@@ -158,6 +158,24 @@ def _capsules() -> dict:
     return capsules
 
 
+# XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE: the handler may join a CUDA graph.
+GRAPH_SAFE_TRAIT = 1
+
+
+def handler_traits() -> dict[str, int]:
+    """FFI target name -> the XLA_FFI_Handler_Traits bits its handler declares (what
+    XLA reads to let the call join a CUDA graph), or -1 if it refused the query.
+    Empty without the CUDA extension."""
+    mod = _cuda_module()
+    if mod is None:
+        return {}
+    traits = dict(mod.handler_traits())
+    nvshmem = _nvshmem_module()
+    if nvshmem is not None:
+        traits.update(nvshmem.handler_traits())
+    return traits
+
+
 def register_targets() -> None:
     """Register every CUDA FFI target with JAX, once per process.
 

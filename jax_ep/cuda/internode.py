@@ -219,7 +219,7 @@ def dispatch_call(axis_index, slot, node_slot, sent, node_sent, payloads, *, cap
              _typed(sent, (num_nodes, num_tokens, ranks_per_node), jnp.int32),
              _typed(sent, (num_nodes,), jnp.int32)]
     types += [calls.moved_type(p, capacity) for p in flat]
-    counts, relay_pos, relay_rows, *recv = jax.ffi.ffi_call(DISPATCH, types)(
+    counts, relay_pos, relay_rows, *recv = calls.comm_call(DISPATCH, types,
         axis_index, slot, node_slot, sent, node_sent, *flat, capacity=np.int64(capacity))
     recv = [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
     return counts, relay_pos, relay_rows, recv
@@ -228,8 +228,9 @@ def dispatch_call(axis_index, slot, node_slot, sent, node_sent, payloads, *, cap
 def dispatch_cached_call(axis_index, handle, payloads):
     extension.register_targets()
     flat = [calls.as_rows(p) for p in payloads]
-    recv = jax.ffi.ffi_call(DISPATCH_CACHED, [calls.moved_type(p, handle.capacity) for p in flat])(
-        axis_index, handle.token_slot, handle.node_slot, handle.rank_counts, handle.relay_rows,
+    types = [calls.moved_type(p, handle.capacity) for p in flat]
+    recv = calls.comm_call(
+        DISPATCH_CACHED, types, axis_index, handle.token_slot, handle.node_slot, handle.rank_counts, handle.relay_rows,
         *flat, capacity=np.int64(handle.capacity))
     return [r.reshape((handle.capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
 
@@ -238,7 +239,7 @@ def combine_call(axis_index, y, handle):
     extension.register_targets()
     flat = calls.as_rows(y)
     out_type = _typed(flat, (handle.num_tokens, flat.shape[1]), flat.dtype)
-    out = jax.ffi.ffi_call(COMBINE, out_type)(
+    out = calls.comm_call(COMBINE, out_type,
         axis_index, flat, handle.node_slot, handle.rank_counts, handle.relay_pos,
         handle.relay_rows)
     return out.reshape((handle.num_tokens,) + tuple(y.shape[1:]))

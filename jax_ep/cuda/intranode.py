@@ -273,7 +273,7 @@ def dispatch_call(axis_index, slot, sent, payloads, *, capacity):
     flat = [calls.as_rows(p) for p in payloads]
     result_types = [extension.result_type(jax.typeof(sent), (num_ranks, num_ranks), jnp.int32)]
     result_types += [calls.moved_type(p, capacity) for p in flat]
-    counts, *recv = jax.ffi.ffi_call(DISPATCH, result_types)(
+    counts, *recv = calls.comm_call(DISPATCH, result_types,
         axis_index, slot, sent, *flat, capacity=np.int64(capacity))
     return [counts] + [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
 
@@ -283,7 +283,7 @@ def dispatch_cached_call(axis_index, token_slot, rank_counts, payloads, *, capac
     extension.register_targets()
     flat = [calls.as_rows(p) for p in payloads]
     result_types = [calls.moved_type(p, capacity) for p in flat]
-    recv = jax.ffi.ffi_call(DISPATCH_CACHED, result_types)(
+    recv = calls.comm_call(DISPATCH_CACHED, result_types,
         axis_index, token_slot, rank_counts, *flat, capacity=np.int64(capacity))
     return [r.reshape((capacity,) + tuple(p.shape[1:])) for r, p in zip(recv, payloads)]
 
@@ -294,7 +294,7 @@ def combine_call(axis_index, y, token_slot, rank_counts):
     num_tokens = jax.typeof(token_slot).shape[0]
     flat = calls.as_rows(y)
     out_type = extension.result_type(jax.typeof(flat), (num_tokens, flat.shape[1]), flat.dtype)
-    out = jax.ffi.ffi_call(COMBINE, out_type)(axis_index, flat, token_slot, rank_counts)
+    out = calls.comm_call(COMBINE, out_type, axis_index, flat, token_slot, rank_counts)
     return out.reshape((num_tokens,) + tuple(y.shape[1:]))
 
 

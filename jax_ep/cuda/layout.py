@@ -60,12 +60,19 @@ def route_ffi(topk_idx, *, num_experts, num_ranks):
     (int32 ``[T, R]``, ``[R]``)."""
     extension.register_targets()
     operand_type = jax.typeof(topk_idx)
+    num_tokens = operand_type.shape[0]
+    # The kernels' per-chunk counts come back as a third result (XLA owns the
+    # memory, so a CUDA graph's replays use the same buffer) and are dropped.
+    scratch_ints = extension.cuda_module().route_scratch_ints(num_tokens, num_ranks)
     result_types = (
-        extension.result_type(operand_type, (operand_type.shape[0], num_ranks), jnp.int32),
+        extension.result_type(operand_type, (num_tokens, num_ranks), jnp.int32),
         extension.result_type(operand_type, (num_ranks,), jnp.int32),
+        extension.result_type(operand_type, (scratch_ints,), jnp.int32),
     )
     call = jax.ffi.ffi_call(ROUTE, result_types)
-    return call(topk_idx, num_experts=np.int64(num_experts), num_ranks=np.int64(num_ranks))
+    slot, sent, _ = call(topk_idx, num_experts=np.int64(num_experts),
+                         num_ranks=np.int64(num_ranks))
+    return slot, sent
 
 
 def get_dispatch_layout(topk_idx, *, num_experts, num_ranks):

@@ -217,7 +217,7 @@ def dispatch_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_rank, 
     K = jax.typeof(topk_idx).shape[1]
     types = _dispatch_results(x, jax.typeof(x).dtype, H, T, K, R, num_experts,
                               max_tokens_per_rank, use_fp8)
-    out = jax.ffi.ffi_call(DISPATCH, types)(
+    out = calls.comm_call(DISPATCH, types,
         axis_index, x, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
         **_attrs(max_tokens_per_rank, num_experts))
     return _pack_dispatch(out, use_fp8)
@@ -226,7 +226,7 @@ def dispatch_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_rank, 
 def dispatch_send_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_rank, use_fp8=False):
     """Send half of dispatch_call: returns the int32 [2] token dispatch_recv_call takes."""
     extension.register_targets()
-    return jax.ffi.ffi_call(DISPATCH_SEND, _token_type(x))(
+    return calls.comm_call(DISPATCH_SEND, _token_type(x),
         axis_index, x, topk_idx, use_fp8=bool(use_fp8), **_attrs(max_tokens_per_rank, num_experts))
 
 
@@ -239,7 +239,7 @@ def dispatch_recv_call(token, topk_idx, *, axis_index, hidden, x_dtype, num_expe
     T, K = jax.typeof(topk_idx).shape
     types = _dispatch_results(topk_idx, x_dtype, hidden, T, K, R, num_experts,
                               max_tokens_per_rank, use_fp8)
-    out = jax.ffi.ffi_call(DISPATCH_RECV, types)(
+    out = calls.comm_call(DISPATCH_RECV, types,
         axis_index, token, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
         **_attrs(max_tokens_per_rank, num_experts))
     return _pack_dispatch(out, use_fp8)
@@ -262,7 +262,7 @@ def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, axis_
     L, M, H, E = _expert_attrs(y, num_ranks)
     T = jax.typeof(topk_idx).shape[0]
     out_type = extension.result_type(jax.typeof(y), (T, H), jax.typeof(y).dtype)
-    return jax.ffi.ffi_call(COMBINE, out_type)(
+    return calls.comm_call(COMBINE, out_type,
         axis_index, y, topk_idx, topk_weights, recv_src, recv_count, slot, **_attrs(M, E))
 
 
@@ -270,7 +270,7 @@ def combine_send_call(y, recv_src, recv_count, *, axis_index, num_ranks=None):
     """Send half of combine_call: returns the int32 [2] token combine_recv_call takes."""
     extension.register_targets()
     L, M, H, E = _expert_attrs(y, num_ranks)
-    return jax.ffi.ffi_call(COMBINE_SEND, _token_type(y))(
+    return calls.comm_call(COMBINE_SEND, _token_type(y),
         axis_index, y, recv_src, recv_count, **_attrs(M, E))
 
 
@@ -280,7 +280,7 @@ def combine_recv_call(token, topk_idx, topk_weights, *, axis_index, hidden, y_dt
     extension.register_targets()
     T = jax.typeof(topk_idx).shape[0]
     out_type = extension.result_type(jax.typeof(topk_weights), (T, hidden), y_dtype)
-    return jax.ffi.ffi_call(COMBINE_RECV, out_type)(
+    return calls.comm_call(COMBINE_RECV, out_type,
         axis_index, token, topk_idx, topk_weights, **_attrs(max_tokens_per_rank, num_experts))
 
 
@@ -291,7 +291,7 @@ def gather_call(y, topk_idx, recv_src, recv_count, slot, *, axis_index, num_rank
     L, M, H, E = _expert_attrs(y, num_ranks)
     T, K = jax.typeof(topk_idx).shape
     out_type = extension.result_type(jax.typeof(y), (T, K, H), jax.typeof(y).dtype)
-    return jax.ffi.ffi_call(GATHER, out_type)(
+    return calls.comm_call(GATHER, out_type,
         axis_index, y, topk_idx, recv_src, recv_count, slot, **_attrs(M, E))
 
 
@@ -307,7 +307,7 @@ def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, axis_inde
     out_type = extension.result_type(jax.typeof(x), (L, R * max_tokens_per_rank, H),
                                      jax.typeof(x).dtype)
     operands = [axis_index, x, topk_idx, slot, recv_count] + ([] if scale is None else [scale])
-    return jax.ffi.ffi_call(DISPATCH_CACHED, out_type)(
+    return calls.comm_call(DISPATCH_CACHED, out_type,
         *operands, zero_fill=bool(zero_fill), **_attrs(max_tokens_per_rank, num_experts))
 
 
