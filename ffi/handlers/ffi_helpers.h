@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "ffi/kernels/common/elem_type.h"
+#include "ffi/runtime/host_runs.h"
 #include "xla/ffi/api/ffi.h"
 
 // Returns from the enclosing function (which returns ffi::Error) with the
@@ -115,6 +116,7 @@ inline ffi::Error TooLarge(const std::string& where, const std::string& message)
 template <typename Comm, typename Hold>
 ffi::Error AcquireComm(bool (*acquire)(int, Comm*, Hold*, std::string*), const std::string& where,
                        int32_t device, Comm* comm, Hold* hold) {
+  CountHandlerHostRun();
   std::string error;
   if (!acquire(device, comm, hold, &error)) return ffi::Error::Internal(where + error);
   return ffi::Error::Success();

@@ -176,6 +176,17 @@ def handler_traits() -> dict[str, int]:
     return traits
 
 
+def handler_host_runs() -> int:
+    """How many times the communication handlers of this process ran their host
+    code: once per call without CUDA graphs, once per recording with them (XLA's
+    replays skip it). Diagnostics and tests; 0 without the CUDA extension."""
+    mod = _cuda_module()
+    if mod is None:
+        return 0
+    nvshmem = _nvshmem_module()
+    return mod.handler_host_runs() + (0 if nvshmem is None else nvshmem.handler_host_runs())
+
+
 def register_targets() -> None:
     """Register every CUDA FFI target with JAX, once per process.
 
