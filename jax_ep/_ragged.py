@@ -4,8 +4,10 @@ The padded layout gives local expert l the rows (l, 0 .. R*M) and fills the
 first recv_count[l]; the ragged one concatenates those valid prefixes in
 expert order. Padded row (l, p) is ragged row start[l] + p, where start is the
 exclusive prefix sum of recv_count, and rows past sum(recv_count) are the
-tail. The handle's internal rows stay padded; backends convert with the
-gathers below (never a scatter, so the results are bitwise deterministic).
+tail. The handle's internal rows (recv_src, slot) stay per expert. The
+reference backend maps rows with these functions (gathers, never a scatter,
+so its results are bitwise deterministic); the CUDA kernels place ragged rows
+themselves (ffi/kernels/low_latency/low_latency.h).
 """
 
 from __future__ import annotations
@@ -68,17 +70,3 @@ def leading_shape(layout, handle):
     if layout == "ragged":
         return (handle.ragged_rows,)
     return (handle.num_local_experts, handle.rows_per_expert)
-
-
-def as_padded(y, handle):
-    """y in the handle's layout -> [L, R*M, ...] (what the CUDA kernels read)."""
-    if handle.layout == "padded":
-        return y
-    return to_padded(y, handle.recv_count, handle.rows_per_expert)
-
-
-def as_layout(padded, handle, zero_tail=True):
-    """[L, R*M, ...] -> the handle's layout."""
-    if handle.layout == "padded":
-        return padded
-    return to_ragged(padded, handle.recv_count, handle.ragged_rows, zero_tail)

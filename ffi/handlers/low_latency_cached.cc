@@ -8,7 +8,7 @@
 //                                     num_experts (i64)
 //   operands  axis_index s32[] (lax.axis_index of the call), x [T, H] (bf16 | f16 | f32),
 //             topk_idx s32[T, K], slot s32[T, K], recv_count s32[L], optional scale f32[T, K]
-//   results   out [L, RM, H] (x dtype)
+//   results   out [L, RM, H] (x dtype), or ragged [N, H] (low_latency.h)
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -74,9 +74,12 @@ ffi::Error LLDispatchCached(cudaStream_t stream, int32_t device,
   JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "slot", slot.dimensions(), {T, K}));
   JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_count", recv_count.dimensions(), {L}));
   JAX_EP_RETURN_IF_ERROR(DecodeScale(where, rest, T, K, &args.scale));
-  if (out->element_type() != x.element_type() || !SameDims(out->dimensions(), {L, RM, H})) {
-    return ffi::Error::InvalidArgument(where + "the result must be " + Shape({L, RM, H}) +
-                                       " with x's dtype, got " + Dims(out->dimensions()));
+  int64_t out_h = 0;
+  JAX_EP_RETURN_IF_ERROR(ExpertRows(where, "the result", out->dimensions(), L, RM,
+                                    /*want_rows=*/0, &args.ragged_rows, &out_h));
+  if (out->element_type() != x.element_type() || out_h != H) {
+    return ffi::Error::InvalidArgument(where + "the result must have x's dtype and H (" +
+                                       Str(H) + "), got " + Dims(out->dimensions()));
   }
   args.shape = jax_ep::LLShape{T, H, K, E, M};
   args.x = x.untyped_data();

@@ -1,6 +1,8 @@
 // Checks shared by the low-latency handlers (see low_latency_checks.h).
 #include "ffi/handlers/low_latency_checks.h"
 
+#include <algorithm>
+
 #include "ffi/handlers/ffi_helpers.h"
 
 namespace jax_ep::ll_checks {
@@ -57,6 +59,29 @@ ffi::Error CheckTokenIn(const std::string& where, ffi::Span<const int64_t> dims)
   return ffi::Error::InvalidArgument(where + "token must be s32[2] (from the send half), got " +
                                      Dims(dims));
 }
+
+ffi::Error ExpertRows(const std::string& where, const char* name, ffi::Span<const int64_t> dims,
+                      int64_t L, int64_t RM, int64_t want_rows, int64_t* ragged_rows,
+                      int64_t* hidden) {
+  if (dims.size() == 3 && dims[0] == L && dims[1] == RM) {
+    *ragged_rows = 0;
+    *hidden = dims[2];
+    return ffi::Error::Success();
+  }
+  const bool rows_ok = want_rows > 0 ? dims[0] == want_rows : dims[0] >= 1 && dims[0] <= L * RM;
+  if (dims.size() == 2 && rows_ok) {
+    *ragged_rows = dims[0];
+    *hidden = dims[1];
+    return ffi::Error::Success();
+  }
+  const std::string ragged =
+      want_rows > 0 ? "[N=" + Str(want_rows) + ", H]" : "[N, H] with 1 <= N <= L*R*M";
+  return ffi::Error::InvalidArgument(where + name + " must be [L=" + Str(L) + ", R*M=" + Str(RM) +
+                                     ", H] (padded) or " + ragged + " (ragged), got " +
+                                     Dims(dims));
+}
+
+int64_t RaggedRows(int64_t RM, int64_t K, int64_t L) { return RM * std::min(K, L); }
 
 bool ToLLElemType(ffi::DataType dtype, ElemType* out) {
   return ffi_util::ToElemType(dtype, out) && LLElemBytes(*out) != 0;

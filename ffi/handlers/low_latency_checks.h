@@ -39,6 +39,19 @@ ffi::Error CheckTopk(const std::string& where, ffi::Span<const int64_t> dims, in
 ffi::Error CheckTokenOut(const std::string& where, ffi::Span<const int64_t> dims);
 ffi::Error CheckTokenIn(const std::string& where, ffi::Span<const int64_t> dims);
 
+// The expert rows of a call (a dispatch's recv_x, a combine's or gather's y,
+// a cached dispatch's out): padded [L, RM, H] (*ragged_rows = 0) or ragged
+// [N, H] (*ragged_rows = N), with N = want_rows when want_rows > 0 (a
+// dispatch, which knows its K), else any 1 <= N <= L * RM (the kernels read
+// no row past N). Sets *hidden.
+ffi::Error ExpertRows(const std::string& where, const char* name, ffi::Span<const int64_t> dims,
+                      int64_t L, int64_t RM, int64_t want_rows, int64_t* ragged_rows,
+                      int64_t* hidden);
+
+// N of a ragged dispatch: every source token reaches at most min(K, L) of my
+// experts, so R*M*min(K, L) rows hold any routing.
+int64_t RaggedRows(int64_t RM, int64_t K, int64_t L);
+
 // x / y / out: bf16, f16 or f32 (FP8 only comes out of the dispatch's cast).
 bool ToLLElemType(ffi::DataType dtype, ElemType* out);
 

@@ -8,6 +8,8 @@
 // (lax.axis_index of the call: the kernels stop with a message when it is
 // not the PE's rank).
 //
+// y is padded [L, RM, H] or ragged [N, H] (low_latency.h), as the dispatch
+// returned its rows.
 // jax_ep_ll_combine
 //   operands  y [L, RM, H], topk_idx s32[T, K], topk_weights f32[T, K], recv_src s32[L, RM],
 //             recv_count s32[L], slot s32[T, K] (jax_ep_ll_dispatch's)
@@ -43,8 +45,9 @@ namespace {
 using namespace jax_ep::ffi_util;   // Dims, Shape, SameDims, ExpectShape, LaunchStatus, ...
 using namespace jax_ep::ll_checks;  // BeginLLCall, CheckTopk, CheckToken*, CheckFits, ...
 
-// The send side: y [L, R*M, H] (sets args->y, args->dtype, *hidden), then
-// recv_src [L, R*M] and recv_count [L].
+// The send side: y, padded [L, R*M, H] or ragged [N, H] (sets args->y,
+// args->ragged_rows, args->dtype, *hidden), then recv_src [L, R*M] and
+// recv_count [L].
 ffi::Error DecodeSendRows(const std::string& where, const ffi::AnyBuffer& y,
                           const ffi::Buffer<ffi::S32, 2>& recv_src,
                           const ffi::Buffer<ffi::S32, 1>& recv_count, int64_t L, int64_t RM,
@@ -52,12 +55,8 @@ ffi::Error DecodeSendRows(const std::string& where, const ffi::AnyBuffer& y,
   if (!ToLLElemType(y.element_type(), &args->dtype)) {
     return ffi::Error::InvalidArgument(where + "y must be bfloat16, float16 or float32");
   }
-  const auto dims = y.dimensions();
-  if (dims.size() != 3 || dims[0] != L || dims[1] != RM) {
-    return ffi::Error::InvalidArgument(where + "y must have shape [L=" + Str(L) + ", R*M=" +
-                                       Str(RM) + ", H], got " + Dims(dims));
-  }
-  *hidden = dims[2];
+  JAX_EP_RETURN_IF_ERROR(
+      ExpertRows(where, "y", y.dimensions(), L, RM, /*want_rows=*/0, &args->ragged_rows, hidden));
   args->y = y.untyped_data();
   JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_src", recv_src.dimensions(), {L, RM}));
   JAX_EP_RETURN_IF_ERROR(ExpectShape(where, "recv_count", recv_count.dimensions(), {L}));

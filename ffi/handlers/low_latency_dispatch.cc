@@ -11,15 +11,19 @@
 //   operands  x [T, H], topk_idx s32[T, K]
 //   results   recv_x [L, RM, H] (x dtype, or f8e4m3fn with use_fp8), recv_count s32[L],
 //             recv_src s32[L, RM], slot s32[T, K], then recv_scales f32[L, RM, H/128]
-//             only with use_fp8
+//             only with use_fp8; or the ragged layout: recv_x [N, H] and
+//             recv_scales f32[N, H/128] with N = RM * min(K, L) (low_latency.h)
 // jax_ep_ll_dispatch_send       attrs use_fp8
 //   operands  x [T, H], topk_idx s32[T, K]      results  token s32[2]
 // jax_ep_ll_dispatch_recv       attrs use_fp8, zero_fill
 //   operands  token s32[2], topk_idx s32[T, K]  results  as jax_ep_ll_dispatch
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -72,38 +76,42 @@ ffi::Error DecodeX(const std::string& where, const ffi::AnyBuffer& x, int64_t T,
   return ffi::Error::Success();
 }
 
-// recv_scales f32[L, R*M, H/128], the fifth result of an FP8 dispatch.
-ffi::Error DecodeScales(const std::string& where, const ffi::RemainingRets& extra, int64_t L,
-                        int64_t RM, int64_t hidden, jax_ep::LLDispatchArgs* args) {
+// recv_scales f32[rows..., H/128], the fifth result of an FP8 dispatch (rows:
+// [L, R*M] padded, [N] ragged, as recv_x).
+ffi::Error DecodeScales(const std::string& where, const ffi::RemainingRets& extra,
+                        std::initializer_list<int64_t> rows, int64_t hidden,
+                        jax_ep::LLDispatchArgs* args) {
+  std::vector<int64_t> want(rows);
+  want.push_back(hidden / jax_ep::kLLFp8Block);
+  const std::string shape = JoinDims(want);
   if (extra.size() != 1) {
     return ffi::Error::InvalidArgument(where + "with use_fp8 there must be a fifth result, "
-                                       "recv_scales f32[L, R*M, H/128]");
+                                       "recv_scales f32" + shape);
   }
   auto scales = extra.get<ffi::AnyBuffer>(0);
   if (!scales.has_value()) return ffi::Error::InvalidArgument(where + scales.error().message());
   ffi::AnyBuffer s = *scales.value();
-  const int64_t blocks = hidden / jax_ep::kLLFp8Block;
-  if (s.element_type() != ffi::DataType::F32 || !SameDims(s.dimensions(), {L, RM, blocks})) {
-    return ffi::Error::InvalidArgument(where + "recv_scales must be f32" + Shape({L, RM, blocks}) +
-                                       ", got " + Dims(s.dimensions()));
+  const auto dims = s.dimensions();
+  const bool same = dims.size() == want.size() && std::equal(want.begin(), want.end(), dims.begin());
+  if (s.element_type() != ffi::DataType::F32 || !same) {
+    return ffi::Error::InvalidArgument(where + "recv_scales must be f32" + shape + ", got " +
+                                       Dims(dims));
   }
   args->recv_scales = static_cast<float*>(s.untyped_data());
   return ffi::Error::Success();
 }
 
-// The receive results: fills the receive side of *args, sets *hidden (recv_x's
-// H) and *recv_dtype (recv_x's element type; left alone with use_fp8).
+// The receive results: fills the receive side of *args (recv_x padded
+// [L, R*M, H] or ragged [N = R*M*min(K, L), H]), sets *hidden (recv_x's H)
+// and *recv_dtype (recv_x's element type; left alone with use_fp8).
 ffi::Error DecodeResults(const std::string& where, const DispatchResults& r, bool use_fp8,
                          int64_t R, int64_t L, int64_t M, int64_t T, int64_t K,
                          jax_ep::LLDispatchArgs* args, int64_t* hidden,
                          jax_ep::ElemType* recv_dtype) {
   const int64_t RM = R * M;
-  const auto x_dims = r.recv_x->dimensions();
-  if (x_dims.size() != 3 || x_dims[0] != L || x_dims[1] != RM) {
-    return ffi::Error::InvalidArgument(where + "recv_x must have shape [L=" + Str(L) + ", R*M=" +
-                                       Str(RM) + ", H], got " + Dims(x_dims));
-  }
-  *hidden = x_dims[2];
+  const int64_t N = RaggedRows(RM, K, L);
+  JAX_EP_RETURN_IF_ERROR(ExpertRows(where, "recv_x", r.recv_x->dimensions(), L, RM, N,
+                                    &args->ragged_rows, hidden));
   if (use_fp8) {
     if (r.recv_x->element_type() != ffi::DataType::F8E4M3FN) {
       return ffi::Error::InvalidArgument(where + "with use_fp8 recv_x must be float8_e4m3fn");
@@ -112,7 +120,11 @@ ffi::Error DecodeResults(const std::string& where, const DispatchResults& r, boo
       return ffi::Error::InvalidArgument(where + "use_fp8 needs H to be a multiple of 128, got " +
                                          Str(*hidden));
     }
-    JAX_EP_RETURN_IF_ERROR(DecodeScales(where, r.extra, L, RM, *hidden, args));
+    if (args->ragged_rows > 0) {
+      JAX_EP_RETURN_IF_ERROR(DecodeScales(where, r.extra, {N}, *hidden, args));
+    } else {
+      JAX_EP_RETURN_IF_ERROR(DecodeScales(where, r.extra, {L, RM}, *hidden, args));
+    }
   } else {
     if (!ToLLElemType(r.recv_x->element_type(), recv_dtype)) {
       return ffi::Error::InvalidArgument(where + "recv_x must be bfloat16, float16 or float32");

@@ -381,7 +381,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
             "cudaDeviceGetAttribute(multiProcessorCount)");
   ctx->blocks_per_sm =
       std::min({LLDispatchBlocksPerSm(ctx->layout), LLCombineBlocksPerSm(ctx->layout),
-                LLStreamedCombineBlocksPerSm(ctx->layout), LLCachedDispatchBlocksPerSm()});
+                LLStreamedCombineBlocksPerSm(ctx->layout), LLCachedDispatchBlocksPerSm(ctx->layout)});
   ctx->region = AllocRegion(where, ctx->layout.total_bytes);
   {
     // Registered at once (not ready): whatever fails below, LLFree frees the

@@ -22,10 +22,11 @@ handle carries owner, the flattened slot and recv_src; recv_row stays -1
 (only the reference backend's combine reads it), so a low-latency handle is
 combined by the backend that made it.
 
-The kernels read and write the padded layout only. For layout="ragged" the
-backend functions gather around them (`_ragged`): the dispatch's valid rows
-into [N, H] (the kernel then skips zeroing the padded rows), and y back into
-[L, R*M, H] before a combine or gather.
+Both receive layouts are the kernels' own: padded [L, R*M, H], or ragged
+[N, H] with N = R*M*min(K, L) (the custom call's recv_x, y or out has that
+shape), rows placed at their final offset (the exclusive prefix sum of
+recv_count) as they arrive, no extra pass. recv_src and slot stay per expert
+in both.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _agreement, _ragged
+from .. import _agreement
 from .._handles import LowLatencyHandle
 from .._mesh import check_call_mesh, group_ids
 from .._routing import valid_ids
@@ -185,19 +186,27 @@ def _token_type(like):
     return extension.result_type(jax.typeof(like), (2,), jnp.int32)
 
 
+def _expert_rows(layout, num_local, rows_per_expert, top_k):
+    """Leading dims of the expert rows: (L, R*M) padded, (R*M*min(K, L),) ragged."""
+    if layout == "ragged":
+        return (rows_per_expert * min(top_k, num_local),)
+    return (num_local, rows_per_expert)
+
+
 def _dispatch_results(like, x_dtype, hidden, num_tokens, top_k, num_ranks, num_experts,
-                      max_tokens_per_rank, use_fp8):
+                      max_tokens_per_rank, use_fp8, layout):
     L = num_experts // num_ranks
     RM = num_ranks * max_tokens_per_rank
+    lead = _expert_rows(layout, L, RM, top_k)
     t = jax.typeof(like)
     types = [
-        extension.result_type(t, (L, RM, hidden), jnp.float8_e4m3fn if use_fp8 else x_dtype),
+        extension.result_type(t, lead + (hidden,), jnp.float8_e4m3fn if use_fp8 else x_dtype),
         extension.result_type(t, (L,), jnp.int32),
         extension.result_type(t, (L, RM), jnp.int32),
         extension.result_type(t, (num_tokens, top_k), jnp.int32),
     ]
     if use_fp8:
-        types.append(extension.result_type(t, (L, RM, hidden // FP8_BLOCK), jnp.float32))
+        types.append(extension.result_type(t, lead + (hidden // FP8_BLOCK,), jnp.float32))
     return types
 
 
@@ -207,16 +216,17 @@ def _pack_dispatch(out, use_fp8):
 
 
 def dispatch_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_rank, use_fp8=False,
-                  zero_fill=True, num_ranks=None):
+                  zero_fill=True, num_ranks=None, layout="padded"):
     """x [T, H] (bf16 / f16 / f32), topk_idx int32 [T, K] ->
     (recv_x [L, R*M, H] or (e4m3 [L, R*M, H], f32 scales [L, R*M, H/128]),
-    recv_count int32 [L], recv_src int32 [L, R*M], slot int32 [T, K])."""
+    recv_count int32 [L], recv_src int32 [L, R*M], slot int32 [T, K]).
+    layout="ragged": recv_x [N, H] (scales [N, H/128]), N = R*M*min(K, L)."""
     extension.register_targets()
     R = _num_ranks(num_ranks)
     T, H = jax.typeof(x).shape
     K = jax.typeof(topk_idx).shape[1]
     types = _dispatch_results(x, jax.typeof(x).dtype, H, T, K, R, num_experts,
-                              max_tokens_per_rank, use_fp8)
+                              max_tokens_per_rank, use_fp8, layout)
     out = calls.comm_call(DISPATCH, types,
         axis_index, x, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
         **_attrs(max_tokens_per_rank, num_experts))
@@ -232,24 +242,27 @@ def dispatch_send_call(x, topk_idx, *, axis_index, num_experts, max_tokens_per_r
 
 def dispatch_recv_call(token, topk_idx, *, axis_index, hidden, x_dtype, num_experts,
                        max_tokens_per_rank,
-                       use_fp8=False, zero_fill=True, num_ranks=None):
+                       use_fp8=False, zero_fill=True, num_ranks=None, layout="padded"):
     """Receive half of dispatch_call (same results); x_dtype / hidden of the sent x."""
     extension.register_targets()
     R = _num_ranks(num_ranks)
     T, K = jax.typeof(topk_idx).shape
     types = _dispatch_results(topk_idx, x_dtype, hidden, T, K, R, num_experts,
-                              max_tokens_per_rank, use_fp8)
+                              max_tokens_per_rank, use_fp8, layout)
     out = calls.comm_call(DISPATCH_RECV, types,
         axis_index, token, topk_idx, use_fp8=bool(use_fp8), zero_fill=bool(zero_fill),
         **_attrs(max_tokens_per_rank, num_experts))
     return _pack_dispatch(out, use_fp8)
 
 
-def _expert_attrs(y, num_ranks):
-    L, RM, H = jax.typeof(y).shape
+def _expert_attrs(y, recv_src, num_ranks):
+    """(L, M, H, E) of a combine's y, padded [L, R*M, H] or ragged [N, H]; L and
+    R*M from recv_src [L, R*M], which is per expert in both layouts."""
+    L, RM = jax.typeof(recv_src).shape
+    H = jax.typeof(y).shape[-1]
     R = _num_ranks(num_ranks)
     if RM % R:
-        raise ValueError(f"y's second dimension {RM} is not a multiple of the EP size {R}")
+        raise ValueError(f"recv_src's second dimension {RM} is not a multiple of the EP size {R}")
     return L, RM // R, H, L * R
 
 
@@ -259,7 +272,7 @@ def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, axis_
 
     slot: dispatch_call's [T, K] slot (rows on this PE are read from y there)."""
     extension.register_targets()
-    L, M, H, E = _expert_attrs(y, num_ranks)
+    L, M, H, E = _expert_attrs(y, recv_src, num_ranks)
     T = jax.typeof(topk_idx).shape[0]
     out_type = extension.result_type(jax.typeof(y), (T, H), jax.typeof(y).dtype)
     return calls.comm_call(COMBINE, out_type,
@@ -269,7 +282,7 @@ def combine_call(y, topk_idx, topk_weights, recv_src, recv_count, slot, *, axis_
 def combine_send_call(y, recv_src, recv_count, *, axis_index, num_ranks=None):
     """Send half of combine_call: returns the int32 [2] token combine_recv_call takes."""
     extension.register_targets()
-    L, M, H, E = _expert_attrs(y, num_ranks)
+    L, M, H, E = _expert_attrs(y, recv_src, num_ranks)
     return calls.comm_call(COMBINE_SEND, _token_type(y),
         axis_index, y, recv_src, recv_count, **_attrs(M, E))
 
@@ -288,7 +301,7 @@ def gather_call(y, topk_idx, recv_src, recv_count, slot, *, axis_index, num_rank
     """[T, K, H]: the row of each (t, k) from its expert's owner, 0 for invalid ids
     (slot as in combine_call)."""
     extension.register_targets()
-    L, M, H, E = _expert_attrs(y, num_ranks)
+    L, M, H, E = _expert_attrs(y, recv_src, num_ranks)
     T, K = jax.typeof(topk_idx).shape
     out_type = extension.result_type(jax.typeof(y), (T, K, H), jax.typeof(y).dtype)
     return calls.comm_call(GATHER, out_type,
@@ -296,16 +309,16 @@ def gather_call(y, topk_idx, recv_src, recv_count, slot, *, axis_index, num_rank
 
 
 def dispatch_cached_call(x, topk_idx, slot, recv_count, scale=None, *, axis_index, num_experts,
-                         max_tokens_per_rank, zero_fill=True, num_ranks=None):
-    """Dispatch with known slots: [T, H] -> [L, R*M, H]; the row sent to expert e
-    is x[t] * (sum of scale[t, k] over the k naming e), once per distinct
-    expert; rows past recv_count are zero (zero_fill)."""
+                         max_tokens_per_rank, zero_fill=True, num_ranks=None, layout="padded"):
+    """Dispatch with known slots: [T, H] -> [L, R*M, H] (ragged: [N, H]); the row
+    sent to expert e is x[t] * (sum of scale[t, k] over the k naming e), once per
+    distinct expert; rows past recv_count are zero (zero_fill)."""
     extension.register_targets()
     R = _num_ranks(num_ranks)
     T, H = jax.typeof(x).shape
-    L = num_experts // R
-    out_type = extension.result_type(jax.typeof(x), (L, R * max_tokens_per_rank, H),
-                                     jax.typeof(x).dtype)
+    K = jax.typeof(topk_idx).shape[1]
+    lead = _expert_rows(layout, num_experts // R, R * max_tokens_per_rank, K)
+    out_type = extension.result_type(jax.typeof(x), lead + (H,), jax.typeof(x).dtype)
     operands = [axis_index, x, topk_idx, slot, recv_count] + ([] if scale is None else [scale])
     return calls.comm_call(DISPATCH_CACHED, out_type,
         *operands, zero_fill=bool(zero_fill), **_attrs(max_tokens_per_rank, num_experts))
@@ -363,13 +376,6 @@ def _make_handle(idx, num_invalid, count, recv_src, slot, *, num_experts, axis_n
     )
 
 
-def _received(recv, handle, use_fp8, zero_padding):
-    """The dispatch kernel's padded output as the parts of recv_x in the handle's layout."""
-    parts = list(recv) if use_fp8 else [recv]
-    # A later change has the kernels write rows at their ragged offsets, dropping this gather.
-    return [_ragged.as_layout(part, handle, zero_tail=zero_padding) for part in parts]
-
-
 def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
                          use_fp8, zero_padding=True, layout="padded"):
     num_ranks = lax.axis_size(axis_name)
@@ -378,12 +384,12 @@ def low_latency_dispatch(x, topk_idx, *, num_experts, axis_name, max_tokens_per_
     idx, num_invalid = valid_ids(topk_idx, num_experts)
     recv, count, recv_src, slot = dispatch_call(
         x, idx, axis_index=calls.axis_index(axis_name), num_experts=num_experts,
-        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8,
-        zero_fill=zero_padding and layout == "padded", num_ranks=num_ranks)
+        max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8, zero_fill=zero_padding,
+        num_ranks=num_ranks, layout=layout)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
                           axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank,
                           layout=layout)
-    return _received(recv, handle, use_fp8, zero_padding), count, handle
+    return (list(recv) if use_fp8 else [recv]), count, handle
 
 
 def low_latency_dispatch_send(x, topk_idx, *, num_experts, axis_name, max_tokens_per_rank,
@@ -406,15 +412,15 @@ def low_latency_dispatch_recv(token, idx, num_invalid, *, hidden, x_dtype, num_e
     recv, count, recv_src, slot = dispatch_recv_call(
         token, idx, axis_index=calls.axis_index(axis_name), hidden=hidden, x_dtype=x_dtype,
         num_experts=num_experts, max_tokens_per_rank=max_tokens_per_rank, use_fp8=use_fp8,
-        zero_fill=zero_padding and layout == "padded", num_ranks=num_ranks)
+        zero_fill=zero_padding, num_ranks=num_ranks, layout=layout)
     handle = _make_handle(idx, num_invalid, count, recv_src, slot, num_experts=num_experts,
                           axis_name=axis_name, max_tokens_per_rank=max_tokens_per_rank,
                           layout=layout)
-    return _received(recv, handle, use_fp8, zero_padding), count, handle
+    return (list(recv) if use_fp8 else [recv]), count, handle
 
 
 def low_latency_combine_send(y, handle):
-    return combine_send_call(_ragged.as_padded(y, handle), handle.recv_src, handle.recv_count,
+    return combine_send_call(y, handle.recv_src, handle.recv_count,
                              axis_index=calls.axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
@@ -426,22 +432,21 @@ def low_latency_combine_recv(token, topk_weights, handle, *, hidden, y_dtype):
 
 
 def low_latency_combine(y, topk_weights, handle):
-    return combine_call(_ragged.as_padded(y, handle), _global_ids(handle), topk_weights,
+    return combine_call(y, _global_ids(handle), topk_weights,
                         handle.recv_src, handle.recv_count, _kernel_slot(handle),
                         axis_index=calls.axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_gather_rows(y, handle):
-    return gather_call(_ragged.as_padded(y, handle), _global_ids(handle), handle.recv_src,
+    return gather_call(y, _global_ids(handle), handle.recv_src,
                        handle.recv_count, _kernel_slot(handle),
                        axis_index=calls.axis_index(handle.axis_name), num_ranks=handle.num_ranks)
 
 
 def low_latency_dispatch_rows(parts, handle, row_weights=None):
-    # Ragged: the gather zeroes the tail, so the kernel need not zero its padding.
-    return [_ragged.as_layout(dispatch_cached_call(
+    return [dispatch_cached_call(
         part, _global_ids(handle), _kernel_slot(handle), handle.recv_count, row_weights,
         axis_index=calls.axis_index(handle.axis_name), num_experts=handle.num_experts,
-        max_tokens_per_rank=handle.max_tokens_per_rank,
-        zero_fill=handle.layout == "padded", num_ranks=handle.num_ranks), handle)
+        max_tokens_per_rank=handle.max_tokens_per_rank, num_ranks=handle.num_ranks,
+        layout=handle.layout)
         for part in parts]

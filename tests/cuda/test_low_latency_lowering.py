@@ -156,31 +156,44 @@ KW = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, layout="ragged",
 ROUTING = (((T, K), jnp.int32), ((T, K), jnp.float32))
 
 
-def test_ragged_dispatch_and_combine_wrap_the_padded_kernels(cuda_low_latency):
+def _no_padded_rows(text):
+    """The ragged layout moves no padded [L, R*M, ...] rows anywhere."""
+    return f"tensor<{L}x{R * M}x{H}x" not in text
+
+
+def test_ragged_dispatch_and_combine_are_the_kernels_own(cuda_low_latency):
     def body(x, idx, w):
         rx, cnt, h = jax_ep.low_latency_dispatch(x, idx, **KW)
         assert rx.shape == (N, H) and h.layout == "ragged"
         return jax_ep.low_latency_combine(rx, idx, w, h, backend="cuda")
 
     text = lower_for_cuda(body, R, ((T, H), jnp.bfloat16), *ROUTING)
-    padded = f"tensor<{L}x{R * M}x{H}xbf16>"
+    ragged = f"tensor<{N}x{H}xbf16>"
     dispatch = custom_call(text, "jax_ep_ll_dispatch")
-    assert f"-> ({padded}, " in dispatch
-    assert "zero_fill = false" in dispatch  # the gather into [N, H] zeroes the tail
-    assert f"tensor<{N}x{H}xbf16>" in text
-    combine = custom_call(text, "jax_ep_ll_combine")
-    assert f"(tensor<i32>, {padded}, " in combine
+    assert f"-> ({ragged}, tensor<{L}xi32>, tensor<{L}x{R * M}xi32>, " in dispatch
+    assert "zero_fill = true" in dispatch  # the kernel zeroes the tail itself
+    assert f"(tensor<i32>, {ragged}, " in custom_call(text, "jax_ep_ll_combine")
+    assert _no_padded_rows(text)
 
 
-def test_ragged_fp8_dispatch_gathers_both_parts(cuda_low_latency):
+def test_ragged_unpadded_dispatch_leaves_the_tail(cuda_low_latency):
+    def body(x, idx, w):
+        return jax_ep.low_latency_dispatch(x, idx, zero_padding=False, **KW)[0]
+
+    text = lower_for_cuda(body, R, ((T, H), jnp.bfloat16), *ROUTING)
+    assert "zero_fill = false" in custom_call(text, "jax_ep_ll_dispatch")
+
+
+def test_ragged_fp8_dispatch_writes_both_parts_ragged(cuda_low_latency):
     def body(x, idx, w):
         (q, s), _, _ = jax_ep.low_latency_dispatch(x, idx, use_fp8=True, **KW)
         assert q.shape == (N, H) and s.shape == (N, H // 128)
         return q, s
 
     text = lower_for_cuda(body, R, ((T, H), jnp.bfloat16), *ROUTING)
-    assert "zero_fill = false" in custom_call(text, "jax_ep_ll_dispatch")
-    assert f"tensor<{N}x{H}xf8E4M3FN>" in text and f"tensor<{N}x{H // 128}xf32>" in text
+    dispatch = custom_call(text, "jax_ep_ll_dispatch")
+    assert f"-> (tensor<{N}x{H}xf8E4M3FN>, " in dispatch
+    assert f"tensor<{N}x{H // 128}xf32>)" in dispatch
 
 
 def test_ragged_split_forms(cuda_low_latency):
@@ -191,14 +204,15 @@ def test_ragged_split_forms(cuda_low_latency):
         return jax_ep.low_latency_combine_recv(back, idx, w)
 
     text = lower_for_cuda(body, R, ((T, H), jnp.float16), *ROUTING)
-    assert "zero_fill = false" in custom_call(text, "jax_ep_ll_dispatch_recv")
+    assert f"-> (tensor<{N}x{H}xf16>, " in custom_call(text, "jax_ep_ll_dispatch_recv")
     send = custom_call(text, "jax_ep_ll_combine_send")
-    assert f"(tensor<i32>, tensor<{L}x{R * M}x{H}xf16>, " in send
+    assert f"(tensor<i32>, tensor<{N}x{H}xf16>, " in send
+    assert _no_padded_rows(text)
 
 
 def test_ragged_gradients_lower(cuda_low_latency):
-    """The VJPs on the ragged layout: the gather and the cached dispatch (no
-    zero fill: the gather back to [N, H] zeroes the tail), and a combine."""
+    """The VJPs on the ragged layout: the gather reads a ragged y, the cached
+    dispatch writes ragged rows (zeroing the tail), and a combine."""
     mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
     spec = jax.sharding.PartitionSpec("ep")
 
@@ -213,8 +227,9 @@ def test_ragged_gradients_lower(cuda_low_latency):
             for s, d in (((H,), jnp.float32), ((K,), jnp.int32), ((K,), jnp.float32))]
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
-    padded = f"tensor<{L}x{R * M}x{H}xf32>"
-    assert f"(tensor<i32>, {padded}, " in custom_call(text, "jax_ep_ll_gather")
+    ragged = f"tensor<{N}x{H}xf32>"
+    assert f"(tensor<i32>, {ragged}, " in custom_call(text, "jax_ep_ll_gather")
     cached = custom_call(text, "jax_ep_ll_dispatch_cached")
-    assert "zero_fill = false" in cached and f"-> {padded}" in cached
+    assert "zero_fill = true" in cached and f"-> {ragged}" in cached
     assert len(_all_calls(text, "jax_ep_ll_combine")) == 2  # forward, and dispatch's VJP
+    assert _no_padded_rows(text)

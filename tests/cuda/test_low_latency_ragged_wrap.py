@@ -1,10 +1,13 @@
 """The CUDA backend's ragged layout, run on CPU around stand-in kernels.
 
-The ragged layout is a gather around the padded kernels (jax_ep/cuda/low_latency.py).
-Here the custom calls are replaced by the reference backend's padded
-computation (with NaN in the rows a kernel leaves unwritten when it does not
-zero-fill), so the public ops with backend="cuda" run on 8 CPU devices and
-their ragged results and gradients are checked against the numpy oracle.
+The kernels write and read the ragged layout themselves (the custom calls'
+recv_x / y / out are [N, H]); jax_ep/cuda/low_latency.py only passes the
+layout through. Here each custom call is replaced by a stand-in that keeps
+the kernels' contract (the reference backend's rows, in the layout the call
+asks for, NaN in rows a kernel leaves unwritten when it does not zero-fill),
+so the public ops with backend="cuda" run on 8 CPU devices and their ragged
+results and gradients are checked against the numpy oracle. The custom
+calls' shapes in both layouts: tests/cuda/test_low_latency_lowering.py.
 """
 
 import jax
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 import jax_ep
-from jax_ep import _reference
+from jax_ep import _ragged, _reference
 from jax_ep.cuda import extension
 from jax_ep.cuda import low_latency as ll
 from jax_ep.testing import oracle
@@ -32,37 +35,50 @@ def _handle(ids, num_experts, max_tokens_per_rank):
                                               max_tokens_per_rank=max_tokens_per_rank)
 
 
-def _unwritten_is_nan(padded, count, zero_fill):
+def _in_layout(padded, count, zero_fill, layout):
+    """What a kernel writes: the padded rows, or the ragged ones (N = R*M*min(K, L)
+    rows); NaN where it leaves rows unwritten (zero_fill off)."""
+    if layout == "ragged":
+        rows = _ragged.to_ragged(padded, count, N)
+        valid = jnp.arange(N) < jnp.sum(count)
+        valid = valid.reshape(valid.shape + (1,) * (rows.ndim - 1))
+    else:
+        rows = padded
+        valid = jnp.arange(padded.shape[1])[None, :] < count[:, None]
+        valid = valid.reshape(valid.shape + (1,) * (padded.ndim - 2))
     if zero_fill:
-        return padded
-    valid = jnp.arange(padded.shape[1])[None, :] < count[:, None]
-    valid = valid.reshape(valid.shape + (1,) * (padded.ndim - 2))
-    return jnp.where(valid, padded, jnp.asarray(jnp.nan, jnp.float32).astype(padded.dtype))
+        return rows
+    return jnp.where(valid, rows, jnp.asarray(jnp.nan, jnp.float32).astype(rows.dtype))
+
+
+def _padded_y(y, count):
+    """A combine's y as the kernels read it: ragged [N, H] rows at their offsets."""
+    return _ragged.to_padded(y, count, R * M) if y.ndim == 2 else y
 
 
 def fake_dispatch(x, ids, *, axis_index, num_experts, max_tokens_per_rank, use_fp8=False,
-                  zero_fill=True, num_ranks=None):
+                  zero_fill=True, num_ranks=None, layout="padded"):
     h = _handle(ids, num_experts, max_tokens_per_rank)
     parts = list(_reference.fp8_quantize(x)) if use_fp8 else [x]
-    recv = [_unwritten_is_nan(p, h.recv_count, zero_fill)
+    recv = [_in_layout(p, h.recv_count, zero_fill, layout)
             for p in _reference.low_latency_dispatch_rows(parts, h)]
     slot = jnp.where(h.slot >= 0, h.slot % (R * max_tokens_per_rank), -1)
     return (tuple(recv) if use_fp8 else recv[0]), h.recv_count, h.recv_src, slot
 
 
 def fake_combine(y, ids, w, recv_src, count, slot, *, axis_index, num_ranks=None):
-    return _reference.low_latency_combine(y, w, _handle(ids, E, M))
+    return _reference.low_latency_combine(_padded_y(y, count), w, _handle(ids, E, M))
 
 
 def fake_gather(y, ids, recv_src, count, slot, *, axis_index, num_ranks=None):
-    return _reference.low_latency_gather_rows(y, _handle(ids, E, M))
+    return _reference.low_latency_gather_rows(_padded_y(y, count), _handle(ids, E, M))
 
 
 def fake_cached(x, ids, slot, count, scale=None, *, axis_index, num_experts,
-                max_tokens_per_rank, zero_fill=True, num_ranks=None):
+                max_tokens_per_rank, zero_fill=True, num_ranks=None, layout="padded"):
     h = _handle(ids, num_experts, max_tokens_per_rank)
     out = _reference.low_latency_dispatch_rows([x], h, scale)[0]
-    return _unwritten_is_nan(out, h.recv_count, zero_fill)
+    return _in_layout(out, h.recv_count, zero_fill, layout)
 
 
 @pytest.fixture(autouse=True)

@@ -62,12 +62,14 @@ struct CachedParams {
   const int32_t* slot;
   const float* scale;
   const int32_t* recv_count;
+  int64_t ragged_rows;  // 0: out padded [L, R*M, H]; N: out ragged [N, H]
   uint8_t* out;
 };
 
 template <typename XElem>
 struct LLCachedDispatchKernel {
   static __device__ __forceinline__ void Run(const LLComm& c, const CachedParams& p) {
+    extern __shared__ int32_t s_base[];  // [L + 1] with a ragged out
     __shared__ uint8_t* s_peer[kLLMaxRanks];
     const LLLayout& lay = c.layout;
     const int R = c.num_ranks;
@@ -114,6 +116,21 @@ struct LLCachedDispatchKernel {
     // ---------------- receive: rows [0, count) of each local expert, zeros after
     WaitAllDone(c, n, kOpLLDispatchCached);
     const uint8_t* set = c.base + set_off;
+    if (p.ragged_rows > 0) {  // the experts' rows one after the other, then the zero tail
+      RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
+      const int64_t total = s_base[L];
+      for (int64_t v = gw; v < p.ragged_rows; v += W) {
+        uint8_t* out = p.out + v * row_bytes;
+        if (v < total) {
+          const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(v));
+          WarpCopy<true>(out, set + (l * RM + v - s_base[l]) * p.stride, row_bytes, lane);
+        } else if (p.zero_fill) {
+          WarpZero(out, row_bytes, lane);
+        }
+      }
+      if (LastToReceive(c)) FinishRecv(c, s_peer, n);
+      return;
+    }
     for (int64_t row = gw; row < L * RM; row += W) {
       const int64_t l = row / RM;
       const int64_t pos = row - l * RM;
@@ -131,10 +148,11 @@ struct LLCachedDispatchKernel {
 
 }  // namespace
 
-int LLCachedDispatchBlocksPerSm() {
-  return std::min({BlocksPerSm<LLCachedDispatchKernel<Bf16Elem>, CachedParams>(0),
-                   BlocksPerSm<LLCachedDispatchKernel<F16Elem>, CachedParams>(0),
-                   BlocksPerSm<LLCachedDispatchKernel<F32Elem>, CachedParams>(0)});
+int LLCachedDispatchBlocksPerSm(const LLLayout& lay) {
+  const size_t smem = static_cast<size_t>(lay.num_experts / std::max(lay.num_ranks, 1) + 1) * 4;
+  return std::min({BlocksPerSm<LLCachedDispatchKernel<Bf16Elem>, CachedParams>(smem),
+                   BlocksPerSm<LLCachedDispatchKernel<F16Elem>, CachedParams>(smem),
+                   BlocksPerSm<LLCachedDispatchKernel<F32Elem>, CachedParams>(smem)});
 }
 
 cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArgs& a,
@@ -157,15 +175,18 @@ cudaError_t LaunchLLDispatchCached(const LLComm& comm, const LLCachedDispatchArg
   p.slot = a.slot;
   p.scale = a.scale;
   p.recv_count = a.recv_count;
+  p.ragged_rows = a.ragged_rows;
   p.out = static_cast<uint8_t*>(a.out);
   const int grid = GridFor(comm);
+  const size_t smem =
+      a.ragged_rows > 0 ? static_cast<size_t>(a.shape.num_experts / comm.num_ranks + 1) * 4 : 0;
   switch (a.dtype) {
     case ElemType::kBF16:
-      return Launch<LLCachedDispatchKernel<Bf16Elem>>(grid, 0, stream, c, p);
+      return Launch<LLCachedDispatchKernel<Bf16Elem>>(grid, smem, stream, c, p);
     case ElemType::kF16:
-      return Launch<LLCachedDispatchKernel<F16Elem>>(grid, 0, stream, c, p);
+      return Launch<LLCachedDispatchKernel<F16Elem>>(grid, smem, stream, c, p);
     case ElemType::kF32:
-      return Launch<LLCachedDispatchKernel<F32Elem>>(grid, 0, stream, c, p);
+      return Launch<LLCachedDispatchKernel<F32Elem>>(grid, smem, stream, c, p);
     case ElemType::kF8E4M3FN:
       break;
   }

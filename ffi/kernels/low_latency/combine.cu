@@ -20,23 +20,25 @@ namespace {
 // reduces ~14 items one after the other).
 template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void CombineReduceItems(const CombineParams& p, const uint8_t* set,
-                                                   int64_t gtid, int64_t gthreads) {
+                                                   int64_t gtid, int64_t gthreads,
+                                                   const int32_t* y_start) {
   using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
   const int64_t chunks = p.s.hidden / kNE;
   const int64_t items = p.s.num_tokens * chunks;
   for (int64_t item = gtid; item < items; item += gthreads) {
     if (item + gthreads < items) {
       const int64_t t_next = (item + gthreads) / chunks;
-      PrefetchRows<V, kSelfRows>(p, set, t_next, item + gthreads - t_next * chunks);
+      PrefetchRows<V, kSelfRows>(p, set, t_next, item + gthreads - t_next * chunks, y_start);
     }
     const int64_t t = item / chunks;
-    ReduceChunk<Elem, kNE, kSelfRows>(p, set, t, item - t * chunks);
+    ReduceChunk<Elem, kNE, kSelfRows>(p, set, t, item - t * chunks, y_start);
   }
 }
 
 template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t* set,
-                                           int64_t gtid, int64_t gthreads) {
+                                           int64_t gtid, int64_t gthreads,
+                                           const int32_t* y_start) {
   using Raw = typename Elem::Raw;
   using V = typename VecOf<kNE * sizeof(Raw)>::Type;
   const int64_t T = p.s.num_tokens, H = p.s.hidden, K = p.s.top_k, E = p.s.num_experts;
@@ -47,7 +49,7 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
     const int64_t c = item - tk * chunks;
     const int64_t t = tk / K;
     const int32_t e = __ldg(p.idx + tk);
-    const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, tk) : nullptr;
+    const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, tk, y_start) : nullptr;
     V v{};
     if (row != nullptr) v = LoadVec<true>(row + c);
     reinterpret_cast<V*>(p.out + tk * H * sizeof(Raw))[c] = v;
@@ -57,7 +59,7 @@ __device__ __forceinline__ void GatherRows(const CombineParams& p, const uint8_t
 template <typename Elem, int kNE, bool kSelfRows>
 struct LLCombineKernel {
   static __device__ __forceinline__ void Run(const LLComm& c, const CombineParams& p) {
-    extern __shared__ int32_t s_base[];  // [L + 1] (send)
+    extern __shared__ int32_t s_base[];  // [L + 1] (send; fused at one PE with a ragged y)
     __shared__ uint8_t* s_peer[kLLMaxRanks];
 
     const LLLayout& lay = c.layout;
@@ -80,6 +82,8 @@ struct LLCombineKernel {
     // send or to wait for; the op still waits for its set's release (the same
     // ordering errors time out as at several PEs), counts and signals (end).
     if (kSelfRows) WaitReleased(c, n, op);
+    const bool ragged = p.ragged_rows > 0;
+    if (kSelfRows && ragged) RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
     if (!kSelfRows && p.phase != kLLRecvOnly) {
       // ---------------- send: expert rows back to their source tokens
       WriteToken(p.token_out, n);
@@ -103,19 +107,35 @@ struct LLCombineKernel {
         if (s >= R) continue;
         const int64_t e = static_cast<int64_t>(me) * L + l;
         const size_t off = set_off + static_cast<size_t>(CombineSetRow(e, t, E)) * p.stride;
-        const uint8_t* src = p.y + (l * RM + pos) * row_bytes;
+        // Ragged: i is the row (s_base is the exclusive prefix of the counts);
+        // a row past the end of y goes back as zeros (the receiver reads it).
+        const bool have = !ragged || i < p.ragged_rows;
+        const uint8_t* src = p.y + (ragged ? i : l * RM + pos) * row_bytes;
         uint8_t* mapped = s_peer[s];
         if (mapped != nullptr && parts > 1) {
           const UnitRange range = PartOf(units, part, parts);
-          WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
-          WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
-                                  reinterpret_cast<const uint4*>(src), range.begin, range.end, lane);
+          if (have) {
+            WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
+            WarpCopyVecRange<false>(reinterpret_cast<uint4*>(mapped + off),
+                                    reinterpret_cast<const uint4*>(src), range.begin, range.end,
+                                    lane);
+          } else {
+            WarpZero(mapped + off + range.begin * 16, (range.end - range.begin) * 16, lane);
+          }
         } else if (mapped != nullptr) {
-          WarpPrefetchL2(src, row_bytes, lane);
-          WarpCopy<false>(mapped + off, src, row_bytes, lane);
+          if (have) {
+            WarpPrefetchL2(src, row_bytes, lane);
+            WarpCopy<false>(mapped + off, src, row_bytes, lane);
+          } else {
+            WarpZero(mapped + off, row_bytes, lane);
+          }
         } else if (i < p.send_rows) {
           uint8_t* staged = StagingRow(c, i, p.stride);
-          WarpCopy<false>(staged, src, row_bytes, lane);
+          if (have) {
+            WarpCopy<false>(staged, src, row_bytes, lane);
+          } else {
+            WarpZero(staged, row_bytes, lane);
+          }
           PutStagedRow(c, off, staged, row_bytes, s);
         }
       }
@@ -132,10 +152,11 @@ struct LLCombineKernel {
     TracePoint(c, n, kLLTraceArrived, op);
     const uint8_t* set = c.base + set_off;
     const int64_t gtid = GlobalThread(), gthreads = GridThreads();
+    const int32_t* y_start = kSelfRows && ragged ? s_base : nullptr;
     if (p.gather) {
-      GatherRows<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
+      GatherRows<Elem, kNE, kSelfRows>(p, set, gtid, gthreads, y_start);
     } else {
-      CombineReduceItems<Elem, kNE, kSelfRows>(p, set, gtid, gthreads);
+      CombineReduceItems<Elem, kNE, kSelfRows>(p, set, gtid, gthreads, y_start);
     }
     TracePoint(c, n, kLLTraceCopied, op);
     TracePoint(c, n, kLLTraceEnd, op);
@@ -189,6 +210,7 @@ cudaError_t LaunchLLCombine(const LLComm& comm, const LLCombineArgs& a, LLPhase 
   p.send_rows = p.stride > 0 ? static_cast<int64_t>(comm.layout.send_bytes) / p.stride : 0;
   p.vec_y = (a.shape.hidden * yb) % 16 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   p.y = static_cast<const uint8_t*>(a.y);
+  p.ragged_rows = a.ragged_rows;
   p.recv_src = a.recv_src;
   p.recv_count = a.recv_count;
   p.idx = a.topk_idx;

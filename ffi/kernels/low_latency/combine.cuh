@@ -16,6 +16,7 @@ struct CombineParams {
   int32_t vec_y;      // rows of y are whole 16-byte vectors (aligned, H * y_bytes % 16 == 0)
   int64_t stride;     // row bytes in the set and the send buffer (multiple of 16)
   int64_t send_rows;  // capacity of the send buffer in rows
+  int64_t ragged_rows;  // 0: y padded [L, R*M, H]; N: y ragged [N, H]
   const uint8_t* y;
   const int32_t* recv_src;
   const int32_t* recv_count;
@@ -53,34 +54,36 @@ __device__ __forceinline__ int64_t CombineSetRow(int64_t e, int64_t t, int64_t E
 // local expert e - e0; nullptr for a slot out of range), else in set b,
 // where its owner wrote it. A
 // template flag, not a run-time one: the slot loads alone, not taken, cost
-// the 8-PE receive as much as reading y.
+// the 8-PE receive as much as reading y. y_start: with a ragged y, the first
+// row of each local expert ([L + 1], RowBases in shared memory), else nullptr.
 template <bool kSelfRows, typename V>
 __device__ __forceinline__ const V* RowOf(const CombineParams& p, const uint8_t* set, int64_t e,
-                                          int64_t t, int64_t tk) {
+                                          int64_t t, int64_t tk, const int32_t* y_start) {
   if (kSelfRows && e >= p.e0 && e < p.e0 + p.num_local) {
     const int32_t row_in_expert = __ldg(p.slot + tk);
     if (row_in_expert < 0 || row_in_expert >= p.expert_rows) return nullptr;
-    const int64_t row = (e - p.e0) * p.expert_rows + row_in_expert;
+    const int64_t l = e - p.e0;
+    int64_t row = l * p.expert_rows + row_in_expert;
+    if (y_start != nullptr) {
+      if (row_in_expert >= y_start[l + 1] - y_start[l]) return nullptr;
+      row = y_start[l] + row_in_expert;
+      if (row >= p.ragged_rows) return nullptr;
+    }
     return reinterpret_cast<const V*>(p.y + row * p.s.hidden * p.y_bytes);
   }
   return reinterpret_cast<const V*>(
       set + CombineSetRow(e, t, p.s.num_experts) * p.stride);
 }
 
-// s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total (warp 0).
-__device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
-                                         int32_t* s_base) {
-  BlockExclusiveScan(L, [&](int64_t l) { return min(max(__ldg(count + l), 0), cap); }, s_base);
-}
-
 // Issues an L2 prefetch of chunk c of token t's K rows.
 template <typename V, bool kSelfRows>
 __device__ __forceinline__ void PrefetchRows(const CombineParams& p, const uint8_t* set, int64_t t,
-                                             int64_t c) {
+                                             int64_t c, const int32_t* y_start) {
   const int64_t K = p.s.top_k, E = p.s.num_experts;
   for (int64_t k = 0; k < K; ++k) {
     const int32_t e = __ldg(p.idx + t * K + k);
-    const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k) : nullptr;
+    const V* row =
+        e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k, y_start) : nullptr;
     if (row != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + c));
   }
 }
@@ -119,7 +122,7 @@ __device__ __forceinline__ void StoreOutChunk(const CombineParams& p, int64_t t,
 // time (all of them for K <= 8), then summed in k order.
 template <typename Elem, int kNE, bool kSelfRows>
 __device__ __forceinline__ void ReduceChunk(const CombineParams& p, const uint8_t* set, int64_t t,
-                                            int64_t c) {
+                                            int64_t c, const int32_t* y_start) {
   using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
   const int64_t K = p.s.top_k, E = p.s.num_experts;
   const int32_t* idx_row = p.idx + t * K;
@@ -134,7 +137,8 @@ __device__ __forceinline__ void ReduceChunk(const CombineParams& p, const uint8_
     for (int u = 0; u < kKChunk; ++u) {
       const int64_t k = k0 + u;
       const int32_t e = k < K ? __ldg(idx_row + k) : -1;
-      const V* row = e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k) : nullptr;
+      const V* row =
+          e >= 0 && e < E ? RowOf<kSelfRows, V>(p, set, e, t, t * K + k, y_start) : nullptr;
       ok[u] = row != nullptr;
       // Left unset when !ok: zeroing (as ReduceTokenRange does) made the
       // plain combine slower (see docs/optimisation-log.md).

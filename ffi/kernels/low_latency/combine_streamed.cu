@@ -119,13 +119,14 @@ __device__ __forceinline__ void WaitTokenRows(const LLComm& c, const CombinePara
 // ReduceChunk per chunk.
 template <typename Elem, int kNE>
 __device__ __forceinline__ void ReduceTokenRange(const CombineParams& p, const uint8_t* set,
-                                                 int64_t t, UnitRange range, int lane) {
+                                                 int64_t t, UnitRange range, int lane,
+                                                 const int32_t* y_start) {
   using V = typename VecOf<kNE * sizeof(typename Elem::Raw)>::Type;
   const int64_t K = p.s.top_k, E = p.s.num_experts;
   if (K > kKChunk) {
     for (int64_t ch = range.begin + lane; ch < range.end; ch += 32) {
-      if (ch + 32 < range.end) PrefetchRows<V, true>(p, set, t, ch + 32);
-      ReduceChunk<Elem, kNE, true>(p, set, t, ch);
+      if (ch + 32 < range.end) PrefetchRows<V, true>(p, set, t, ch + 32, y_start);
+      ReduceChunk<Elem, kNE, true>(p, set, t, ch, y_start);
     }
     return;
   }
@@ -134,7 +135,7 @@ __device__ __forceinline__ void ReduceTokenRange(const CombineParams& p, const u
   if (lane < K) {
     const int32_t e = __ldg(p.idx + t * K + lane);
     if (e >= 0 && e < E) {
-      mine = RowOf<true, V>(p, set, e, t, t * K + lane);
+      mine = RowOf<true, V>(p, set, e, t, t * K + lane, y_start);
       w_mine = __ldg(p.w + t * K + lane);
     }
   }
@@ -200,6 +201,7 @@ struct LLStreamedCombineKernel {
     for (int64_t i = threadIdx.x; i < QL; i += blockDim.x) s_hist[i] = 0;
     RowBases(p.recv_count, L, static_cast<int32_t>(RM), s_base);
     const int64_t total = s_base[L];
+    const bool ragged = p.ragged_rows > 0;  // y's rows start at s_base[l]
     for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
       const int l = UpperIndex(s_base, static_cast<int>(L), static_cast<int32_t>(i));
       const int32_t code = __ldg(p.recv_src + l * RM + (i - s_base[l]));
@@ -224,11 +226,17 @@ struct LLStreamedCombineKernel {
         const int64_t t = row.y - static_cast<int64_t>(s) * M;
         const int64_t e = static_cast<int64_t>(me) * L + l;
         uint8_t* dst = s_peer[s] + set_off + CombineSetRow(e, t, E) * p.stride;
-        const uint8_t* src = p.y + (l * RM + row.x) * row_bytes;
-        WarpPrefetchL2(src, row_bytes, lane);
-        WarpCopyVecRange<false, kRowUnroll>(reinterpret_cast<uint4*>(dst),
-                                            reinterpret_cast<const uint4*>(src), 0, row_bytes / 16,
-                                            lane);
+        // A ragged row past the end of y goes back as zeros (its token waits for it).
+        const int64_t y_row = ragged ? s_base[l] + row.x : l * RM + row.x;
+        const uint8_t* src = p.y + y_row * row_bytes;
+        if (!ragged || y_row < p.ragged_rows) {
+          WarpPrefetchL2(src, row_bytes, lane);
+          WarpCopyVecRange<false, kRowUnroll>(reinterpret_cast<uint4*>(dst),
+                                              reinterpret_cast<const uint4*>(src), 0,
+                                              row_bytes / 16, lane);
+        } else {
+          WarpZero(dst, row_bytes, lane);
+        }
         __syncwarp();
         if (lane == 0) {
           Fence(gpu);
@@ -268,7 +276,7 @@ struct LLStreamedCombineKernel {
       const int64_t t = unit / segs;
       WaitTokenRows(c, p, arrive + t, t, n, lane);
       const UnitRange range = PartOf(chunks, static_cast<int>(unit - t * segs), static_cast<int>(segs));
-      ReduceTokenRange<Elem, kNE>(p, set, t, range, lane);
+      ReduceTokenRange<Elem, kNE>(p, set, t, range, lane, ragged ? s_base : nullptr);
     }
     TracePoint(c, n, kLLTraceCopied, kOpLLCombine);
     TracePoint(c, n, kLLTraceEnd, kOpLLCombine);

@@ -83,9 +83,10 @@
 //   4. wait until done[b][s] >> 4 >= n for every s (and check the op kind).
 //   5. read set b into the XLA outputs (dispatch: one warp per (received
 //      row, part), compacting the index [l][s][j] into rows ordered by
-//      (s, j) using counts[b][*][e], each read from rows[s][index]; all
-//      threads mark and zero the padding rows; compute slot = sum_{s<me}
-//      counts[b][s][e] + j; combine: reduce in k order).
+//      (s, j) using counts[b][*][e], each read from rows[s][index], written
+//      at its padded or ragged row (low_latency.h: layouts); all
+//      threads mark and zero the padding rows (ragged: the tail); compute
+//      slot = sum_{s<me} counts[b][s][e] + j; combine: reduce in k order).
 //   6. the last block sets ack[b][me] = n in every PE.
 // The split form runs 1-3 in the send kernel (which returns n as a token) and
 // 4-6 in the receive kernel (which takes it). The streamed combine (fused, R >
@@ -562,6 +563,13 @@ __device__ __forceinline__ void BlockExclusiveScan(int64_t n, const Value& value
     if (lane == 0) out[n] = carry;
   }
   __syncthreads();
+}
+
+// s_base[l] = sum_{l' < l} min(count[l'], cap), s_base[L] = total: where
+// local expert l's rows start in the ragged layout.
+__device__ __forceinline__ void RowBases(const int32_t* count, int64_t L, int32_t cap,
+                                         int32_t* s_base) {
+  BlockExclusiveScan(L, [&](int64_t l) { return min(max(__ldg(count + l), 0), cap); }, s_base);
 }
 
 // n bytes at dst zeroed by all threads of the grid (16-byte stores when

@@ -218,6 +218,7 @@ struct DispatchParams {
   int32_t mask_words;     // words per expert of the send's token masks; 0: TokensBefore
   int64_t stride;         // row bytes in the set and the staging buffer (payload rounded to 16)
   int64_t payload_bytes;  // H * x_bytes, or H + 4 * H / 128
+  int64_t ragged_rows;    // 0: recv_x / recv_scales padded; N: ragged [N, ...]
   uint8_t* recv_x;
   float* recv_scales;
   int32_t* recv_count;
@@ -264,15 +265,23 @@ __device__ __forceinline__ void PublishCounts(const LLComm& c, uint8_t* const* s
 }
 
 // Padding rows: recv_src = -1 (and zeros), by every thread of the grid.
+// Ragged: the zeros go to the tail, rows [total, N).
 __device__ __forceinline__ void MarkPaddingRows(const DispatchParams& p, const int32_t* s_prefix,
-                                                int R, int64_t L, int64_t RM,
+                                                int R, int64_t L, int64_t RM, int64_t total,
                                                 int64_t out_row_bytes, int64_t scale_row_bytes,
                                                 int64_t gtid, int64_t gthreads) {
   for (int64_t i = gtid; i < L * RM; i += gthreads) {
     const int64_t l = i / RM;
     if (i - l * RM >= s_prefix[l * (R + 1) + R]) p.recv_src[i] = -1;
   }
-  if (p.zero_fill) {
+  if (p.zero_fill && p.ragged_rows > 0) {
+    const int64_t tail = max(p.ragged_rows - total, int64_t{0});
+    GridZero(p.recv_x + total * out_row_bytes, tail * out_row_bytes, gtid, gthreads);
+    if (p.use_fp8) {
+      GridZero(reinterpret_cast<uint8_t*>(p.recv_scales) + total * scale_row_bytes,
+               tail * scale_row_bytes, gtid, gthreads);
+    }
+  } else if (p.zero_fill) {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t count = s_prefix[l * (R + 1) + R];
       GridZero(p.recv_x + (l * RM + count) * out_row_bytes, (RM - count) * out_row_bytes, gtid,
@@ -470,16 +479,19 @@ struct LLDispatchKernel {
                             static_cast<int32_t>(M - 1));
       const uint8_t* src = set + rows_off + (s * M + t) * p.stride;
       const int64_t row = l * RM + pos;
-      uint8_t* out = p.recv_x + row * out_row_bytes;
+      // Ragged: received rows are already in expert order, v is the final row.
+      const int64_t out_row = p.ragged_rows > 0 ? v : row;
+      if (part == 0 && lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
+      if (p.ragged_rows > 0 && out_row >= p.ragged_rows) continue;  // warp-uniform
+      uint8_t* out = p.recv_x + out_row * out_row_bytes;
       if (p.vec_out) {
         const UnitRange range = PartOf(out_units, part, rparts);
         WarpPrefetchL2(src + range.begin * 16, (range.end - range.begin) * 16, lane);
       }
       if (part == 0) {
-        if (lane == 0) p.recv_src[row] = static_cast<int32_t>(s * M + t);
         if (p.use_fp8) {  // H / 128 scales (a plain loop: WarpCopy here makes the kernel spill)
           const float* scales = reinterpret_cast<const float*>(src + H);
-          float* scales_out = p.recv_scales + row * (H / kLLFp8Block);
+          float* scales_out = p.recv_scales + out_row * (H / kLLFp8Block);
           for (int64_t i = lane; i < H / kLLFp8Block; i += 32) scales_out[i] = __ldcg(scales + i);
         }
       }
@@ -494,7 +506,8 @@ struct LLDispatchKernel {
     }
     TracePoint(c, n, kLLTraceCopied, kOpLLDispatch);
     const int64_t gtid = GlobalThread(), gthreads = GridThreads();
-    MarkPaddingRows(p, s_prefix, R, L, RM, out_row_bytes, scale_row_bytes, gtid, gthreads);
+    MarkPaddingRows(p, s_prefix, R, L, RM, total, out_row_bytes, scale_row_bytes, gtid,
+                    gthreads);
     WriteSlots(p, counts, jpos, me, T, K, E, M, gtid, gthreads);
     TracePoint(c, n, kLLTraceEnd, kOpLLDispatch);
     if (LastToReceive(c)) FinishRecv(c, s_peer, n);
@@ -543,6 +556,7 @@ cudaError_t LaunchLLDispatch(const LLComm& comm, const LLDispatchArgs& a, LLPhas
   p.vec_x = (a.shape.hidden * xb) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
   p.vec_out = p.use_fp8 ? a.shape.hidden % 16 == 0 : (a.shape.hidden * xb) % 16 == 0;
   p.vec_out = p.vec_out && reinterpret_cast<uintptr_t>(a.recv_x) % 16 == 0;
+  p.ragged_rows = a.ragged_rows;
   p.recv_x = static_cast<uint8_t*>(a.recv_x);
   p.recv_scales = a.recv_scales;
   p.recv_count = a.recv_count;

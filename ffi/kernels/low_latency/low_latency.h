@@ -149,6 +149,15 @@ inline constexpr int LLElemBytes(ElemType type) {
 enum LLPhase : int32_t { kLLFused = 0, kLLSendOnly = 1, kLLRecvOnly = 2 };
 
 // Geometry of a call (identical on every PE).
+// Layouts of the expert rows (recv_x of a dispatch, y of a combine or
+// gather, out of a cached dispatch). Padded [L, R*M, ...]: local expert l's
+// rows at l * R*M + p, p < recv_count[l]. Ragged [N, ...] (ragged_rows = N):
+// the same rows concatenated in expert order, row start[l] + p with start the
+// exclusive prefix sum of recv_count, rows [sum, N) the tail (zeroed with
+// zero_fill). The kernels place rows there directly; recv_src and slot stay
+// per expert ([L, R*M], row among the expert's R*M) in both layouts. A ragged
+// row index >= N is never read or written (a y shorter than the rows counted
+// contributes nothing past its end).
 struct LLShape {
   int64_t num_tokens = 0;   // T <= M
   int64_t hidden = 0;       // H
@@ -165,8 +174,9 @@ struct LLDispatchArgs {
   const int32_t* topk_idx = nullptr; // [T, K] (send and receive)
   bool use_fp8 = false;
   bool zero_fill = true;             // zero recv_x / recv_scales rows past the count
-  void* recv_x = nullptr;            // [L, R*M, H] x dtype, or e4m3 with use_fp8
-  float* recv_scales = nullptr;      // [L, R*M, H/128] with use_fp8
+  int64_t ragged_rows = 0;           // 0: padded; N: ragged recv_x / recv_scales (see below)
+  void* recv_x = nullptr;            // [L, R*M, H] x dtype, or e4m3 with use_fp8; ragged [N, H]
+  float* recv_scales = nullptr;      // [L, R*M, H/128] with use_fp8; ragged [N, H/128]
   int32_t* recv_count = nullptr;     // [L]
   int32_t* recv_src = nullptr;       // [L, R*M]: s*M + t, -1 past the count
   int32_t* slot = nullptr;           // [T, K]: row of (t, k) among its expert's R*M rows, -1
@@ -180,6 +190,7 @@ struct LLCombineArgs {
   bool gather = false;                  // out [T, K, H] rows instead of the weighted sum
   ElemType dtype = ElemType::kBF16;     // y's dtype = out's dtype
   const void* y = nullptr;              // [L, R*M, H] (send; fused at one PE: receive too)
+  int64_t ragged_rows = 0;              // 0: y padded; N: y ragged [N, H] (see below)
   const int32_t* recv_src = nullptr;    // [L, R*M] (send)
   const int32_t* recv_count = nullptr;  // [L] (send)
   const int32_t* topk_idx = nullptr;    // [T, K] (receive)
@@ -200,6 +211,7 @@ struct LLCachedDispatchArgs {
   const float* scale = nullptr;         // [T, K] or nullptr (= 1)
   const int32_t* recv_count = nullptr;  // [L] (receive: rows to copy, the rest is zeroed)
   bool zero_fill = true;
+  int64_t ragged_rows = 0;              // 0: out padded; N: out ragged [N, H] (see below)
   void* out = nullptr;                  // [L, R*M, H] x dtype
 };
 
@@ -210,7 +222,7 @@ struct LLCachedDispatchArgs {
 int LLDispatchBlocksPerSm(const LLLayout& lay);
 int LLCombineBlocksPerSm(const LLLayout& lay);
 int LLStreamedCombineBlocksPerSm(const LLLayout& lay);
-int LLCachedDispatchBlocksPerSm();
+int LLCachedDispatchBlocksPerSm(const LLLayout& lay);
 
 // nullptr when the call fits the region, else a sentence saying what does not.
 const char* LLCheckDispatch(const LLComm& comm, const LLShape& s, int64_t x_itemsize, bool use_fp8);
