@@ -14,6 +14,11 @@ collectives cannot run between processes sharing one GPU).
     python benchmarks/bench_low_latency.py --ranks 1
     python benchmarks/bench_low_latency.py --ranks 8
     python benchmarks/bench_low_latency.py --ranks 1 --profile   # kernels per op
+    python benchmarks/bench_low_latency.py --ranks 1 --graphs    # each jitted op one CUDA graph
+
+--graphs compiles every jitted call with XLA's command buffers forced on for
+custom calls (GRAPHS_ON), so the whole call replays as one CUDA graph: the
+bar is a graphed dispatch's wall time within 1.3x of its kernel time.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from _timing import (device_kernels, drop, lift, mesh_of, print_kernels, putter,
 
 H, K, E, M = 7168, 8, 256, 128
 CHAIN = 20  # calls per program in the chained timing
+GRAPHS_ON = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+             "xla_gpu_graph_min_graph_size": 1}
 
 
 def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
-            kernel_time=False, with_chain=True):
+            kernel_time=False, with_chain=True, graphs=False):
     """{op: (seconds per call, GPU kernel seconds per call or None, seconds
     per call in a chain or None)} for this process's rank. Kernel times come
     from a profile, with kernel_time only: under MPS the profiled run of
@@ -51,7 +58,9 @@ def measure(backend, iters, tokens=M, seed=0, profile=False, warm_calls=2000,
     xs, idxs, ws = oracle.make_inputs(seed, n, tokens, H, E, K, dtype=ml_dtypes.bfloat16)
     put = putter(mesh)
     x, idx, w = put(xs), put(idxs), put(ws)
-    smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+    options = GRAPHS_ON if graphs else None
+    smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec),
+                             compiler_options=options)
     kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, backend=backend)
 
     # DeepEP leaves the rows past each expert's count unwritten: zero_padding=False
@@ -127,7 +136,7 @@ def chained(op, calls, through):
     return run
 
 
-def worker(iters="200", with_reference="0", profile="0", chain="1", options="{}"):
+def worker(iters="200", with_reference="0", profile="0", chain="1", options="{}", graphs="0"):
     """One rank's process: its timings (and the reference's, when asked);
     rank 0 also returns the kernel profile text when `profile` is "1".
     `options`: JSON of jax_ep.Options fields to set (the rest from the environment)."""
@@ -147,14 +156,14 @@ def worker(iters="200", with_reference="0", profile="0", chain="1", options="{}"
         alone = jax.process_count() == 1
         if with_reference == "1":
             out["reference"] = measure("reference", int(iters), profile=profile,
-                                       kernel_time=alone)
+                                       kernel_time=alone, graphs=graphs == "1")
         jax_ep.initialize(mesh_of(jax.devices()), axis_name="ep", backend="cuda",
                           max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E,
                           dtype="bfloat16", low_latency=True,
                           options=dataclasses.replace(jax_ep.Options.from_env(),
                                                       **json.loads(options)))
         out["cuda"] = measure("cuda", int(iters), profile=profile, kernel_time=alone,
-                              with_chain=chain == "1")
+                              with_chain=chain == "1", graphs=graphs == "1")
         jax_ep.shutdown()
     out["profile"] = text.getvalue()
     return out
@@ -179,6 +188,8 @@ def main(argv=None):
                    help="Options(system_scope=True): system-scope flags and fences")
     p.add_argument("--force-put", action="store_true",
                    help="Options(force_put=True): every row by NVSHMEM puts")
+    p.add_argument("--graphs", action="store_true",
+                   help="compile with XLA's command buffers forced on (each call one CUDA graph)")
     args = p.parse_args(argv)
     from jax_ep.testing import launch, mps_daemon
 
@@ -200,9 +211,11 @@ def main(argv=None):
                          env={"PYTHONPATH": here},
                          args=(str(args.iters), "1" if args.ranks == 1 else "0",
                                "1" if args.profile else "0", "0" if args.no_chain else "1",
-                               json.dumps(options)))
+                               json.dumps(options), "1" if args.graphs else "0"))
     if options:
         print("options:", options)
+    if args.graphs:
+        print("graphs: every jitted call compiled with", GRAPHS_ON)
     print(results[0].result["profile"], end="")
     print(f"wall: µs per jitted call (host dispatch included); chained: µs per call in a "
           f"program of {CHAIN} dependent calls (no host work between calls); GPU: kernel time per call from "
