@@ -13,6 +13,7 @@
 #include <nvshmem_host.h>
 
 #include "ffi/runtime/cuda_check.h"
+#include "ffi/runtime/generation.h"
 #include "ffi/runtime/nvshmem_bootstrap.h"
 #include "ffi/runtime/options.h"
 #include "ffi/runtime/watchdog.h"
@@ -33,6 +34,7 @@ struct InternodeContext {
   TimeoutRecord* record_device = nullptr;
   bool reported = false;
   bool ready = false;
+  LiveCheck live;                     // this region's generation (ffi/runtime/generation.h)
 };
 
 namespace {
@@ -286,6 +288,7 @@ InternodeInfo InternodeAlloc(int ranks_per_node, int64_t max_tokens, int64_t mes
     CudaCheck(cudaMemcpy(ctx->node_peers, peers.data(), bytes, cudaMemcpyHostToDevice), device,
               "copying the node table");
     AllocTimeoutRecord(device, &ctx->record_host, &ctx->record_device);
+    ctx->live = BeginGeneration(device, GuardedMode::kInternode);
     CudaCheck(cudaDeviceSynchronize(), device, "setting up the internode context");
   } catch (...) {
     FreeLocalParts(*ctx);
@@ -327,6 +330,7 @@ void InternodeFree() {
   cudaSetDevice(ctx->device);
   cudaDeviceSynchronize();  // no kernel of ours may still use the region
   cudaGetLastError();
+  EndGeneration(ctx->device, GuardedMode::kInternode);  // graphs recorded so far stop
   nvshmem_free(ctx->region);  // collective
   FreeLocalParts(*ctx);
   {
@@ -337,6 +341,7 @@ void InternodeFree() {
 }
 
 std::optional<std::string> InternodeLastError() {
+  if (auto stale = StaleGraphMessage()) return stale;
   Registry& reg = Reg();
   std::lock_guard<std::mutex> lock(reg.mu);
   PollLocked(reg);
@@ -373,6 +378,7 @@ bool AcquireInternode(int device, InternodeComm* comm,
   comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load());
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
+  comm->live = ctx.live;
   *hold = reg.ctx;
   return true;
 }

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "ffi/runtime/cuda_check.h"
+#include "ffi/runtime/generation.h"
 #include "ffi/runtime/options.h"
 #include "ffi/runtime/watchdog.h"
 
@@ -36,6 +37,7 @@ struct CommContext {
   std::vector<uint8_t*> peers;      // comm buffer base of every rank
   std::vector<bool> peer_is_ipc;    // opened with cudaIpcOpenMemHandle: close at teardown
   uint8_t** peers_device = nullptr;  // device copy of `peers`
+  LiveCheck live;                    // this connection's generation (ffi/runtime/generation.h)
 };
 
 namespace {
@@ -166,6 +168,7 @@ void FreeContext(CommContext& ctx) {
   if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
   if (cudaSetDevice(ctx.device) == cudaSuccess) {
     cudaDeviceSynchronize();  // no kernel of ours may still use the buffers
+    if (ctx.live.live != nullptr) EndGeneration(ctx.device, GuardedMode::kIntranode);
     for (size_t r = 0; r < ctx.peers.size(); ++r) {
       if (ctx.peer_is_ipc[r] && ctx.peers[r] != nullptr) cudaIpcCloseMemHandle(ctx.peers[r]);
     }
@@ -401,9 +404,11 @@ void CommConnect(int device, int rank, int num_ranks, int group,
   MappedPeers mapped{std::vector<uint8_t*>(num_ranks, nullptr),
                      std::vector<bool>(num_ranks, false)};
   uint8_t** table = nullptr;
+  LiveCheck live;
   try {
     MapPeers(where, *ctx, peers, &mapped);
     table = CopyPeerTable(device, mapped.bases);
+    live = BeginGeneration(device, GuardedMode::kIntranode);
   } catch (...) {
     for (int r = 0; r < num_ranks; ++r) {
       if (mapped.is_ipc[r] && mapped.bases[r] != nullptr) cudaIpcCloseMemHandle(mapped.bases[r]);
@@ -421,6 +426,7 @@ void CommConnect(int device, int rank, int num_ranks, int group,
   ctx->num_ranks = num_ranks;
   ctx->group = group;
   ctx->ranks_on_device = std::max(1, mapped.on_device);
+  ctx->live = live;
   ctx->connected = true;
 }
 
@@ -467,6 +473,7 @@ void CommClosePeers() {
     if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
     if (cudaSetDevice(ctx->device) == cudaSuccess) {
       cudaDeviceSynchronize();  // every kernel that may read or write a peer is done
+      EndGeneration(ctx->device, GuardedMode::kIntranode);  // graphs recorded so far stop
       for (size_t r = 0; r < ctx->peers.size(); ++r) {
         if (ctx->peer_is_ipc[r] && ctx->peers[r] != nullptr) {
           cudaIpcCloseMemHandle(ctx->peers[r]);
@@ -492,6 +499,7 @@ void CommDestroyAll() {
 }
 
 std::optional<std::string> LastError() {
+  if (auto stale = StaleGraphMessage()) return stale;
   Registry& reg = Reg();
   std::lock_guard<std::mutex> guard(reg.mu);
   PollTimeoutsLocked(reg);
@@ -524,6 +532,7 @@ bool AcquireIntranodeComm(int device, IntranodeComm* comm, std::shared_ptr<const
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   comm->num_blocks = EffectiveNumBlocks(ctx, reg.num_blocks.load());
+  comm->live = ctx.live;
   *hold = it->second;
   return true;
 }

@@ -14,6 +14,7 @@
 #include <nvshmem_host.h>
 
 #include "ffi/runtime/cuda_check.h"
+#include "ffi/runtime/generation.h"
 #include "ffi/runtime/nvshmem_bootstrap.h"
 #include "ffi/runtime/options.h"
 #include "ffi/runtime/watchdog.h"
@@ -39,6 +40,7 @@ struct LLContext {
   uint64_t* trace = nullptr;        // phase trace (options.phase_trace), device memory
   bool reported = false;            // registry mutex
   bool ready = false;               // set up completely (registry mutex); else only the region
+  LiveCheck live;                   // this region's generation (ffi/runtime/generation.h)
 };
 
 namespace {
@@ -396,6 +398,7 @@ LLInfo LLAlloc(int64_t max_tokens, int64_t hidden, int64_t num_experts, int64_t 
     AllocPeerTables(ctx.get());
     AllocTimeoutRecord(device, &ctx->record_host, &ctx->record_device);
     AllocTrace(ctx.get());
+    ctx->live = BeginGeneration(device, GuardedMode::kLowLatency);
     CudaCheck(cudaDeviceSynchronize(), device, "setting up the low-latency context");
   } catch (...) {
     FreeLocalParts(*ctx);  // the region itself waits for the collective LLFree
@@ -455,6 +458,7 @@ void LLFree() {
   cudaSetDevice(ctx->device);
   cudaDeviceSynchronize();  // no kernel of ours may still use the region
   cudaGetLastError();
+  EndGeneration(ctx->device, GuardedMode::kLowLatency);  // graphs recorded so far stop
   WriteTrace(*ctx);
   nvshmem_free(ctx->region);  // collective
   FreeLocalParts(*ctx);
@@ -466,6 +470,7 @@ void LLFree() {
 }
 
 std::optional<std::string> LLLastError() {
+  if (auto stale = StaleGraphMessage()) return stale;
   Registry& reg = Reg();
   std::lock_guard<std::mutex> lock(reg.mu);
   PollLocked(reg);
@@ -516,6 +521,7 @@ bool AcquireLowLatency(int device, LLComm* comm, std::shared_ptr<const LLContext
   comm->timeout_record = ctx.record_device;
   comm->timeout_ns = TimeoutNs(reg.timeout_s.load());
   comm->trace = ctx.trace;
+  comm->live = ctx.live;
   *hold = reg.ctx;
   return true;
 }

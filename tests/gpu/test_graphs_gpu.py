@@ -55,3 +55,18 @@ def test_comm_stream_overlaps_the_other_micro_batch_and_changes_nothing(mps):
     assert r["comm_kernels"] and r["gemm_kernels"], r
     assert set(r["comm_streams"]).isdisjoint(r["gemm_streams"]), r  # comm on its own stream
     assert r["overlap_us"] > 0, r  # and concurrent with the other micro-batch's matmuls
+
+
+@pytest.mark.parametrize("mode", ["intranode", "low_latency"])
+def test_a_graph_from_before_shutdown_never_touches_freed_buffers(mps, mode):
+    if mode != "intranode" and not extension.nvshmem_available():
+        pytest.skip("jax_ep built without the NVSHMEM kernels")
+    res = run_multiprocess("graph_workers:stale_graph", 1, platform="gpu", timeout=300,
+                           env={"PYTHONPATH": WORKERS_DIR}, args=(mode,))[0]
+    assert res.ok, res.describe()
+    r = res.result
+    if r["outcome"] == "stopped":  # the old graph replayed: its first kernel refused
+        assert "compiled before jax_ep.shutdown()" in r["message"], r
+        assert r["host_runs"] == 0, r
+    else:  # XLA recorded the graph again with the new buffers (and matched the oracle)
+        assert r["outcome"] == "recorded again" and r["host_runs"] > 0, r

@@ -282,6 +282,7 @@ struct Signature {
 __global__ void __launch_bounds__(kThreads)
     NotifyKernel(InternodeComm c, const int32_t* sent, const int32_t* node_sent,
                  int32_t* rank_counts, int32_t op, Signature sig) {
+  CheckLive(c.live);  // first of every op: a CUDA graph recorded before shutdown stops here
   const Geometry geo = GeometryOf(c);
   const InternodeLayout& l = c.layout;
   const int tid = threadIdx.x;

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "ffi/kernels/common/elem_type.h"
+#include "ffi/kernels/common/live_check.h"
 #include "ffi/kernels/common/timeout_record.h"
 
 namespace jax_ep {
@@ -98,6 +99,7 @@ struct InternodeComm {
   int32_t num_blocks;            // grid of the data kernels, 1 .. kInternodeMaxBlocks
   TimeoutRecord* timeout_record;
   uint64_t timeout_ns;
+  LiveCheck live;                // the notify kernel stops if shutdown freed these buffers
 };
 
 struct InternodePart {

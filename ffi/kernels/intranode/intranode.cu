@@ -166,6 +166,7 @@ struct OpSignature {
 __global__ void __launch_bounds__(kThreads)
     NotifyKernel(IntranodeComm c, const int32_t* sent, int32_t* rank_counts, int32_t op,
                  OpSignature sig) {
+  CheckLive(c.live);  // first of every op: a CUDA graph recorded before shutdown stops here
   const int R = c.num_ranks;
   const int me = c.rank;
   const int tid = threadIdx.x;

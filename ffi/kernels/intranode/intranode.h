@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "ffi/kernels/common/elem_type.h"
+#include "ffi/kernels/common/live_check.h"
 #include "ffi/kernels/common/timeout_record.h"
 
 namespace jax_ep {
@@ -75,6 +76,7 @@ struct IntranodeComm {
   TimeoutRecord* timeout_record;  // device-visible pointer to host-mapped memory
   uint64_t timeout_ns;         // spin-wait limit
   int32_t num_blocks;          // grid size of the data kernels (>= 1)
+  LiveCheck live;              // the notify kernel stops if shutdown freed these buffers
 };
 
 // One payload array of a dispatch: [T, ...] rows -> [capacity, ...] rows.

@@ -625,6 +625,7 @@ LLComm Signed(const LLComm& comm, int32_t op, const LLShape& s, int elem_bytes, 
 template <typename Kernel, typename Params>
 __global__ void __launch_bounds__(kThreads, 1) LLKernelEntry(LLComm c, Params p) {
   WaitPreviousKernel();
+  CheckLive(c.live);  // a CUDA graph recorded before shutdown stops here
   Kernel::Run(c, p);
 }
 

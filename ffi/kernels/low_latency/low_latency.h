@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "ffi/kernels/common/elem_type.h"
+#include "ffi/kernels/common/live_check.h"
 #include "ffi/kernels/common/timeout_record.h"  // the same host-mapped record + watchdog scheme
 
 namespace jax_ep {
@@ -111,6 +112,7 @@ struct LLComm {
   TimeoutRecord* timeout_record = nullptr;  // device-visible host-mapped record
   uint64_t timeout_ns = 0;
   uint64_t* trace = nullptr;             // phase timestamps (phase_trace option), nullptr: off
+  LiveCheck live;                        // every kernel stops if shutdown freed these buffers
   // Per call (set by the launchers, Signed): what every PE's call of this op
   // must agree on, published with the done signal and checked by receivers.
   //   op_sig[0] = op | elem bytes << 8 | use_fp8 << 16 | K << 24 | E << 32

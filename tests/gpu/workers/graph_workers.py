@@ -293,3 +293,43 @@ def overlap():
             "comm_streams": sorted({line for _, _, line in comm}),
             "gemm_streams": sorted({line for _, _, line in gemm}),
             "comm_kernels": len(comm), "gemm_kernels": len(gemm)}
+
+
+def stale_graph(mode="low_latency"):
+    """An ahead-of-time compiled, graphed function run again after shutdown and a
+    new initialize, on the same arrays. Safe outcomes only: XLA replays the old
+    graph and its first kernel stops with jax_ep's message (the buffers it
+    points at are freed), or XLA records the graph again (the handlers' host
+    code runs) and the result is the oracle's. Returns which one happened."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jax_ep
+    from jax_ep.cuda import extension
+    from jax_ep.testing import oracle
+
+    n = jax.device_count()
+    mesh = _setup(mode, n, "cuda")
+    spec = P("ep")
+    sharding = NamedSharding(mesh, spec)
+    step = _step_fn(mode, n, "cuda")
+    xs, idxs, ws = oracle.make_inputs(7, n, T, H, E, K)
+    put = lambda a: jax.device_put(np.concatenate(a), sharding)
+    args = (put(xs), put(idxs), put(ws))
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=spec, out_specs=spec),
+                 compiler_options=GRAPHS_ON).lower(*args).compile()
+    for _ in range(3):  # recorded, then replayed at steady addresses
+        jax.block_until_ready(fn(*args))
+    jax_ep.shutdown()
+    _setup(mode, n, "cuda")
+    before = extension.handler_host_runs()
+    try:
+        out, _ = jax.block_until_ready(fn(*args))
+    except jax.errors.JaxRuntimeError as e:
+        return {"outcome": "stopped", "message": str(e),
+                "host_runs": extension.handler_host_runs() - before}
+    want, _ = _expected(mode, n, xs, idxs, ws)
+    got = np.asarray(out.addressable_shards[0].data)
+    _same(got, want[0], f"{mode} after re-initialize", exact=mode == "intranode")
+    jax_ep.shutdown()
+    return {"outcome": "recorded again", "host_runs": extension.handler_host_runs() - before}
