@@ -131,3 +131,40 @@ def launch_ranks(target, n, args, *, gpu_per_rank=False):
         return launch(target, n, platform="gpu-per-process", **kw)
     with mps_daemon():
         return launch(target, n, platform="gpu", **kw)
+
+
+def add_run_options(parser, *, profile=True):
+    """The options every MoE benchmark takes besides its sizes: --ranks, --no-profile
+    (with `profile`), --no-reference and --dry-run."""
+    parser.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    if profile:
+        parser.add_argument("--no-profile", action="store_true", help="wall times only")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference backend's run (one rank)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU devices in this process, the reference backend, tiny sizes")
+
+
+def sizes_from(parser, args, full, dry):
+    """The run's config: each size from its flag, else the full (or --dry-run)
+    default, plus ranks / dry_run / reference / profile; rejects --ranks not
+    dividing the experts and a top-k outside [1, experts]."""
+    sizes = dry if args.dry_run else full
+    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
+    cfg.update(ranks=args.ranks, dry_run=args.dry_run, reference=not args.no_reference,
+               profile=not getattr(args, "no_profile", False))
+    if args.ranks < 1 or cfg["experts"] % args.ranks:
+        parser.error(f"--ranks ({args.ranks}) must divide --experts ({cfg['experts']})")
+    if not 0 < cfg["top_k"] <= cfg["experts"]:
+        parser.error(f"--top-k must be in [1, {cfg['experts']}]")
+    return cfg
+
+
+def run_ranks(target, cfg):
+    """The benchmark's `target` worker in cfg["ranks"] processes sharing GPU 0,
+    each given cfg as JSON; their results."""
+    import json
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # room for the peers
+    return [r.result for r in launch_ranks(target, cfg["ranks"], (json.dumps(cfg),))]

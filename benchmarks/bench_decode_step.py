@@ -57,10 +57,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from _timing import device_kernels, launch_ranks, mesh_of, time_per_call
+from _timing import (add_run_options, device_kernels, mesh_of, run_ranks, sizes_from,
+                     time_per_call)
 
 # Full-size defaults; --dry-run replaces every size not given on the command line.
 FULL = dict(layers=32, hidden=2048, experts=64, top_k=8, tokens=128, expert_width=1024,
@@ -400,7 +400,7 @@ def report(cfg, results):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    add_run_options(p)
     p.add_argument("--layers", type=int, help=f"MoE layers per step ({FULL['layers']})")
     p.add_argument("--hidden", type=int, help=f"H ({FULL['hidden']})")
     p.add_argument("--experts", type=int, help=f"E ({FULL['experts']})")
@@ -411,28 +411,12 @@ def main(argv=None):
                    help=f"F, the SwiGLU's width ({FULL['expert_width']})")
     p.add_argument("--iters", type=int, help=f"calls per timed run ({FULL['iters']})")
     p.add_argument("--layout", choices=("ragged", "padded"), default="ragged")
-    p.add_argument("--no-profile", action="store_true", help="wall times only")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the reference backend's step (one rank)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU devices in this process, the reference backend, tiny sizes")
     args = p.parse_args(argv)
-    sizes = DRY if args.dry_run else FULL
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
-    cfg.update(ranks=args.ranks, layout=args.layout, dry_run=args.dry_run,
-               profile=not args.no_profile, reference=not args.no_reference)
-    if args.ranks < 1 or cfg["experts"] % args.ranks:
-        p.error(f"--ranks ({args.ranks}) must divide --experts ({cfg['experts']})")
-    if not 0 < cfg["top_k"] <= cfg["experts"]:
-        p.error(f"--top-k must be in [1, {cfg['experts']}]")
+    cfg = sizes_from(p, args, FULL, DRY)
+    cfg.update(layout=args.layout)
     if min(cfg["layers"], cfg["tokens"], cfg["iters"], cfg["expert_width"], cfg["hidden"]) < 1:
         p.error("--layers, --tokens, --iters, --hidden, --expert-width must be positive")
-    if args.dry_run:
-        results = [dry_run(cfg)]
-    else:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        results = [r.result for r in launch_ranks("bench_decode_step:worker", args.ranks,
-                                                  (json.dumps(cfg),))]
+    results = [dry_run(cfg)] if args.dry_run else run_ranks("bench_decode_step:worker", cfg)
     report(cfg, results)
     return 0
 

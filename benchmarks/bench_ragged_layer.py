@@ -47,7 +47,8 @@ import os
 import subprocess
 import sys
 
-from _timing import device_kernels, drop, launch_ranks, lift, mesh_of, putter, time_per_call
+from _timing import (add_run_options, device_kernels, drop, lift, mesh_of, putter, run_ranks,
+                     sizes_from, time_per_call)
 from bench_decode_step import cpu_devices, device_normal, run_experts
 
 FULL = dict(hidden=7168, expert_width=2048, experts=256, top_k=8, tokens=128, iters=20)
@@ -274,7 +275,7 @@ def report(cfg, results, copy_bw):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ranks", type=int, default=1, help="processes sharing GPU 0 (MPS)")
+    add_run_options(p, profile=False)
     p.add_argument("--hidden", type=int, help=f"H ({FULL['hidden']})")
     p.add_argument("--expert-width", type=int, help=f"F ({FULL['expert_width']})")
     p.add_argument("--experts", type=int, help=f"E ({FULL['experts']})")
@@ -283,23 +284,13 @@ def main(argv=None):
                    f"({FULL['tokens']})")
     p.add_argument("--iters", type=int, help=f"calls per timed run ({FULL['iters']})")
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (use_fp8=True)")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the reference backend (one rank)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU devices in this process, the reference backend, tiny shapes")
     p.add_argument("--copy-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.copy_only:
         print(copy_bandwidth(COPY_BYTES, iters=20))
         return 0
-    sizes = DRY if args.dry_run else FULL
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()}
-    cfg.update(ranks=args.ranks, fp8=args.fp8, dry_run=args.dry_run,
-               reference=not args.no_reference)
-    if args.ranks < 1 or cfg["experts"] % args.ranks:
-        p.error(f"--ranks ({args.ranks}) must divide --experts ({cfg['experts']})")
-    if not 0 < cfg["top_k"] <= cfg["experts"]:
-        p.error(f"--top-k must be in [1, {cfg['experts']}]")
+    cfg = sizes_from(p, args, FULL, DRY)
+    cfg.update(fp8=args.fp8)
     if min(cfg["tokens"], cfg["iters"], cfg["expert_width"], cfg["hidden"]) < 1 or \
             (cfg["fp8"] and cfg["hidden"] % 128):
         p.error("--tokens, --iters, --hidden, --expert-width must be positive (--hidden a "
@@ -313,8 +304,7 @@ def main(argv=None):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--copy-only"],
                              capture_output=True, text=True, check=True, timeout=300).stdout
         copy_bw = float(out.split()[-1])
-        results = [r.result for r in launch_ranks("bench_ragged_layer:worker", args.ranks,
-                                                  (json.dumps(cfg),))]
+        results = run_ranks("bench_ragged_layer:worker", cfg)
     report(cfg, results, copy_bw)
     return 0
 
