@@ -220,6 +220,20 @@ def test_decode_path_matches_dense(mesh2x4):
 
 
 @needs_flax
+def test_decode_computes_only_the_received_rows(mesh2x4):
+    """The decode path runs the experts on the ragged layout (ragged_dot over
+    the rows grouped by expert), not a batched matmul over every slot."""
+    layer = MoE(H, F, E, K, mesh=mesh2x4, max_tokens_per_rank=12, rngs=nnx.Rngs(11))
+    x = tokens(12)
+    graphdef, state = nnx.split(layer)
+    text = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, decode=True))(state, x))
+    assert text.count("ragged_dot") >= 3, text  # gate, up and down
+    # A batched matmul over the padded slots ([L, S, H] x [L, H, F], as
+    # moe.padded_experts does) is a dot_general with the expert as batch dimension.
+    assert "dimension_numbers=(([2], [1]), ([0], [0]))" not in text
+
+
+@needs_flax
 def test_decode_in_fp8_is_close_to_dense(mesh2x4):
     layer = MoE(128, 32, E, K, mesh=mesh2x4, decode_fp8=True, rngs=nnx.Rngs(13))
     x = tokens(14, n=16, h=128)

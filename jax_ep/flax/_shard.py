@@ -2,9 +2,9 @@
 
 Pure JAX, no flax: routing with the load-balancing loss, the training /
 prefill path (`jax_ep.dispatch` -> `jax_ep.moe.local_experts` ->
-`jax_ep.combine`) and the decode path (`jax_ep.low_latency_dispatch` ->
-`jax_ep.moe.padded_experts` -> `jax_ep.low_latency_combine`). Every body
-returns (y [T, H], aux_loss f32[], dropped_rows int32[]), the last two the
+`jax_ep.combine`) and the decode path (`jax_ep.low_latency_dispatch` in the
+ragged layout -> `jax_ep.moe.ragged_experts` -> `jax_ep.low_latency_combine`).
+Every body returns (y [T, H], aux_loss f32[], dropped_rows int32[]), the last two the
 same on every device.
 """
 
@@ -84,23 +84,24 @@ def train(x, router_w, w_gate, w_up, w_down, *, spec):
 
 
 def _dequantize(pair, dtype):
-    """(e4m3 [L, S, H], scales f32 [L, S, H // 128]) -> [L, S, H] in dtype."""
+    """(e4m3 [..., H], scales f32 [..., H // 128]) -> [..., H] in dtype."""
     q, scales = pair
     blocks = q.astype(jnp.float32).reshape(*scales.shape, -1) * scales[..., None]
     return blocks.reshape(q.shape).astype(dtype)
 
 
 def decode(x, router_w, w_gate, w_up, w_down, *, spec):
-    """Low-latency mode: static per-expert slots, a batched matmul over local experts."""
+    """Low-latency mode: the received rows grouped by local expert (the ragged
+    layout), the experts through ragged_dot on the real rows only."""
     idx, weights, aux = route(x, router_w, spec)
-    # padded_experts masks the rows past recv_count itself, so the dispatch
-    # need not zero them (the CUDA backend saves a pass over E * M * H).
+    # ragged_experts masks the rows past sum(recv_count) itself, so the
+    # dispatch need not zero the tail.
     recv_x, recv_count, handle = low_latency_dispatch(
         x, idx, num_experts=spec.num_experts, axis_name=spec.expert_axis,
         max_tokens_per_rank=spec.max_tokens_per_rank or x.shape[0],
-        use_fp8=spec.decode_fp8, zero_padding=False, backend=spec.backend)
+        use_fp8=spec.decode_fp8, zero_padding=False, layout="ragged", backend=spec.backend)
     if spec.decode_fp8:
         recv_x = _dequantize(recv_x, x.dtype)
-    y = moe.padded_experts(recv_x, recv_count, w_up, w_down, w_gate)
+    y = moe.ragged_experts(recv_x, recv_count, w_gate, w_up, w_down)
     out = low_latency_combine(y, idx, weights, handle, backend=spec.backend)
     return out, aux, jnp.zeros((), jnp.int32)

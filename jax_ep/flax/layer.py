@@ -85,10 +85,11 @@ class MoE(nnx.Module):
       rows, never drops; else ceil(factor * T * K) rows per device, T the
       tokens per device) -> `jax.lax.ragged_dot` over the received rows sorted
       by local expert -> `jax_ep.combine`.
-    * `layer(x, decode=True)` (decoding): `jax_ep.low_latency_dispatch` into
-      [L, R * M, H] slots (M = `max_tokens_per_rank`, default T) -> one
-      batched matmul over the local experts, rows past recv_count masked ->
-      `jax_ep.low_latency_combine`. Never drops. `decode_fp8=True` dispatches
+    * `layer(x, decode=True)` (decoding): `jax_ep.low_latency_dispatch` in the
+      ragged layout (the received rows grouped by local expert, at most
+      R * M * min(K, L) of them; M = `max_tokens_per_rank`, default T) ->
+      `jax_ep.moe.ragged_experts` (`jax.lax.ragged_dot` on the real rows
+      only) -> `jax_ep.low_latency_combine`. Never drops. `decode_fp8=True` dispatches
       in FP8 (H % 128 == 0) and dequantizes before the matmul; not
       differentiable. On the CUDA backend the low-latency mode needs the
       expert axis to span the whole mesh.
