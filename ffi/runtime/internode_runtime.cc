@@ -85,10 +85,11 @@ std::string DescribeSignature(const uint64_t* w) {
                   static_cast<unsigned long long>(w[3]));
   }
   char buf[256];
-  std::snprintf(buf, sizeof(buf), "%s (capacity %llu, %llu tokens, %s, %u blocks, %llu ranks per node)",
-                OpName(op), static_cast<unsigned long long>(w[1]),
-                static_cast<unsigned long long>(w[2]), what, blocks,
-                static_cast<unsigned long long>(w[5]));
+  std::snprintf(buf, sizeof(buf),
+                "%s #%llu (capacity %llu, %llu tokens, %s, %u blocks, %llu ranks per node)",
+                OpName(op), static_cast<unsigned long long>(w[5] >> 32),
+                static_cast<unsigned long long>(w[1]), static_cast<unsigned long long>(w[2]),
+                what, blocks, static_cast<unsigned long long>(w[5] & 0xffffffffull));
   return buf;
 }
 

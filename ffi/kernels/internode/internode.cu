@@ -4,8 +4,9 @@
 // holds one of the token's experts; combine reduces inside the node at the
 // relay, sends one partial sum per (token, node) back, and the source sums
 // the partials in node order. Only NVSHMEM's generic device API crosses
-// nodes (put-with-signal, signal, quiet), so any NVSHMEM transport works;
-// inside a node the kernels store through nvshmem_ptr mappings.
+// nodes (put-with-signal, signal, quiet), so any NVSHMEM transport should work;
+// inside a node the kernels store through nvshmem_ptr mappings. Still
+// unverified on a real NIC (IBGDA, IBRC, UCX, libfabric).
 //
 // REGION (internode.h, InternodeLayout; zeroed once at initialize):
 //   epoch, last-block counters, the outbox (my notify record), barrier[R],
@@ -57,8 +58,13 @@
 // Every spin-wait reads %globaltimer; past the timeout it fills the
 // host-mapped TimeoutRecord and traps (device_sync.cuh); the runtime's
 // watchdog (internode_runtime.cc) names the rank, node and what it waited for.
-// The puts are quieted by the last block of each kernel that issued them
-// (their sources are rewritten by the next op only).
+// A put's source (the staging area, the outbox) is rewritten only by the next
+// op, after its notify barrier: every rank announces op e + 1 only after its
+// op-e kernels waited for the signal of every put aimed at it, and a signal
+// arrives after its data, so no put of op e is still reading its source.
+// (The quiet by the last block of a putting kernel is not what makes it safe.)
+// After a wait on a flag that a put sets, PutDataVisible runs NVSHMEM's
+// consistency step, which proxy transports need before the data is read.
 #include "ffi/kernels/internode/internode.h"
 
 #include <algorithm>
@@ -138,6 +144,14 @@ __device__ __forceinline__ uint8_t* AreaRow(uint8_t* base, size_t area_offset,
 
 __device__ __forceinline__ uint64_t CurrentEpoch(const InternodeComm& c) {
   return *reinterpret_cast<volatile uint64_t*>(EpochPtr(c.base, c.layout));
+}
+
+// After WaitFlag on a flag that an NVSHMEM put-with-signal sets: NVSHMEM's own
+// wait, already satisfied, runs the consistency step proxy transports (IBRC,
+// some UCX) need before this thread's loads see the data the put delivered;
+// the spin in WaitFlag skips it. Then a __syncthreads publishes it to the block.
+__device__ __forceinline__ void PutDataVisible(uint64_t* flag, uint64_t e) {
+  nvshmem_signal_wait_until(flag, NVSHMEM_CMP_GE, e);
 }
 
 __device__ __forceinline__ void WaitFlag(const InternodeComm& c, const uint64_t* flag,
@@ -299,6 +313,10 @@ __global__ void __launch_bounds__(kThreads)
   uint64_t mine[kSignatureWords];
   for (int i = 0; i < kSignatureWords; ++i) mine[i] = sig.words[i];
   mine[kInternodeSignatureAxisIndex] = static_cast<uint64_t>(static_cast<uint32_t>(*sig.axis_index));
+  // Word 5's high half: the op's number on this rank (its low 32 bits). A
+  // rank that ran another number of internode ops disagrees here instead of
+  // pairing its records and flags with another op's.
+  mine[5] = (mine[5] & 0xffffffffull) | ((e & 0xffffffffull) << 32);
   if (tid == 0) {
     uint64_t* out_sig = RecordSignature(outbox, l);
     for (int i = 0; i < kSignatureWords; ++i) out_sig[i] = mine[i];
@@ -310,6 +328,7 @@ __global__ void __launch_bounds__(kThreads)
                               BarrierFlag(c.base, l, geo.me), e, NVSHMEM_SIGNAL_SET, tid);
     nvshmem_quiet();  // the outbox is rewritten by the next op
     WaitFlag(c, BarrierFlag(c.base, l, tid), e, op, kWaitInternodeBarrier, tid);
+    PutDataVisible(BarrierFlag(c.base, l, tid), e);
     CheckPeerSignature(RecordSignature(Record(c.base, l, e, tid), l), tid, mine,
                        kInternodeSignatureAxisIndex,
                        SignatureSite{c.timeout_record, c.rank, op, kWaitInternodeRankOrder,
@@ -445,6 +464,7 @@ __global__ void __launch_bounds__(kThreads)
     const int s = n * geo.G + geo.g_me;
     for (int b = tid; b < static_cast<int>(gridDim.x); b += blockDim.x) {
       WaitFlag(c, RelayFlag(c.base, l, n, b), e, op, kWaitInternodeRelayRows, s);
+      PutDataVisible(RelayFlag(c.base, l, n, b), e);
     }
     __syncthreads();
     int64_t total = a.relay_rows != nullptr
@@ -644,6 +664,7 @@ __global__ void __launch_bounds__(kThreads)
     const int n = i / B;
     WaitFlag(c, PartialFlag(c.base, l, n, i - n * B), e, kOpInternodeCombine,
              kWaitInternodePartials, n * geo.G + geo.g_me);
+    PutDataVisible(PartialFlag(c.base, l, n, i - n * B), e);
   }
   __syncthreads();
   const int64_t T = a.num_tokens;
@@ -685,7 +706,7 @@ Signature MakeSignature(const InternodeComm& c, int32_t op, int num_parts, uint3
   sig.words[1] = static_cast<uint64_t>(capacity);
   sig.words[2] = static_cast<uint64_t>(num_tokens);
   sig.words[3] = static_cast<uint64_t>(row_bytes);
-  sig.words[5] = static_cast<uint64_t>(c.layout.ranks_per_node);
+  sig.words[5] = static_cast<uint64_t>(c.layout.ranks_per_node);  // | op number << 32 (notify)
   sig.axis_index = axis_index;
   return sig;
 }
@@ -714,8 +735,10 @@ int InternodeBlocksPerSm() {
 cudaError_t LaunchInternodeDispatch(const InternodeComm& comm, const InternodeDispatchArgs& args,
                                     cudaStream_t stream) {
   if (!CommOk(comm) || args.num_parts < 0 || args.num_parts > kMaxParts || args.num_tokens < 0 ||
-      args.num_tokens > comm.layout.max_tokens || args.capacity < 0 || args.slot == nullptr ||
-      args.node_slot == nullptr || args.rank_counts == nullptr) {
+      args.num_tokens > comm.layout.max_tokens || args.capacity < 0 ||
+      // zero-sized XLA buffers may be null
+      (args.num_tokens > 0 && (args.slot == nullptr || args.node_slot == nullptr)) ||
+      args.rank_counts == nullptr) {
     return cudaErrorInvalidValue;
   }
   const bool cached = args.sent == nullptr;

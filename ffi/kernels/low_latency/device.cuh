@@ -292,6 +292,12 @@ __device__ __forceinline__ void WaitAllDone(const LLComm& c, uint64_t n, int32_t
                            seen);
     }
     if ((seen >> 4) == n) CheckSignature(c, n, s, op);
+    // A peer reached by puts: NVSHMEM's own wait, already satisfied, runs the
+    // consistency step proxy transports (IBRC, some UCX) need before this
+    // PE's loads see the rows the puts delivered; the spin above skips it.
+    if (c.any_put && c.peer_base[s] == nullptr) {
+      nvshmem_signal_wait_until(const_cast<uint64_t*>(flag), NVSHMEM_CMP_GE, n << 4);
+    }
   }
   __syncthreads();
 }
