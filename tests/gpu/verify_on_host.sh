@@ -3,8 +3,9 @@
 # one command at a time (each stage stays under ~9 minutes; logs go to $OUT,
 # or /tmp/jax_ep_verify when OUT is unset). Run from the repository root:
 #
-#   bash tests/gpu/verify_on_host.sh new      # the newest, never-run GPU tests (start here)
-#   bash tests/gpu/verify_on_host.sh suite    # the rest of tests/gpu and tests/cuda
+#   bash tests/gpu/verify_on_host.sh graphs     # never run yet: CUDA graphs, comm stream (start here)
+#   bash tests/gpu/verify_on_host.sh internode  # never run yet: internode, LL virtual nodes, ragged
+#   bash tests/gpu/verify_on_host.sh suite      # the rest of tests/gpu and tests/cuda
 #   bash tests/gpu/verify_on_host.sh slow     # lifecycle x100 and compute-sanitizer
 #   bash tests/gpu/verify_on_host.sh bench    # the benchmarks whose figures are missing
 #
@@ -12,7 +13,7 @@
 # JAX_EP_BUILT=1 says this shell already did. A stage's exit status is its
 # pytest's (or the first failing benchmark's).
 set -uo pipefail
-stage="${1:-new}"
+stage="${1:-graphs}"
 out="${OUT:-/tmp/jax_ep_verify}"
 mkdir -p "$out"
 if [ "${JAX_EP_BUILT:-0}" != 1 ]; then
@@ -36,9 +37,11 @@ PYTEST=(python3 -m pytest -q -rsxXf)
 
 status=0
 case "$stage" in
-  new)
-    run graphs 300 "${PYTEST[@]}" tests/gpu/test_graphs_gpu.py || status=$?
-    run internode 240 "${PYTEST[@]}" tests/gpu/test_internode_gpu.py \
+  graphs)
+    run graphs 480 "${PYTEST[@]}" tests/gpu/test_graphs_gpu.py || status=$?
+    ;;
+  internode)
+    run internode 480 "${PYTEST[@]}" tests/gpu/test_internode_gpu.py \
       tests/gpu/test_low_latency_gpu.py -k "virtual or internode or node_peer or ragged" \
       || status=$?
     ;;
@@ -56,16 +59,16 @@ case "$stage" in
       tests/gpu/test_memcheck_gpu.py::test_hostile_routing_under_memcheck || status=$?
     ;;
   bench)
-    run bench_internode 120 python3 benchmarks/bench_internode.py --ranks 8 --ranks-per-node 4 \
+    run bench_internode 100 python3 benchmarks/bench_internode.py --ranks 8 --ranks-per-node 4 \
       --iters 10 || status=$?
-    run bench_ll_graphs 100 python3 benchmarks/bench_low_latency.py --ranks 1 --graphs \
+    run bench_ll_graphs 80 python3 benchmarks/bench_low_latency.py --ranks 1 --graphs \
       --iters 50 || status=$?
     run bench_decode_1 150 python3 benchmarks/bench_decode_step.py --ranks 1 || status=$?
-    run bench_ragged_8 150 python3 benchmarks/bench_ragged_layer.py --ranks 8 || status=$?
+    run bench_ragged_8 130 python3 benchmarks/bench_ragged_layer.py --ranks 8 || status=$?
     run bench_train_1 100 python3 benchmarks/bench_train.py --ranks 1 || status=$?
     ;;
   *)
-    echo "verify_on_host.sh: unknown stage '$stage' (new | suite | slow | bench)" >&2
+    echo "verify_on_host.sh: unknown stage '$stage' (graphs | internode | suite | slow | bench)" >&2
     exit 2
     ;;
 esac
