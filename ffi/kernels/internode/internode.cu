@@ -475,16 +475,18 @@ __global__ void __launch_bounds__(kThreads)
     if (a.relay_rows_out != nullptr && blockIdx.x == 0 && tid == 0) {
       a.relay_rows_out[n] = static_cast<int32_t>(total);
     }
+    if (a.relay_pos != nullptr) {  // rows past the node's count: no destination
+      int64_t p_lo, p_hi;
+      BlockRange(T - total, &p_lo, &p_hi);
+      for (int64_t i = (total + p_lo) * geo.G + tid; i < (total + p_hi) * geo.G;
+           i += blockDim.x) {
+        a.relay_pos[n * T * geo.G + i] = -1;
+      }
+    }
     int64_t j_lo, j_hi;
-    BlockRange(T, &j_lo, &j_hi);
+    BlockRange(total, &j_lo, &j_hi);  // the rows with data, spread over every block
     for (int64_t j = j_lo + warp; j < j_hi; j += kWarps) {
       int32_t* pos_out = a.relay_pos != nullptr ? a.relay_pos + (n * T + j) * geo.G : nullptr;
-      if (j >= total) {
-        if (pos_out != nullptr) {
-          for (int g = lane; g < geo.G; g += 32) pos_out[g] = -1;
-        }
-        continue;
-      }
       const uint8_t* row = AreaRow(c.base, l.area_b_offset, l, n, j, msg);
       for (int g = lane; g < geo.G; g += 32) {
         const int32_t pos = *reinterpret_cast<const volatile int32_t*>(
@@ -501,7 +503,7 @@ __global__ void __launch_bounds__(kThreads)
         ++n_dst;
       }
       __syncwarp();
-      WarpCopyRow(row, s_dst[warp], n_dst, 0, msg, lane);
+      if (n_dst > 0) WarpCopyRow(row, s_dst[warp], n_dst, 0, msg, lane);
       __syncwarp();
     }
   }
