@@ -310,6 +310,8 @@ def shutdown(*, at_exit=False):
     _topology.set_ranks_per_node(None)
     calls.set_comm_stream(None)
     if state is not None:
+        if not at_exit and (state.intranode or state.internode or state.low_latency):
+            _drain()
         _teardown(state, at_exit=at_exit)
         if not at_exit and (state.intranode or state.internode or state.low_latency):
             # Compiled functions hold the freed buffers' addresses (baked into
@@ -317,6 +319,18 @@ def shutdown(*, at_exit=False):
             # options they were traced with: trace them again after the next
             # initialize.
             jax.clear_caches()
+
+
+def _drain():
+    """Wait until every computation already dispatched has finished: JAX may
+    still be launching one on its own thread (after `f(x)` returned), and a
+    jax_ep kernel launched after the teardown would find its buffers gone."""
+    jax.effects_barrier()
+    for array in jax.live_arrays():
+        try:
+            array.block_until_ready()
+        except Exception:  # noqa: BLE001 - a failed computation is not ours to report here
+            pass
 
 
 atexit.register(shutdown, at_exit=True)

@@ -68,8 +68,9 @@ ffi::Error ExpertRows(const std::string& where, const char* name, ffi::Span<cons
     *hidden = dims[2];
     return ffi::Error::Success();
   }
-  const bool rows_ok = want_rows > 0 ? dims[0] == want_rows : dims[0] >= 1 && dims[0] <= L * RM;
-  if (dims.size() == 2 && rows_ok) {
+  const bool rows_ok = dims.size() == 2 && (want_rows > 0 ? dims[0] == want_rows
+                                                          : dims[0] >= 1 && dims[0] <= L * RM);
+  if (rows_ok) {
     *ragged_rows = dims[0];
     *hidden = dims[1];
     return ffi::Error::Success();

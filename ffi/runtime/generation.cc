@@ -46,9 +46,12 @@ uint32_t* WordsLocked(Generations& g, int device) {
   return words;
 }
 
+// A copy from pageable memory may return before it lands: synchronise, so
+// the first kernel of the new generation cannot read the old value.
 void SetWord(uint32_t* word, uint32_t value) {
   Check(cudaMemcpy(word, &value, sizeof(value), cudaMemcpyHostToDevice),
         "writing a generation word");
+  Check(cudaDeviceSynchronize(), "waiting for a generation word");
 }
 
 }  // namespace
@@ -94,6 +97,7 @@ void EndGeneration(int device, GuardedMode mode) {
     const uint32_t zero = 0;
     cudaMemcpy(it->second + static_cast<int>(mode), &zero, sizeof(zero),
                cudaMemcpyHostToDevice);  // best effort at shutdown
+    cudaDeviceSynchronize();
   }
   cudaSetDevice(previous);
 }

@@ -1,7 +1,7 @@
 """jax_ep inside XLA's CUDA graphs and on its own stream, on a real GPU.
 
 For every mode, at one rank and 8 ranks as processes sharing the GPU under
-MPS: six steps of dispatch -> stand-in experts -> combine in one jitted
+MPS: eight steps of dispatch -> stand-in experts -> combine in one jitted
 `lax.scan`, compiled with command buffers forced on for custom calls, where
 each step routes differently. Every step of the graphed run, and of a second
 call on the same arrays (a pure replay), must equal the numpy oracle, and the
@@ -24,7 +24,7 @@ pytestmark = [
 ]
 
 MODES = ["intranode", "internode", "low_latency", "low_latency_ragged", "low_latency_split"]
-STEPS = 6
+STEPS = 8
 
 
 @pytest.mark.parametrize("ranks", [1, 8])
@@ -40,10 +40,11 @@ def test_graph_replays_match_the_oracle_and_skip_the_host(mps, mode, ranks):
         assert res.ok, res.describe()
         runs, ops = res.result["host_runs"], res.result["ops_per_step"]
         assert runs["ungraphed"] == STEPS * ops, res.result  # every op of every step
-        # Graphed: only recordings (the scan body's graph is recorded once,
-        # at most once more if XLA moves a buffer), never once per step.
-        assert runs["graphed"] <= 2 * ops < STEPS * ops, res.result
-        assert runs["replayed"] <= 2 * ops, res.result
+        # Graphed: only the first runs (XLA may run the body's commands once
+        # before recording them, then record, and record again if a buffer
+        # moved), never once per step.
+        assert runs["graphed"] <= 3 * ops < STEPS * ops, res.result
+        assert runs["replayed"] <= 3 * ops, res.result
 
 
 def test_comm_stream_overlaps_the_other_micro_batch_and_changes_nothing(mps):
@@ -65,8 +66,7 @@ def test_a_graph_from_before_shutdown_never_touches_freed_buffers(mps, mode):
                            env={"PYTHONPATH": WORKERS_DIR}, args=(mode,))[0]
     assert res.ok, res.describe()
     r = res.result
-    if r["outcome"] == "stopped":  # the old graph replayed: its first kernel refused
+    if r["outcome"] == "stopped":  # an old recording replayed: its first kernel refused
         assert "compiled before jax_ep.shutdown()" in r["message"], r
-        assert r["host_runs"] == 0, r
     else:  # XLA recorded the graph again with the new buffers (and matched the oracle)
         assert r["outcome"] == "recorded again" and r["host_runs"] > 0, r

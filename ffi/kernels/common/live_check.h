@@ -24,7 +24,9 @@ struct LiveCheck {
 __device__ __forceinline__ void CheckLive(const LiveCheck& g) {
   if (g.live == nullptr) return;
   if (*reinterpret_cast<const volatile uint32_t*>(g.live) != g.generation) {
-    if (threadIdx.x == 0 && blockIdx.x == 0 && g.stale != nullptr) {
+    // Every thread marks the flag before its trap: the first trap ends the
+    // whole grid, so a flag left to one thread might never be written.
+    if (g.stale != nullptr) {
       *reinterpret_cast<volatile uint32_t*>(g.stale) = 1u;
       __threadfence_system();
     }

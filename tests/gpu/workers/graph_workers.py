@@ -105,7 +105,7 @@ def _expected(mode, n, xs, idxs, ws):
     return outs, [e["recv_count"] for e in exp]
 
 
-def graphed(mode="intranode", seed="0", steps="6", backend="cuda"):
+def graphed(mode="intranode", seed="0", steps="8", backend="cuda"):
     """S steps in one scan, graphed and not: every step vs the oracle, the
     graphed run's host runs vs the ungraphed one's, a second graphed call on
     the same arrays (pure replay), and the gradient graphed == ungraphed.
