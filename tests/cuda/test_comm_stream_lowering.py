@@ -44,6 +44,18 @@ def _callee_of(text, target):
     raise AssertionError(f"no call to {target} in\n{text}")
 
 
+def _callees_of(text, target):
+    """Names of every function whose body holds a custom call to `target`."""
+    names, name = [], None
+    for line in text.splitlines():
+        m = re.match(r"\s*func\.func (?:private |public )?@([\w.$-]+)\(", line)
+        if m:
+            name = m.group(1)
+        if f"custom_call @{target}(" in line:
+            names.append(name)
+    return names
+
+
 def _annotation_of_call_to(text, func):
     """The _xla_stream_annotation of the call op that calls `func`, or None."""
     for line in text.splitlines():
@@ -87,3 +99,39 @@ def test_without_the_option_nothing_is_annotated():
     text = _lower(_ll_dispatch, _s((T, H), jnp.bfloat16), _s((T, K), jnp.int32))
     assert _callee_of(text, "jax_ep_ll_dispatch") == "main"
     assert "_xla_stream_annotation" not in text
+
+
+@pytest.fixture
+def cuda_low_latency(monkeypatch):
+    """The CUDA low-latency mode as if initialize had set it up (only traced here)."""
+    layout = dict(num_ranks=R, max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E)
+    monkeypatch.setattr(ll, "info", lambda: dict(allocated=True, num_ranks=R, layout=layout))
+
+
+@pytest.mark.parametrize("stream", [1], indirect=True)
+def test_gradients_and_remat_lower_with_the_comm_stream(stream, cuda_low_latency):
+    """The VJPs' calls (gather, cached dispatch, combine) go to the stream too,
+    under jax.checkpoint as well."""
+    import jax_ep
+
+    mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
+    spec = jax.sharding.PartitionSpec("ep")
+    kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, backend="cuda")
+
+    def body(x, idx, w):
+        rx, _, h = jax_ep.low_latency_dispatch(x, idx, **kw)
+        return jax_ep.low_latency_combine(jnp.sin(rx), idx, w, h, backend="cuda")
+
+    smapped = jax.shard_map(jax.checkpoint(body), mesh=mesh, in_specs=spec, out_specs=spec)
+    loss = lambda x, idx, w: jnp.sum(smapped(x, idx, w))
+    sharded = jax.NamedSharding(mesh, spec)
+    args = [jax.ShapeDtypeStruct((R * T,) + s, d, sharding=sharded)
+            for s, d in (((H,), jnp.float32), ((K,), jnp.int32), ((K,), jnp.float32))]
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    for target in ("jax_ep_ll_dispatch", "jax_ep_ll_combine", "jax_ep_ll_gather",
+                   "jax_ep_ll_dispatch_cached"):
+        funcs = _callees_of(text, target)
+        assert funcs, target
+        for func in funcs:
+            assert func != "main" and _annotation_of_call_to(text, func) == "1", (target, func)
