@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from jax_ep.moe import CUDA_COMPILER_OPTIONS
+
 
 def time_per_call(fn, *args, iters, warm_s=0.5, repeats=5, warm_calls=None):
     """Seconds per call: best of `repeats` runs of `iters` back-to-back calls.
@@ -168,3 +170,37 @@ def run_ranks(target, cfg):
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # room for the peers
     return [r.result for r in launch_ranks(target, cfg["ranks"], (json.dumps(cfg),))]
+
+
+# How XLA lowers jax.lax.ragged_dot on CUDA (jax_ep.moe.CUDA_COMPILER_OPTIONS
+# says why): the benchmarks compile with cuDNN's grouped GEMM by default.
+RAGGED_DOT_LOWERINGS = {
+    "cudnn": CUDA_COMPILER_OPTIONS,
+    "xla": {key: False for key in CUDA_COMPILER_OPTIONS},
+}
+
+
+def add_ragged_dot_option(parser):
+    parser.add_argument("--ragged-dot", choices=sorted(RAGGED_DOT_LOWERINGS), default="cudnn",
+                        help="how XLA lowers jax.lax.ragged_dot on the GPU: cuDNN's grouped "
+                             "GEMM, or XLA's default masked dense dot")
+
+
+def gpu_options(platform, *parts):
+    """jax.jit's compiler_options: the dicts in `parts` merged on a GPU, None
+    elsewhere (they are XLA:GPU's options)."""
+    if platform != "gpu":
+        return None
+    merged = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged or None
+
+
+def ragged_dot_lowering(compiled_text):
+    """What XLA made of the program's ragged dots, from its compiled HLO text:
+    "cuDNN" when cuDNN fusions are there, "dense" when none is, or "none" for
+    a program without one."""
+    if "cudnn" in compiled_text.lower():
+        return "cuDNN"
+    return "dense (masked)" if "dot" in compiled_text else "none"

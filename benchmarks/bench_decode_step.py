@@ -59,8 +59,9 @@ import argparse
 import json
 import sys
 
-from _timing import (add_run_options, device_kernels, mesh_of, run_ranks, sizes_from,
-                     time_per_call)
+from _timing import (RAGGED_DOT_LOWERINGS, add_ragged_dot_option, add_run_options,
+                     device_kernels, gpu_options, mesh_of, ragged_dot_lowering, run_ranks,
+                     sizes_from, time_per_call)
 
 # Full-size defaults; --dry-run replaces every size not given on the command line.
 FULL = dict(layers=32, hidden=2048, experts=64, top_k=8, tokens=128, expert_width=1024,
@@ -74,12 +75,11 @@ WARM_CALLS = 100  # N processes: a fixed warm-up count (see _timing.time_per_cal
 PROFILE_CALLS = 10
 
 
-def compiler_options(graphs, platform):
-    """jax.jit's compiler_options for command buffers on (graphs=True) or off;
-    None off GPUs (the options are XLA:GPU's)."""
-    if platform != "gpu":
-        return None
-    return dict(GRAPHS_ON if graphs else GRAPHS_OFF)
+def compiler_options(graphs, platform, ragged_dot="cudnn"):
+    """jax.jit's compiler_options for command buffers on (graphs=True) or off
+    and the ragged_dot lowering; None off GPUs (the options are XLA:GPU's)."""
+    return gpu_options(platform, GRAPHS_ON if graphs else GRAPHS_OFF,
+                       RAGGED_DOT_LOWERINGS[ragged_dot])
 
 
 def jax_ep_kernel_seconds(rows):
@@ -254,10 +254,12 @@ def measure(mesh, cfg, variants, *, warm_calls, profile):
                          top_k=cfg["top_k"], max_tokens=cfg["tokens"], layout=cfg["layout"])
         body = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P("ep"))
         for graphs in (True, False):
-            fn = jax.jit(body, compiler_options=compiler_options(graphs, platform))
+            fn = jax.jit(body, compiler_options=compiler_options(graphs, platform,
+                                                                 cfg["ragged_dot"]))
             sec = time_per_call(fn, *args, iters=cfg["iters"], warm_calls=warm_calls)
             row = dict(variant=label, graphs="on" if graphs else "off", sec=sec,
-                       kernel_sec=None, jax_ep_sec=None, launches=None)
+                       kernel_sec=None, jax_ep_sec=None, launches=None,
+                       ragged_dot=ragged_dot_lowering(fn.lower(*args).compile().as_text()))
             if profile:
                 try:
                     kernels, busy = device_kernels(fn, *args, calls=PROFILE_CALLS)
@@ -362,6 +364,9 @@ def report(cfg, results):
           f"{cfg['hidden']}, {cfg['experts']} experts (top-{cfg['top_k']}), SwiGLU width "
           f"{cfg['expert_width']}, {cfg['layout']} layout, R = {R} ({where}); one set of "
           f"expert weights shared by all layers, a router per layer")
+    lowered = sorted({r.get("ragged_dot", "?") for res in results for r in res["rows"]})
+    print(f"ragged_dot: --ragged-dot {cfg['ragged_dot']}; XLA lowered the experts' "
+          f"ragged_dot as: {', '.join(lowered)}")
     print(f"jax_ep low-latency handlers declare CUDA-graph compatibility: "
           f"{results[0]['graph_safe']}")
     print("| R | variant | graphs | µs / step | µs / layer | kernel µs / step | kernels / step "
@@ -411,9 +416,10 @@ def main(argv=None):
                    help=f"F, the SwiGLU's width ({FULL['expert_width']})")
     p.add_argument("--iters", type=int, help=f"calls per timed run ({FULL['iters']})")
     p.add_argument("--layout", choices=("ragged", "padded"), default="ragged")
+    add_ragged_dot_option(p)
     args = p.parse_args(argv)
     cfg = sizes_from(p, args, FULL, DRY)
-    cfg.update(layout=args.layout)
+    cfg.update(layout=args.layout, ragged_dot=args.ragged_dot)
     if min(cfg["layers"], cfg["tokens"], cfg["iters"], cfg["expert_width"], cfg["hidden"]) < 1:
         p.error("--layers, --tokens, --iters, --hidden, --expert-width must be positive")
     results = [dry_run(cfg)] if args.dry_run else run_ranks("bench_decode_step:worker", cfg)

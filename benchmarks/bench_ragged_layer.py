@@ -47,8 +47,9 @@ import os
 import subprocess
 import sys
 
-from _timing import (add_run_options, device_kernels, drop, lift, mesh_of, putter, run_ranks,
-                     sizes_from, time_per_call)
+from _timing import (RAGGED_DOT_LOWERINGS, add_ragged_dot_option, add_run_options,
+                     device_kernels, drop, gpu_options, lift, mesh_of, putter,
+                     ragged_dot_lowering, run_ranks, sizes_from, time_per_call)
 from bench_decode_step import cpu_devices, device_normal, run_experts
 
 FULL = dict(hidden=7168, expert_width=2048, experts=256, top_k=8, tokens=128, iters=20)
@@ -136,7 +137,9 @@ def measure_layout(mesh, cfg, backend, layout, inputs, weights, *, warm_calls, k
     import jax_ep
 
     spec = P("ep")
-    smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+    options = gpu_options(mesh.devices.flat[0].platform, RAGGED_DOT_LOWERINGS[cfg["ragged_dot"]])
+    smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec),
+                             compiler_options=options)
     kw = dict(num_experts=cfg["experts"], axis_name="ep", max_tokens_per_rank=cfg["tokens"],
               use_fp8=cfg["fp8"], zero_padding=False, layout=layout, backend=backend)
     combine = lambda y, i, w, h: jax_ep.low_latency_combine(y, i, w, h, backend=backend)
@@ -170,6 +173,9 @@ def measure_layout(mesh, cfg, backend, layout, inputs, weights, *, warm_calls, k
             except Exception as e:  # noqa: BLE001 - no CUPTI here: wall time only
                 print(f"profile of {backend} {layout} {op} failed: {type(e).__name__}: {e}")
         out[op] = [wall, gpu]
+    if layout == "ragged":
+        out["lowering"] = ragged_dot_lowering(calls["experts"][0].lower(
+            *calls["experts"][1]).compile().as_text())
     return out
 
 
@@ -220,7 +226,7 @@ def merge(results):
         out[backend] = {}
         for layout, ops in layouts.items():
             out[backend][layout] = {}
-            for op in ops:
+            for op in OPS:
                 vals = [r[backend][layout][op] for r in results]
                 gpus = [v[1] for v in vals]
                 out[backend][layout][op] = (max(v[0] for v in vals),
@@ -241,6 +247,11 @@ def report(cfg, results, copy_bw):
     print(f"one MoE layer: {cfg['tokens']} tokens per rank, hidden {H}, SwiGLU width {F}, "
           f"{E} experts (top-{cfg['top_k']}), {'FP8' if cfg['fp8'] else 'BF16'} dispatch, "
           f"BF16 combine, R = {R} ({where})")
+    lowered = sorted({lay["lowering"] for res in results for b in res.values()
+                      if isinstance(b, dict) for lay in b.values()
+                      if isinstance(lay, dict) and "lowering" in lay})
+    print(f"ragged_dot: --ragged-dot {cfg['ragged_dot']}; XLA lowered the experts' ragged_dot "
+          f"as: {', '.join(lowered) or 'n/a'}")
     weight_bytes = expert_weight_bytes(E, H, F)
     floor = floor_seconds(weight_bytes, copy_bw)
     copy_mib = (DRY_COPY_BYTES if cfg["dry_run"] else COPY_BYTES) >> 20
@@ -284,13 +295,14 @@ def main(argv=None):
                    f"({FULL['tokens']})")
     p.add_argument("--iters", type=int, help=f"calls per timed run ({FULL['iters']})")
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (use_fp8=True)")
+    add_ragged_dot_option(p)
     p.add_argument("--copy-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.copy_only:
         print(copy_bandwidth(COPY_BYTES, iters=20))
         return 0
     cfg = sizes_from(p, args, FULL, DRY)
-    cfg.update(fp8=args.fp8)
+    cfg.update(fp8=args.fp8, ragged_dot=args.ragged_dot)
     if min(cfg["tokens"], cfg["iters"], cfg["expert_width"], cfg["hidden"]) < 1 or \
             (cfg["fp8"] and cfg["hidden"] % 128):
         p.error("--tokens, --iters, --hidden, --expert-width must be positive (--hidden a "

@@ -71,7 +71,8 @@ import os
 import re
 import sys
 
-from _timing import (add_run_options, device_kernels, mesh_of, putter, run_ranks, sizes_from,
+from _timing import (RAGGED_DOT_LOWERINGS, add_ragged_dot_option, add_run_options,
+                     device_kernels, gpu_options, mesh_of, putter, run_ranks, sizes_from,
                      time_per_call)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -355,7 +356,9 @@ def make_train_step(mesh, cfg, backend, tx):
 
     body = jax.shard_map(local, mesh=mesh, in_specs=(P("ep"), P("ep")),
                          out_specs=(P("ep"), P("ep"), P("ep")))
-    return jax.jit(body, donate_argnums=0)
+    options = gpu_options(mesh.devices.flat[0].platform,
+                          RAGGED_DOT_LOWERINGS[cfg.get("ragged_dot", "cudnn")])
+    return jax.jit(body, donate_argnums=0, compiler_options=options)
 
 
 def make_batches(mesh, cfg, data, seed=0):
@@ -544,7 +547,8 @@ def report(cfg, results, argv):
           f"of SwiGLU width {cfg['ffn']}, seq-len {cfg['seq_len']}, batch {cfg['batch']} per "
           f"rank = {per_rank} tokens per rank, {total} per step; capacity {cap} rows per rank "
           f"(factor {CAPACITY_FACTOR}); bf16 compute, f32 parameters, AdamW"
-          f"{', remat per block' if cfg['remat'] else ''}; R = {R} ({where})")
+          f"{', remat per block' if cfg['remat'] else ''}; R = {R} ({where}); the experts' "
+          f"ragged_dot lowered by {cfg['ragged_dot']} (--ragged-dot)")
     print(f"parameters per rank: {counts['total'] / 1e6:.1f} M ({counts['dense'] / 1e6:.1f} M "
           f"dense, {counts['experts'] / 1e6:.1f} M in the experts, {cfg['experts'] // R} per "
           f"layer)")
@@ -604,9 +608,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help=f"sequences per rank ({FULL['batch']})")
     p.add_argument("--iters", type=int, help=f"steps per timed run ({FULL['iters']})")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward")
+    add_ragged_dot_option(p)
     args = p.parse_args(argv)
     cfg = sizes_from(p, args, FULL, DRY)
-    cfg.update(remat=args.remat)
+    cfg.update(remat=args.remat, ragged_dot=args.ragged_dot)
     if min(cfg[k] for k in FULL) < 1:
         p.error("every size must be positive")
     if cfg["hidden"] % cfg["heads"] or cfg["hidden"] % 8:

@@ -111,9 +111,12 @@ def test_command_buffer_options():
     assert set(on["xla_gpu_enable_command_buffer"].split(",")) == {
         "FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN"}
     assert on["xla_gpu_graph_min_graph_size"] == 1
-    assert off == {"xla_gpu_enable_command_buffer": ""}
-    # XLA parses both sets (it rejects a misspelt command type), on CPU too.
-    for opts in (on, off):
+    assert off == {"xla_gpu_enable_command_buffer": "",
+                   "xla_gpu_experimental_use_ragged_dot_fusion": True}
+    assert ds.compiler_options(False, "gpu", "xla")[
+        "xla_gpu_experimental_use_ragged_dot_fusion"] is False
+    # XLA parses every set (it rejects a misspelt command type), on CPU too.
+    for opts in (on, off, ds.compiler_options(True, "gpu", "xla")):
         assert float(jax.jit(lambda v: v * 2, compiler_options=opts)(jnp.float32(3))) == 6
     with pytest.raises(Exception, match="not a valid enum"):
         jax.jit(lambda v: v * 2, compiler_options={

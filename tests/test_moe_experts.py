@@ -59,3 +59,17 @@ def test_ragged_experts_keep_the_input_dtype():
     np.testing.assert_allclose(np.asarray(got, np.float32),
                                dense_rows(x.astype(np.float32), group_sizes, wg, wu, wd),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_compiler_options_are_options_xla_knows():
+    """jax_ep.moe.CUDA_COMPILER_OPTIONS names a real XLA option (XLA refuses
+    unknown ones, on CPU too) and compiles a ragged_dot."""
+    assert moe.CUDA_COMPILER_OPTIONS == {"xla_gpu_experimental_use_ragged_dot_fusion": True}
+    x = jnp.ones((6, 4), jnp.float32)
+    w = jnp.ones((2, 4, 3), jnp.float32)
+    f = jax.jit(lambda x, w, g: jax.lax.ragged_dot(x, w, g),
+                compiler_options=moe.CUDA_COMPILER_OPTIONS)
+    out = f(x, w, jnp.array([2, 3], jnp.int32))
+    np.testing.assert_array_equal(out[:5], 4.0)
+    with pytest.raises(Exception):
+        jax.jit(lambda v: v, compiler_options={"xla_gpu_experimental_use_ragged_dot_fusionX": True})(x)
