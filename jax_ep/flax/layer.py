@@ -94,6 +94,12 @@ class MoE(nnx.Module):
       differentiable. On the CUDA backend the low-latency mode needs the
       expert axis to span the whole mesh.
 
+    Both paths run the experts through `jax.lax.ragged_dot`, which XLA on
+    CUDA expands into a masked dense dot over every local expert unless told
+    otherwise: compile with `jax_ep.moe.CUDA_COMPILER_OPTIONS` (`jax.jit`'s
+    compiler_options) or run with
+    `XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true`.
+
     Args:
       hidden, ffn: H and F.
       num_experts, top_k: E (a multiple of the expert axis size) and K.
