@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ._ops import combine, dispatch
+from ._routing import exclusive_cumsum
 
 # jax.jit compiler options for the functions that use these helpers on CUDA:
 # ragged_dot through cuDNN's grouped GEMM instead of XLA's default masked dense
@@ -51,14 +52,25 @@ def _expert_ffn(matmul, x, w_in, w_out, w_gate):
     return matmul(h.astype(w_out.dtype), w_out)
 
 
-def local_experts(recv_x, recv_idx, recv_w, w_in, w_out, w_gate=None):
+def local_experts(recv_x, recv_idx, recv_w, w_in, w_out, w_gate=None, *,
+                  expert_capacity=None):
     """Run the L local experts on the received rows and reduce over k.
 
     recv_x [N, H], recv_idx [N, K] local ids (-1 = none), recv_w [N, K];
     w_in [L, H, F], w_out [L, F, H]. Each expert is gelu(x @ w_in) @ w_out, or
     with w_gate [L, H, F] the SwiGLU (silu(x @ w_gate) * (x @ w_in)) @ w_out.
     Returns [N, H]: sum_k w * expert_k(row).
+
+    expert_capacity: None works on N * K row slots, enough for every (row, k)
+    pair; most are empty when rows name few local experts (at 8 ranks and
+    top-8, about 7 in 8). An int C works on L * C slots: each expert takes its
+    first C pairs in row order, a pair past them contributes nothing
+    (`expert_capacity_drops` counts them). A capacity of factor * N_pairs / L,
+    N_pairs the pairs expected per rank, is the usual choice.
     """
+    if expert_capacity is not None:
+        return _capped_local_experts(recv_x, recv_idx, recv_w, w_in, w_out, w_gate,
+                                     int(expert_capacity))
     n, k = recv_idx.shape
     num_local = w_in.shape[0]
     expert = jnp.where(recv_idx >= 0, recv_idx, num_local).reshape(-1)  # -1 sorts last
@@ -70,6 +82,53 @@ def local_experts(recv_x, recv_idx, recv_w, w_in, w_out, w_gate=None):
     unsorted = jnp.zeros_like(out).at[order].set(out, unique_indices=True)
     per_k = unsorted.reshape(n, k, -1).astype(jnp.float32)
     return jnp.einsum("nk,nkh->nh", recv_w, per_k).astype(recv_x.dtype)
+
+
+def _pair_slots(recv_idx, num_local, capacity):
+    """For each (row, k) pair (flattened n * K + k), its slot among the L * C
+    capped slots (experts one after the other, each its first C pairs in row
+    order), or L * C when it has no expert or is past its expert's capacity;
+    and the slots filled per expert."""
+    expert = jnp.where(recv_idx >= 0, recv_idx, num_local).reshape(-1)
+    order = jnp.argsort(expert, stable=True)
+    sorted_expert = expert[order]
+    counts = jnp.bincount(expert, length=num_local + 1)[:num_local].astype(jnp.int32)
+    start = exclusive_cumsum(counts)
+    clamped = jnp.minimum(sorted_expert, num_local - 1)
+    pos = jnp.arange(expert.shape[0], dtype=jnp.int32) - start[clamped]
+    kept = (sorted_expert < num_local) & (pos < capacity)
+    filled = jnp.minimum(counts, capacity)
+    slot_sorted = jnp.where(kept, exclusive_cumsum(filled)[clamped] + pos, num_local * capacity)
+    slot = jnp.zeros_like(slot_sorted).at[order].set(slot_sorted, unique_indices=True)
+    return slot, filled
+
+
+def expert_capacity_drops(recv_idx, num_local, capacity):
+    """int32 []: the (row, k) pairs `local_experts(..., expert_capacity=capacity)`
+    leaves out (pairs past their expert's first `capacity`)."""
+    expert = jnp.where(recv_idx >= 0, recv_idx, num_local).reshape(-1)
+    counts = jnp.bincount(expert, length=num_local + 1)[:num_local]
+    return jnp.sum(jnp.maximum(counts - capacity, 0)).astype(jnp.int32)
+
+
+def _capped_local_experts(recv_x, recv_idx, recv_w, w_in, w_out, w_gate, capacity):
+    n, k = recv_idx.shape
+    num_local = w_in.shape[0]
+    slots = num_local * capacity
+    slot, filled = _pair_slots(recv_idx, num_local, capacity)
+    # The row of each slot (n for an empty one, which reads as zeros): kept
+    # slots are distinct, the rest fall out of bounds and are dropped.
+    src = jnp.full((slots,), n, jnp.int32).at[slot].set(
+        jnp.arange(n * k, dtype=jnp.int32) // k, mode="drop")
+    rows = jnp.take(recv_x, src, axis=0, mode="fill", fill_value=0)
+    matmul = functools.partial(jax.lax.ragged_dot, group_sizes=filled)
+    out = _expert_ffn(matmul, rows, w_in, w_out, w_gate)  # empty slots -> 0
+    pair_slot = slot.reshape(n, k)
+    acc = jnp.zeros((n, out.shape[-1]), jnp.float32)
+    for j in range(k):  # k order, in fp32: deterministic, [N, H] at a time
+        part = jnp.take(out, pair_slot[:, j], axis=0, mode="fill", fill_value=0)
+        acc = acc + recv_w[:, j, None].astype(jnp.float32) * part.astype(jnp.float32)
+    return acc.astype(recv_x.dtype)
 
 
 def padded_experts(recv_x, recv_count, w_in, w_out, w_gate=None):

@@ -73,3 +73,66 @@ def test_cuda_compiler_options_are_options_xla_knows():
     np.testing.assert_array_equal(out[:5], 4.0)
     with pytest.raises(Exception):
         jax.jit(lambda v: v, compiler_options={"xla_gpu_experimental_use_ragged_dot_fusionX": True})(x)
+
+
+def dense_pairs(x, idx, w, w_in, w_out, w_gate, capacity=None):
+    """numpy: out[n] = sum over k of w[n, k] * expert(x[n]), each expert
+    taking only its first `capacity` (row, k) pairs in row order."""
+    x = np.asarray(x, np.float64)
+    out = np.zeros((x.shape[0], w_out.shape[-1]))
+    taken = np.zeros(w_in.shape[0], np.int64)
+    dropped = 0
+    for n in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[n, k])
+            if e < 0:
+                continue
+            if capacity is not None and taken[e] >= capacity:
+                dropped += 1
+                continue
+            taken[e] += 1
+            h = _silu(x[n] @ w_gate[e]) * (x[n] @ w_in[e])
+            out[n] += w[n, k] * (h @ w_out[e])
+    return out, dropped
+
+
+def routed(seed, n=30, k=4, none_prob=0.3):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, L, (n, k)).astype(np.int32)
+    idx = np.where(rng.random((n, k)) < none_prob, -1, idx).astype(np.int32)
+    return (rng.standard_normal((n, H)).astype(np.float32), idx,
+            rng.uniform(0.1, 1.0, (n, k)).astype(np.float32))
+
+
+@pytest.mark.parametrize("capacity", [1, 5, 20, 200])
+def test_capped_local_experts_match_dense_pairs(capacity):
+    x, idx, w = routed(3)
+    w_gate, w_up, w_down = (a.astype(np.float32) for a in weights(4))
+    got = jax.jit(lambda *a: moe.local_experts(*a, expert_capacity=capacity))(
+        x, idx, w, w_up, w_down, w_gate)
+    want, dropped = dense_pairs(x, idx, w, w_up, w_down, w_gate, capacity)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert int(moe.expert_capacity_drops(idx, L, capacity)) == dropped
+    busiest = np.bincount(idx[idx >= 0], minlength=L).max()
+    assert (dropped > 0) == (capacity < busiest)  # the small capacities really drop
+
+
+def test_capped_local_experts_with_room_equal_the_uncapped_ones_and_their_gradients():
+    x, idx, w = routed(5)
+    w_gate, w_up, w_down = (a.astype(np.float32) for a in weights(6))
+    f = lambda cap: (lambda x, w, a, b, c: jnp.sum(
+        moe.local_experts(x, idx, w, a, b, c, expert_capacity=cap) ** 2))
+    args = (x, w, w_up, w_down, w_gate)
+    np.testing.assert_allclose(f(idx.size)(*args), f(None)(*args), rtol=1e-5)
+    for g_cap, g_all in zip(jax.grad(f(idx.size), argnums=range(5))(*args),
+                            jax.grad(f(None), argnums=range(5))(*args)):
+        np.testing.assert_allclose(g_cap, g_all, rtol=1e-4, atol=1e-5)
+
+
+def test_capped_local_experts_work_on_l_times_c_slots():
+    """The point of the capacity: the experts' matmuls see L * C rows, not N * K."""
+    x, idx, w = routed(7, n=64, k=8)
+    w_gate, w_up, w_down = (a.astype(np.float32) for a in weights(8))
+    text = str(jax.make_jaxpr(lambda *a: moe.local_experts(*a, expert_capacity=10))(
+        x, idx, w, w_up, w_down, w_gate))
+    assert f"f32[{L * 10},{F}]" in text and f"f32[{64 * 8},{F}]" not in text
