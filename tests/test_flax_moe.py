@@ -220,6 +220,30 @@ def test_decode_path_matches_dense(mesh2x4):
 
 
 @needs_flax
+def test_expert_capacity_with_room_matches_dense_and_a_tight_one_counts_its_drops(mesh2x4):
+    x = tokens(21)
+    roomy = MoE(H, F, E, K, mesh=mesh2x4, expert_capacity_factor=8.0, rngs=nnx.Rngs(5))
+    y = nnx.jit(lambda m, x: m(x))(roomy, x)
+    np.testing.assert_allclose(y, dense(x, *weights(roomy))[0], rtol=1e-5, atol=1e-5)
+    assert int(roomy.dropped_pairs[...]) == 0
+
+    tight = MoE(H, F, E, K, mesh=mesh2x4, expert_capacity_factor=0.5, rngs=nnx.Rngs(5))
+    nnx.jit(lambda m, x: m(x))(tight, x)
+    # Each "data" row of the mesh is an EP group of 4 devices over its own 32
+    # tokens; an expert lives on one device of each group and sees all of the
+    # group's pairs for it (no receive rows dropped here), keeping
+    # ceil(0.5 * T * K / L) of them.
+    router = weights(tight)[0]
+    idx = np.asarray(jax.lax.top_k(jnp.dot(x, router, precision=HIGHEST), K)[1])
+    t, local = N // 8, E // mesh2x4.shape["expert"]
+    cap = int(np.ceil(0.5 * t * K / local))
+    want = sum(int(np.maximum(np.bincount(group.reshape(-1), minlength=E) - cap, 0).sum())
+               for group in np.split(idx, mesh2x4.shape["data"]))
+    assert int(tight.dropped_pairs[...]) == want > 0
+    assert int(tight.dropped_tokens[...]) == 0
+
+
+@needs_flax
 def test_decode_computes_only_the_received_rows(mesh2x4):
     """The decode path runs the experts on the ragged layout (ragged_dot over
     the rows grouped by expert), not a batched matmul over every slot."""

@@ -4,8 +4,8 @@ Pure JAX, no flax: routing with the load-balancing loss, the training /
 prefill path (`jax_ep.dispatch` -> `jax_ep.moe.local_experts` ->
 `jax_ep.combine`) and the decode path (`jax_ep.low_latency_dispatch` in the
 ragged layout -> `jax_ep.moe.ragged_experts` -> `jax_ep.low_latency_combine`).
-Every body returns (y [T, H], aux_loss f32[], dropped_rows int32[]), the last two the
-same on every device.
+Every body returns (y [T, H], aux_loss f32[], dropped_rows int32[],
+dropped_pairs int32[]), the last three the same on every device.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Spec:
     backend: str | None
     max_tokens_per_rank: int | None
     decode_fp8: bool
+    expert_capacity_factor: float | None = None
 
 
 def capacity(num_tokens, top_k, num_ranks, factor):
@@ -49,6 +50,13 @@ def capacity(num_tokens, top_k, num_ranks, factor):
     if factor is None:
         return most
     return max(1, min(most, math.ceil(factor * num_tokens * top_k)))
+
+
+def expert_capacity(num_tokens, top_k, num_local, factor):
+    """(row, k) pairs each local expert computes, T tokens per device:
+    ceil(factor * T * K / L), at least 1. At balance a device receives T * K
+    pairs (its share of all R * T * K), T * K / L per local expert."""
+    return max(1, math.ceil(factor * num_tokens * top_k / num_local))
 
 
 def route(x, router_w, spec):
@@ -77,10 +85,18 @@ def train(x, router_w, w_gate, w_up, w_down, *, spec):
     recv_x, recv_idx, recv_w, handle = dispatch(
         x, idx, weights, num_experts=spec.num_experts, axis_name=spec.expert_axis,
         capacity=cap, backend=spec.backend)
-    y = moe.local_experts(recv_x, recv_idx, recv_w, w_up, w_down, w_gate)
+    if spec.expert_capacity_factor is None:
+        y = moe.local_experts(recv_x, recv_idx, recv_w, w_up, w_down, w_gate)
+        dropped_pairs = jnp.zeros((), jnp.int32)
+    else:
+        cap = expert_capacity(x.shape[0], spec.top_k, w_up.shape[0],
+                              spec.expert_capacity_factor)
+        y = moe.local_experts(recv_x, recv_idx, recv_w, w_up, w_down, w_gate,
+                              expert_capacity=cap)
+        dropped_pairs = moe.expert_capacity_drops(recv_idx, w_up.shape[0], cap)
     out = combine(y, handle, backend=spec.backend)
     dropped = jax.lax.psum(handle.num_dropped_tokens, spec.token_axes)
-    return out, aux, dropped
+    return out, aux, dropped, jax.lax.psum(dropped_pairs, spec.token_axes)
 
 
 def _dequantize(pair, dtype):
@@ -104,4 +120,4 @@ def decode(x, router_w, w_gate, w_up, w_down, *, spec):
         recv_x = _dequantize(recv_x, x.dtype)
     y = moe.ragged_experts(recv_x, recv_count, w_gate, w_up, w_down)
     out = low_latency_combine(y, idx, weights, handle, backend=spec.backend)
-    return out, aux, jnp.zeros((), jnp.int32)
+    return out, aux, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)

@@ -7,7 +7,8 @@ them by default) and the experts over its expert axis. After each call it
 holds the batch's load-balancing loss in `layer.aux_loss` (type `AuxLoss`;
 `total_aux_loss(model)` sums every MoE layer of a model, for the training
 loss) and the receive rows dropped for capacity, summed over all devices, in
-`layer.dropped_tokens` (type `RoutingStats`).
+`layer.dropped_tokens`, and the (row, k) pairs the experts left out for
+`expert_capacity_factor` in `layer.dropped_pairs` (both type `RoutingStats`).
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def _runner(mesh, spec, decode):
     body = _shard.decode if decode else _shard.train
 
     def local(x, *params):
-        y, aux, dropped = body(x.reshape(-1, x.shape[-1]), *params, spec=spec)
-        return y.reshape(x.shape), aux, dropped
+        y, aux, dropped, dropped_pairs = body(x.reshape(-1, x.shape[-1]), *params, spec=spec)
+        return y.reshape(x.shape), aux, dropped, dropped_pairs
 
     tokens, experts = P(spec.token_axes), P(spec.expert_axis)
     in_specs = (tokens, P(), experts, experts, experts)
-    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P(), P()))
+    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                        out_specs=(tokens, P(), P(), P()))
     return jax.jit(run), in_specs
 
 
@@ -84,7 +86,10 @@ class MoE(nnx.Module):
       capacity set by `capacity_factor` (see `_shard.capacity`: None = R * T
       rows, never drops; else ceil(factor * T * K) rows per device, T the
       tokens per device) -> `jax.lax.ragged_dot` over the received rows sorted
-      by local expert -> `jax_ep.combine`.
+      by local expert -> `jax_ep.combine`. `expert_capacity_factor` (None =
+      every (row, k) pair, on R * T * K slots) caps each local expert at
+      ceil(factor * T * K / L) pairs (`jax_ep.moe.local_experts`'
+      `expert_capacity`): far less memory, pairs past the cap left out.
     * `layer(x, decode=True)` (decoding): `jax_ep.low_latency_dispatch` in the
       ragged layout (the received rows grouped by local expert, at most
       R * M * min(K, L) of them; M = `max_tokens_per_rank`, default T) ->
@@ -117,8 +122,8 @@ class MoE(nnx.Module):
 
     def __init__(self, hidden, ffn, num_experts, top_k, *, rngs, mesh=None,
                  expert_axis="expert", token_axes=None, capacity_factor=None,
-                 renormalize=True, max_tokens_per_rank=None, decode_fp8=False,
-                 dtype=None, param_dtype=jnp.float32, backend=None):
+                 expert_capacity_factor=None, renormalize=True, max_tokens_per_rank=None,
+                 decode_fp8=False, dtype=None, param_dtype=jnp.float32, backend=None):
         mesh = mesh if mesh is not None else _context_mesh()
         if mesh is None:
             raise ValueError("jax_ep.flax.MoE: no mesh; pass mesh=... or build the layer "
@@ -136,15 +141,18 @@ class MoE(nnx.Module):
                              f"the {ranks} devices on the expert axis {expert_axis!r}.")
         if not 0 < top_k <= num_experts:
             raise ValueError(f"jax_ep.flax.MoE: top_k={top_k} must be in [1, {num_experts}].")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"jax_ep.flax.MoE: capacity_factor must be > 0 or None, "
-                             f"got {capacity_factor!r}.")
+        for name, factor in (("capacity_factor", capacity_factor),
+                             ("expert_capacity_factor", expert_capacity_factor)):
+            if factor is not None and not factor > 0:
+                raise ValueError(f"jax_ep.flax.MoE: {name} must be > 0 or None, "
+                                 f"got {factor!r}.")
         self.mesh = mesh
         self.dtype = dtype
         self.spec = _shard.Spec(
             num_experts=num_experts, top_k=top_k, renormalize=renormalize,
             expert_axis=expert_axis, token_axes=token_axes, capacity_factor=capacity_factor,
-            backend=backend, max_tokens_per_rank=max_tokens_per_rank, decode_fp8=decode_fp8)
+            backend=backend, max_tokens_per_rank=max_tokens_per_rank, decode_fp8=decode_fp8,
+            expert_capacity_factor=expert_capacity_factor)
 
         def param(init, shape, fan_in, spec):
             value = init(rngs.params(), shape, param_dtype) / math.sqrt(fan_in)
@@ -158,6 +166,7 @@ class MoE(nnx.Module):
         self.w_down = param(normal, (num_experts, ffn, hidden), ffn, expert)
         self.aux_loss = AuxLoss(jnp.zeros((), jnp.float32))
         self.dropped_tokens = RoutingStats(jnp.zeros((), jnp.int32))
+        self.dropped_pairs = RoutingStats(jnp.zeros((), jnp.int32))
 
     def __call__(self, x, *, decode=False):
         """x [B, ..., H], global -> [B, ..., H] in the compute dtype.
@@ -175,7 +184,9 @@ class MoE(nnx.Module):
         run, in_specs = _runner(self.mesh, spec, decode)
         args = (x.astype(dtype), self.router[...], self.w_gate[...].astype(dtype),
                 self.w_up[...].astype(dtype), self.w_down[...].astype(dtype))
-        y, aux, dropped = run(*map(functools.partial(_place, self.mesh), args, in_specs))
+        y, aux, dropped, dropped_pairs = run(
+            *map(functools.partial(_place, self.mesh), args, in_specs))
         self.aux_loss[...] = aux
         self.dropped_tokens[...] = dropped
+        self.dropped_pairs[...] = dropped_pairs
         return y
