@@ -59,6 +59,7 @@ process, 69 GB for 8 processes on the one GPU (53 GB with --remat), and
     python3 benchmarks/bench_train.py --ranks 8
     python3 benchmarks/bench_train.py --ranks 1 --layers 4
     python3 benchmarks/bench_train.py --ranks 8 --layers 4 --remat
+    python3 benchmarks/bench_train.py --ranks 8 --expert-capacity-factor 1.25   # 4.5 GB/process
     python3 benchmarks/bench_train.py --dry-run [--ranks 2]   # CPU, reference, tiny sizes
 """
 
@@ -112,6 +113,16 @@ def tokens_per_step(cfg, ranks):
     return per_rank, per_rank * ranks
 
 
+def expert_slots(cfg, tokens, ranks):
+    """Pairs each local expert computes with --expert-capacity-factor f:
+    ceil(f * T * K / L) (the Flax layer's rule); None without the option
+    (every received (row, k) pair, capacity x K slots)."""
+    factor = cfg.get("expert_capacity_factor")
+    if factor is None:
+        return None
+    return max(1, math.ceil(factor * tokens * cfg["top_k"] / (cfg["experts"] // ranks)))
+
+
 def capacity(tokens, top_k, ranks, factor=CAPACITY_FACTOR):
     """Receive rows per rank of the MoE layer's dispatch (jax_ep.flax's rule):
     ceil(factor * T * K), at least 1, at most R * T (what a rank can receive)."""
@@ -139,7 +150,8 @@ def layer_activation_bytes(cfg, ranks):
     H, E, F, K, S = cfg["hidden"], cfg["experts"], cfg["ffn"], cfg["top_k"], cfg["seq_len"]
     T, _ = tokens_per_step(cfg, ranks)
     cap = capacity(T, K, ranks)
-    slots = cap * K
+    slots = cap * K if cfg.get("expert_capacity_factor") is None else (
+        cfg["experts"] // ranks * expert_slots(cfg, T, ranks))
     dense = 12 * T * H * 2
     attention = cfg["batch"] * cfg["heads"] * S * S * 10
     router = 2 * T * E * 4
@@ -248,7 +260,8 @@ def moe_ffn(p, x, *, cfg, backend, dtype):
     recv_x, recv_idx, recv_w, handle = jax_ep.dispatch(
         flat, idx, weights, num_experts=E, axis_name="ep", capacity=cap, backend=backend)
     y = moe.local_experts(recv_x, recv_idx, recv_w, p["w_up"].astype(dtype),
-                          p["w_down"].astype(dtype), p["w_gate"].astype(dtype))
+                          p["w_down"].astype(dtype), p["w_gate"].astype(dtype),
+                          expert_capacity=expert_slots(cfg, tokens, jax.lax.axis_size("ep")))
     out = jax_ep.combine(y, handle, backend=backend)
     return out.reshape(x.shape), aux, handle.num_dropped_tokens
 
@@ -547,7 +560,9 @@ def report(cfg, results, argv):
           f"of SwiGLU width {cfg['ffn']}, seq-len {cfg['seq_len']}, batch {cfg['batch']} per "
           f"rank = {per_rank} tokens per rank, {total} per step; capacity {cap} rows per rank "
           f"(factor {CAPACITY_FACTOR}); bf16 compute, f32 parameters, AdamW"
-          f"{', remat per block' if cfg['remat'] else ''}; R = {R} ({where}); the experts' "
+          f"{', remat per block' if cfg['remat'] else ''}"
+          f"{'' if cfg.get('expert_capacity_factor') is None else ', expert capacity factor ' + str(cfg['expert_capacity_factor'])}"
+          f"; R = {R} ({where}); the experts' "
           f"ragged_dot lowered by {cfg['ragged_dot']} (--ragged-dot)")
     print(f"parameters per rank: {counts['total'] / 1e6:.1f} M ({counts['dense'] / 1e6:.1f} M "
           f"dense, {counts['experts'] / 1e6:.1f} M in the experts, {cfg['experts'] // R} per "
@@ -608,10 +623,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help=f"sequences per rank ({FULL['batch']})")
     p.add_argument("--iters", type=int, help=f"steps per timed run ({FULL['iters']})")
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--expert-capacity-factor", type=float, default=None,
+                   help="cap each local expert at ceil(f * T * K / L) (row, k) pairs "
+                        "(moe.local_experts' expert_capacity); default: every pair")
     add_ragged_dot_option(p)
     args = p.parse_args(argv)
     cfg = sizes_from(p, args, FULL, DRY)
-    cfg.update(remat=args.remat, ragged_dot=args.ragged_dot)
+    cfg.update(remat=args.remat, ragged_dot=args.ragged_dot,
+               expert_capacity_factor=args.expert_capacity_factor)
     if min(cfg[k] for k in FULL) < 1:
         p.error("every size must be positive")
     if cfg["hidden"] % cfg["heads"] or cfg["hidden"] % 8:
