@@ -24,10 +24,11 @@ from ._runtime import initialize, is_initialized, runtime_info, shutdown
 from ._version import __version__
 from .cuda.extension import build_info
 from .cuda.intranode import buffer_size
-from .options import Options
+from .options import COMM_STREAM_COMPILER_OPTIONS, Options
 
 __all__ = [
     "BACKENDS",
+    "COMM_STREAM_COMPILER_OPTIONS",
     "DispatchHandle",
     "LowLatencyHandle",
     "LowLatencyPending",

@@ -22,6 +22,10 @@ from collections.abc import Mapping
 
 _FALSE_WORDS = ("", "0", "false", "no", "off")
 
+# jax.jit compiler options under which Options.comm_stream takes effect: XLA
+# honours the stream annotation compute_on attaches only with this option.
+COMM_STREAM_COMPILER_OPTIONS = {"xla_gpu_experimental_stream_annotation": True}
+
 
 def _env_flag(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "").strip().lower() not in _FALSE_WORDS
@@ -55,9 +59,11 @@ class Options:
         n >= 1 is XLA's execution stream n, "collective" the stream XLA runs
         its own collectives on (ordering jax_ep with them rather than
         competing for SMs). XLA wraps each call in an async start / done pair
-        (jax.experimental.compute_on). None keeps them on the compute stream.
-        Read when a function is traced; the routing / layout kernels stay on
-        the compute stream.
+        (jax.experimental.compute_on) only when the function is compiled with
+        `compiler_options=jax_ep.COMM_STREAM_COMPILER_OPTIONS` (XLA's stream
+        annotations are off by default). None keeps them on the compute
+        stream. Read when a function is traced; the routing / layout kernels
+        stay on the compute stream.
     """
 
     force_put: bool = False

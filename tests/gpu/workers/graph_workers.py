@@ -105,12 +105,24 @@ def _expected(mode, n, xs, idxs, ws):
     return outs, [e["recv_count"] for e in exp]
 
 
+def _next_step(x, idx, w, num_experts, xp):
+    """The next step's inputs, derived from this step's so that a donated
+    call keeps its buffers: tokens reversed, every valid expert id mapped by
+    e -> (5 e + 3) mod E (a bijection: duplicates stay duplicates, -1 and
+    invalid ids stay), the k order of the weights reversed. `xp` is jnp or np."""
+    valid = (idx >= 0) & (idx < num_experts)
+    moved = xp.where(valid, (idx * 5 + 3) % num_experts, idx).astype(idx.dtype)
+    return x[::-1], moved[::-1], w[::-1, ::-1]
+
+
 def graphed(mode="intranode", seed="0", steps="8", backend="cuda"):
-    """S steps in one scan, graphed and not: every step vs the oracle, the
-    graphed run's host runs vs the ungraphed one's, a second graphed call on
-    the same arrays (pure replay), and the gradient graphed == ungraphed.
-    backend="reference" runs the same checks on CPU devices (no graphs there:
-    a check of this worker itself)."""
+    """S calls of one compiled step, graphed and not, each on the previous
+    call's donated buffers with new contents (other routing): every call vs
+    the oracle; the graphed run's host runs vs the ungraphed one's (a replay
+    runs no handler host code, and XLA replays only while the buffers stay
+    where they were recorded, hence the donation); graphed == ungraphed to
+    the bit, gradients too. backend="reference" runs the same checks on CPU
+    devices (no graphs there: a check of this worker itself)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -127,75 +139,71 @@ def graphed(mode="intranode", seed="0", steps="8", backend="cuda"):
     me = jax.process_index()
     mine = [r for r, d in enumerate(mesh.devices.flat) if d.process_index == me]
     step = _step_fn(mode, n, backend)
+    first = oracle.make_inputs(s0, n, T, H, E, K, none_prob=0.1, invalid_prob=0.05,
+                               duplicate_prob=0.2)
+    per_step = [first]
+    for _ in range(S - 1):
+        per_step.append(tuple(list(z) for z in zip(*[
+            _next_step(per_step[-1][0][r], per_step[-1][1][r], per_step[-1][2][r], E, np)
+            for r in range(n)])))
 
-    per_step = [oracle.make_inputs(s0 * 1000 + s, n, T, H, E, K, none_prob=0.1,
-                                   invalid_prob=0.05, duplicate_prob=0.2) for s in range(S)]
-
-    def put(arrays_of_rank):  # {rank: [S * rows, ...]} -> one sharded array
-        g = np.concatenate([arrays_of_rank[r] for r in range(n)])
+    def put(per_rank):
+        g = np.concatenate([np.asarray(a) for a in per_rank])
         return jax.make_array_from_callback(g.shape, sharding, lambda i: g[i])
 
-    X = put({r: np.concatenate([per_step[s][0][r] for s in range(S)]) for r in range(n)})
-    I = put({r: np.concatenate([per_step[s][1][r] for s in range(S)]) for r in range(n)})
-    W = put({r: np.concatenate([per_step[s][2][r] for s in range(S)]) for r in range(n)})
-
     @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
-    def steps_body(x, idx, w):
-        def one(carry, inp):
-            out, cnt = step(*inp)
-            return carry, (out, cnt)
-        xs = (x.reshape(S, T, H), idx.reshape(S, T, K), w.reshape(S, T, K))
-        _, (outs, cnts) = jax.lax.scan(one, 0, xs)
-        return outs.reshape(S * T, H), cnts.reshape(1, -1)
-
-    def grad_body(x, idx, w):
-        return jax.grad(lambda x: jnp.sum(steps_body(x, idx, w)[0] ** 2))(x)
+    def body(x, idx, w):
+        out, cnt = step(x, idx, w)
+        return (out, cnt.reshape(1, -1)) + _next_step(x, idx, w, E, jnp)
 
     on_gpu = jax.default_backend() == "gpu"
     options_on, options_off = (GRAPHS_ON, GRAPHS_OFF) if on_gpu else (None, None)
-    on = jax.jit(steps_body, compiler_options=options_on)
-    off = jax.jit(steps_body, compiler_options=options_off)
-    hlo_on = on.lower(X, I, W).compile().as_text()
-
-    def run(fn):
-        before = extension.handler_host_runs()
-        out = jax.block_until_ready(fn(X, I, W))
-        return out, extension.handler_host_runs() - before
-
-    (out_off, cnt_off), runs_off = run(off)
-    (out_on, cnt_on), runs_on = run(on)
-    (out_again, cnt_again), runs_again = run(on)
 
     def local(a):
         rows = a.shape[0] // n
         return {(s.index[0].start or 0) // rows: np.asarray(s.data) for s in a.addressable_shards}
 
+    def run(options):
+        """S calls; [(out, counts) per call as {rank: array}], host runs per call."""
+        fn = jax.jit(body, donate_argnums=(0, 1, 2), compiler_options=options)
+        state = tuple(put(a) for a in per_step[0])
+        got, runs = [], []
+        for _ in range(S):
+            before = extension.handler_host_runs()
+            out, cnt, *state = fn(*state)
+            got.append((local(out), local(cnt)))  # copied out, so the buffers are free again
+            runs.append(extension.handler_host_runs() - before)
+            del out, cnt
+        return got, runs
+
+    got_off, runs_off = run(options_off)
+    got_on, runs_on = run(options_on)
     exact = mode in ("intranode", "internode")
-    got = {name: (local(o), local(c)) for name, o, c in
-           (("ungraphed", out_off, cnt_off), ("graphed", out_on, cnt_on),
-            ("replayed", out_again, cnt_again))}
     for s in range(S):
         xs, idxs, ws = per_step[s]
         outs, counts = _expected(mode, n, xs, idxs, ws)
-        for name, (o, c) in got.items():
+        for name, got in (("ungraphed", got_off), ("graphed", got_on)):
+            o, c = got[s]
             for r in mine:
-                _same(o[r].reshape(S, T, H)[s], outs[r], f"{mode} {name} step {s} rank {r}",
-                      exact=exact)
-                _same(c[r].reshape(S, -1)[s], counts[r], f"{mode} {name} counts s{s} r{r}")
+                _same(o[r], outs[r], f"{mode} {name} call {s} rank {r}", exact=exact)
+                _same(c[r].reshape(-1), counts[r], f"{mode} {name} counts call {s} rank {r}")
+        for r in mine:  # graphs change nothing, to the bit
+            np.testing.assert_array_equal(got_on[s][0][r].view(np.uint32),
+                                          got_off[s][0][r].view(np.uint32))
     result = {"ranks": n, "mode": mode, "steps": S, "ops_per_step": OPS_PER_STEP[mode],
-              "host_runs": {"ungraphed": runs_off, "graphed": runs_on, "replayed": runs_again},
-              "command_buffer_in_hlo": "command_buffer" in hlo_on}
-    for r in mine:  # graphs change nothing, to the bit
-        np.testing.assert_array_equal(got["graphed"][0][r].view(np.uint32),
-                                      got["ungraphed"][0][r].view(np.uint32))
-        np.testing.assert_array_equal(got["replayed"][0][r].view(np.uint32),
-                                      got["graphed"][0][r].view(np.uint32))
-
+              "host_runs": {"ungraphed": sum(runs_off), "graphed": sum(runs_on),
+                            "graphed_per_call": runs_on}}
     if mode == "low_latency_split":  # the split forms are not differentiable
         jax_ep.shutdown()
         return result
-    g_on = jax.jit(grad_body, compiler_options=options_on)(X, I, W)
-    g_off = jax.jit(grad_body, compiler_options=options_off)(X, I, W)
+
+    @jax.shard_map(mesh=mesh, in_specs=spec, out_specs=spec)
+    def loss_grad(x, idx, w):
+        return jax.grad(lambda x: jnp.sum(step(x, idx, w)[0] ** 2))(x)
+
+    args = tuple(put(a) for a in per_step[0])
+    g_on = jax.jit(loss_grad, compiler_options=options_on)(*args)
+    g_off = jax.jit(loss_grad, compiler_options=options_off)(*args)
     for r in mine:
         np.testing.assert_array_equal(np.asarray(local(g_on)[r]).view(np.uint32),
                                       np.asarray(local(g_off)[r]).view(np.uint32),
@@ -208,6 +216,7 @@ def overlap():
     """Two micro-batches, comm on stream 1: the profile's overlap of jax_ep
     kernels with matmul kernels, and bitwise equality with the serial run."""
     import collections
+    import functools
     import glob
     import tempfile
 
@@ -234,7 +243,7 @@ def overlap():
     args = (put(x), put(idx), put(w), jax.device_put(wi, rep), jax.device_put(wo, rep))
 
     def build():
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=jax_ep.COMM_STREAM_COMPILER_OPTIONS)
         @jax.shard_map(mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=spec)
         def two_micro_batches(x, idx, w, wi, wo):
             outs = []
