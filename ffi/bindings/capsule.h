@@ -12,6 +12,7 @@
 
 #include <nanobind/nanobind.h>
 
+#include "ffi/runtime/host_runs.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace jax_ep {
@@ -52,6 +53,20 @@ nanobind::dict FfiTraits(const FfiTarget (&targets)[N]) {
   nanobind::dict d;
   for (const FfiTarget& t : targets) d[t.name] = HandlerTraits(t.handler);
   return d;
+}
+
+// What every extension module says of its targets: registrations(),
+// handler_traits() and handler_host_runs().
+template <size_t N>
+void DefineTargetBindings(nanobind::module_& m, const FfiTarget (&targets)[N]) {
+  m.def("registrations", [&targets] { return FfiRegistrations(targets); },
+        "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
+  m.def("handler_traits", [&targets] { return FfiTraits(targets); },
+        "Dict of FFI target name -> XLA_FFI_Handler_Traits bits its handler declares "
+        "(1 = command-buffer compatible), or -1 if it refused the query.");
+  m.def("handler_host_runs", &HandlerHostRuns,
+        "How many times this module's communication handlers ran their host code (XLA's "
+        "CUDA graphs replay without it).");
 }
 
 }  // namespace jax_ep

@@ -10,7 +10,6 @@
 #include <nanobind/stl/optional.h>
 
 #include "ffi/bindings/capsule.h"
-#include "ffi/runtime/host_runs.h"
 #include "ffi/handlers/cuda_handlers.h"
 #include "ffi/kernels/intranode/intranode.h"
 #include "ffi/kernels/layout/route.h"
@@ -127,14 +126,7 @@ std::vector<std::string> CudaArchs() {
 
 NB_MODULE(_jax_ep_cuda, m) {
   m.doc() = "jax_ep CUDA FFI handlers (PyCapsules) and build facts.";
-  m.def("registrations", [] { return jax_ep::FfiRegistrations(kTargets); },
-        "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
-  m.def("handler_host_runs", &jax_ep::HandlerHostRuns,
-        "How many times this module's communication handlers ran their host code (XLA's "
-        "CUDA graphs replay without it).");
-  m.def("handler_traits", [] { return jax_ep::FfiTraits(kTargets); },
-        "Dict of FFI target name -> XLA_FFI_Handler_Traits bits its handler declares "
-        "(1 = command-buffer compatible), or -1 if it refused the query.");
+  jax_ep::DefineTargetBindings(m, kTargets);
   m.def("route_scratch_ints", &jax_ep::RouteScratchInts, nb::arg("num_tokens"),
         nb::arg("num_ranks"), "Length of jax_ep_route's scratch result (int32).");
   m.def("cuda_archs", &CudaArchs, "CUDA architectures the kernels were compiled for.");

@@ -19,7 +19,6 @@
 #include <nvshmem_host.h>
 
 #include "ffi/bindings/capsule.h"
-#include "ffi/runtime/host_runs.h"
 #include "ffi/handlers/internode_handlers.h"
 #include "ffi/handlers/low_latency_handlers.h"
 #include "ffi/kernels/low_latency/low_latency.h"
@@ -113,14 +112,7 @@ nb::dict InternodeInfoDict(const jax_ep::InternodeInfo& info) {
 
 NB_MODULE(_jax_ep_nvshmem, m) {
   m.doc() = "jax_ep low-latency ops over NVSHMEM: FFI handlers (PyCapsules) and NVSHMEM setup.";
-  m.def("registrations", [] { return jax_ep::FfiRegistrations(kTargets); },
-        "Dict of FFI target name -> PyCapsule of its XLA FFI handler (platform CUDA).");
-  m.def("handler_host_runs", &jax_ep::HandlerHostRuns,
-        "How many times this module's communication handlers ran their host code (XLA's "
-        "CUDA graphs replay without it).");
-  m.def("handler_traits", [] { return jax_ep::FfiTraits(kTargets); },
-        "Dict of FFI target name -> XLA_FFI_Handler_Traits bits its handler declares "
-        "(1 = command-buffer compatible), or -1 if it refused the query.");
+  jax_ep::DefineTargetBindings(m, kTargets);
   m.def(
       "nvshmem_version",
       [] {

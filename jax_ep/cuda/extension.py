@@ -146,16 +146,22 @@ def has_target(name: str) -> bool:
     return name in _capsules()
 
 
-@functools.cache
-def _capsules() -> dict:
+def _from_modules(binding: str) -> dict:
+    """The dicts `binding()` of the CUDA and NVSHMEM modules return, merged
+    (empty without the CUDA extension)."""
     mod = _cuda_module()
     if mod is None:
         return {}
-    capsules = dict(mod.registrations())
+    merged = dict(getattr(mod, binding)())
     nvshmem = _nvshmem_module()
     if nvshmem is not None:
-        capsules.update(nvshmem.registrations())
-    return capsules
+        merged.update(getattr(nvshmem, binding)())
+    return merged
+
+
+@functools.cache
+def _capsules() -> dict:
+    return _from_modules("registrations")
 
 
 # XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE: the handler may join a CUDA graph.
@@ -166,14 +172,7 @@ def handler_traits() -> dict[str, int]:
     """FFI target name -> the XLA_FFI_Handler_Traits bits its handler declares (what
     XLA reads to let the call join a CUDA graph), or -1 if it refused the query.
     Empty without the CUDA extension."""
-    mod = _cuda_module()
-    if mod is None:
-        return {}
-    traits = dict(mod.handler_traits())
-    nvshmem = _nvshmem_module()
-    if nvshmem is not None:
-        traits.update(nvshmem.handler_traits())
-    return traits
+    return _from_modules("handler_traits")
 
 
 def handler_host_runs() -> int:

@@ -13,6 +13,7 @@ import pytest
 from jax_ep.cuda import calls, extension
 from jax_ep.cuda import intranode, layout
 from jax_ep.cuda import low_latency as ll
+from lowering import fake_low_latency, lower_loss_grad_for_cuda
 
 pytestmark = pytest.mark.skipif(not extension.cuda_available(),
                                 reason="jax_ep was built without its CUDA ops")
@@ -104,8 +105,7 @@ def test_without_the_option_nothing_is_annotated():
 @pytest.fixture
 def cuda_low_latency(monkeypatch):
     """The CUDA low-latency mode as if initialize had set it up (only traced here)."""
-    layout = dict(num_ranks=R, max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E)
-    monkeypatch.setattr(ll, "info", lambda: dict(allocated=True, num_ranks=R, layout=layout))
+    fake_low_latency(monkeypatch, R, max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E)
 
 
 @pytest.mark.parametrize("stream", [1], indirect=True)
@@ -114,21 +114,13 @@ def test_gradients_and_remat_lower_with_the_comm_stream(stream, cuda_low_latency
     under jax.checkpoint as well."""
     import jax_ep
 
-    mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
-    spec = jax.sharding.PartitionSpec("ep")
     kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, backend="cuda")
 
     def body(x, idx, w):
         rx, _, h = jax_ep.low_latency_dispatch(x, idx, **kw)
         return jax_ep.low_latency_combine(jnp.sin(rx), idx, w, h, backend="cuda")
 
-    smapped = jax.shard_map(jax.checkpoint(body), mesh=mesh, in_specs=spec, out_specs=spec)
-    loss = lambda x, idx, w: jnp.sum(smapped(x, idx, w))
-    sharded = jax.NamedSharding(mesh, spec)
-    args = [jax.ShapeDtypeStruct((R * T,) + s, d, sharding=sharded)
-            for s, d in (((H,), jnp.float32), ((K,), jnp.int32), ((K,), jnp.float32))]
-    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = lower_loss_grad_for_cuda(jax.checkpoint(body), R, T, H, K)
     for target in ("jax_ep_ll_dispatch", "jax_ep_ll_combine", "jax_ep_ll_gather",
                    "jax_ep_ll_dispatch_cached"):
         funcs = _callees_of(text, target)

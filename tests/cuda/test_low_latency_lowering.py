@@ -14,7 +14,7 @@ import pytest
 import jax_ep
 from jax_ep.cuda import extension
 from jax_ep.cuda import low_latency as ll
-from lowering import custom_call, lower_for_cuda
+from lowering import custom_call, fake_low_latency, lower_for_cuda, lower_loss_grad_for_cuda
 
 pytestmark = pytest.mark.skipif(
     not extension.nvshmem_available(),
@@ -144,8 +144,7 @@ N = R * M * min(K, L)
 @pytest.fixture
 def cuda_low_latency(monkeypatch):
     """The CUDA low-latency mode as if initialize had set it up (only traced here)."""
-    layout = dict(num_ranks=R, max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E)
-    monkeypatch.setattr(ll, "info", lambda: dict(allocated=True, num_ranks=R, layout=layout))
+    fake_low_latency(monkeypatch, R, max_tokens_per_rank=M, hidden=H, top_k=K, num_experts=E)
 
 
 def _all_calls(text, target):
@@ -213,20 +212,11 @@ def test_ragged_split_forms(cuda_low_latency):
 def test_ragged_gradients_lower(cuda_low_latency):
     """The VJPs on the ragged layout: the gather reads a ragged y, the cached
     dispatch writes ragged rows (zeroing the tail), and a combine."""
-    mesh = jax.make_mesh((R,), ("ep",), devices=jax.devices("cpu")[:R])
-    spec = jax.sharding.PartitionSpec("ep")
-
     def body(x, idx, w):
         rx, _, h = jax_ep.low_latency_dispatch(x, idx, **KW)
         return jax_ep.low_latency_combine(jnp.sin(rx), idx, w, h, backend="cuda")
 
-    smapped = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
-    loss = lambda x, idx, w: jnp.sum(smapped(x, idx, w))
-    sharded = jax.NamedSharding(mesh, spec)
-    args = [jax.ShapeDtypeStruct((R * T,) + s, d, sharding=sharded)
-            for s, d in (((H,), jnp.float32), ((K,), jnp.int32), ((K,), jnp.float32))]
-    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = lower_loss_grad_for_cuda(body, R, T, H, K)
     ragged = f"tensor<{N}x{H}xf32>"
     assert f"(tensor<i32>, {ragged}, " in custom_call(text, "jax_ep_ll_gather")
     cached = custom_call(text, "jax_ep_ll_dispatch_cached")
